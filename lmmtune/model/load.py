@@ -1,0 +1,118 @@
+"""Load LLaVA 1.5 and its processor; the only place a BitsAndBytesConfig is built.
+
+The language model is quantized (4-bit NF4 by default); the vision tower, the
+projector and the output head never are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+from lmmtune.config import ModelConfig, QuantConfig
+from lmmtune.errors import LmmtuneError
+from lmmtune.model.tiny import TINY_NAME, tiny_model_dir
+
+log = logging.getLogger(__name__)
+
+# Full module paths: transformers 5.x matches these against full names, and the short
+# names ("vision_tower") would silently quantize the vision tower and projector too.
+NEVER_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """A local directory, a hub id, or the built-in tiny LLaVA (built on first use)."""
+    if model_cfg.path == TINY_NAME:
+        return str(tiny_model_dir())
+    return model_cfg.path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LmmtuneError(f"unknown dtype '{name}': use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_quantization_config(quant_cfg: QuantConfig) -> BitsAndBytesConfig | None:
+    if quant_cfg.mode == "none":
+        return None
+    if quant_cfg.mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_cfg.quant_type,
+            bnb_4bit_use_double_quant=quant_cfg.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(quant_cfg.compute_dtype),
+            llm_int8_skip_modules=NEVER_QUANTIZED,
+        )
+    if quant_cfg.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NEVER_QUANTIZED)
+    raise LmmtuneError(f"quant.mode must be 4bit, 8bit or none, not '{quant_cfg.mode}'")
+
+
+def device_map() -> dict | str:
+    """Each process loads the whole model on its own device (data parallel under torchrun)."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu"
+
+
+def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForConditionalGeneration:
+    path = resolve_model_path(model_cfg)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path,
+            dtype=torch_dtype(model_cfg.dtype),
+            quantization_config=build_quantization_config(quant_cfg),
+            device_map=device_map(),
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=model_cfg.revision,
+            use_safetensors=True,
+        )
+    except OSError as exc:
+        raise _not_found(path, exc) from None
+    disable_bnb_cpu_repack(model)
+    log.info("loaded %s (%s, quantization %s)", path, model_cfg.dtype, quant_cfg.mode)
+    return model
+
+
+def load_processor(model_cfg: ModelConfig):
+    path = resolve_model_path(model_cfg)
+    try:
+        return AutoProcessor.from_pretrained(
+            path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
+        )
+    except OSError as exc:
+        raise _not_found(path, exc) from None
+
+
+def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into a CPU-only layout.
+
+    On CPUs with AVX512-BF16 a forward pass without gradients (eval, generate)
+    repacks the weights for good; training or merging after it then silently gives
+    wrong gradients and wrong merged weights.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _not_found(path: str, exc: OSError) -> LmmtuneError:
+    if Path(path).exists():
+        return LmmtuneError(f"could not load the model from {path}: {exc}")
+    return LmmtuneError(
+        f"could not load model '{path}': it is not a local directory and the Hugging Face Hub "
+        "could not be reached (offline?). Download it where there is internet, e.g.\n"
+        f"  hf download {path} --local-dir /path/to/{Path(path).name}\n"
+        f"then point lmmtune at the copy: model.path=/path/to/{Path(path).name}"
+    )

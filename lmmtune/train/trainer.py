@@ -1,0 +1,123 @@
+"""Training on transformers' `Trainer`, with our own collator and the projector's own learning rate.
+
+Why `Trainer` and not TRL's `SFTTrainer`: lmmtune renders the Vicuna v1 prompt and
+its label mask itself (the llava-hf chat template differs from what LLaVA 1.5 was
+trained on), so SFTTrainer's dataset preparation would be switched off anyway, and
+its casting of every trainable weight to bf16 under a quantized base is a trap on
+CPUs and for the projector. What remains is `Trainer`: loop, accumulation, mixed
+precision, checkpoints, DDP/FSDP through accelerate, a progress bar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lmmtune.config import PeftConfig, TrainConfig
+from lmmtune.model.adapters import PROJECTOR
+
+
+def build_training_arguments(
+    train_cfg: TrainConfig, run_dir: Path, num_workers: int, dtype: str
+) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=train_cfg.epochs,
+        max_steps=train_cfg.max_steps,
+        per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        learning_rate=train_cfg.learning_rate,
+        weight_decay=train_cfg.weight_decay,
+        warmup_steps=train_cfg.warmup_ratio,
+        lr_scheduler_type=train_cfg.scheduler,
+        optim=train_cfg.optim,
+        max_grad_norm=train_cfg.max_grad_norm,
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        logging_steps=train_cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train_cfg.save_steps,
+        save_total_limit=train_cfg.save_total_limit,
+        seed=train_cfg.seed,
+        data_seed=train_cfg.seed,
+        use_cpu=not on_gpu,
+        dataloader_num_workers=num_workers,
+        dataloader_pin_memory=on_gpu,
+        dataloader_persistent_workers=num_workers > 0,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
+        length_column_name="length",
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+class LlavaTrainer(Trainer):
+    """`Trainer` with a separate learning rate for the projector and precomputed sample lengths."""
+
+    def __init__(
+        self, *args, projector_lr: float | None = None, lengths: list[int] | None = None, **kwargs
+    ):
+        self.projector_lr = projector_lr
+        self.lengths = lengths
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
+            self.args, self.model
+        )
+        projector, rest = [], []
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                (projector if PROJECTOR in name else rest).append(parameter)
+        groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
+        if projector:
+            groups.append(
+                {
+                    "params": projector,
+                    "weight_decay": self.args.weight_decay,
+                    "lr": self.projector_lr or self.args.learning_rate,
+                }
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Length grouping from precomputed lengths: the default would decode every image to measure it.
+        if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=self.lengths,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+
+def build_trainer(
+    model: torch.nn.Module,
+    train_dataset: Dataset,
+    collator,
+    args: TrainingArguments,
+    peft_cfg: PeftConfig,
+    lengths: list[int] | None,
+    callbacks: list[TrainerCallback],
+) -> LlavaTrainer:
+    return LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=callbacks,
+        projector_lr=peft_cfg.projector_lr,
+        lengths=lengths,
+    )
