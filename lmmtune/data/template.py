@@ -26,7 +26,7 @@ class Rendered:
     text: str
     """The prompt with each image placeholder expanded to its image tokens."""
     answer_spans: list[tuple[int, int]]
-    """Character spans [start, end) of the answers (with their `</s>`) that carry labels."""
+    """Character spans [start, end) of " answer</s>", the text the model must generate."""
 
 
 def render_conversation(
@@ -41,14 +41,14 @@ def render_conversation(
         text += (" " if index == 0 else "") + f"USER: {question} ASSISTANT:"
         start = len(text)
         text += f" {answer}{eos}"
-        spans.append((start + 1, len(text)))
+        spans.append((start, len(text)))  # the space too: the model generates " yes</s>"
     return Rendered(text=text, answer_spans=spans)
 
 
 def render_prompt(question: str, has_image: bool, image_tokens: str, history=()) -> str:
     """The generation prompt: earlier turns, then the question and `ASSISTANT:`."""
     rendered = render_conversation([*history, (question, "")], has_image, image_tokens)
-    return rendered.text[: rendered.answer_spans[-1][0] - 1]
+    return rendered.text[: rendered.answer_spans[-1][0]]
 
 
 def label_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
@@ -26,10 +28,44 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
-    """A local directory, a hub id, or the built-in tiny LLaVA (built on first use)."""
+    """A local directory, a hub id, or the built-in tiny LLaVA (built on first use).
+
+    A hub id is checked up front: with no hub reachable and no cached copy, fail at
+    once with instructions, instead of minutes of download retries.
+    """
     if model_cfg.path == TINY_NAME:
         return str(tiny_model_dir())
-    return model_cfg.path
+    path = model_cfg.path
+    if Path(path).is_dir():
+        return path
+    if Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+        raise LmmtuneError(f"model.path '{path}' is not a directory")
+    if not _hub_reachable():
+        cached = _cached_snapshot(path, model_cfg.revision)
+        if cached is None:
+            raise _not_found(path)
+        return cached
+    return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # not in the local cache (the hub raises several error types)
+        return None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -75,7 +111,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForCondit
             use_safetensors=True,
         )
     except OSError as exc:
-        raise _not_found(path, exc) from None
+        raise LmmtuneError(f"could not load the model from {path}: {exc}") from None
     disable_bnb_cpu_repack(model)
     log.info("loaded %s (%s, quantization %s)", path, model_cfg.dtype, quant_cfg.mode)
     return model
@@ -88,7 +124,7 @@ def load_processor(model_cfg: ModelConfig):
             path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
         )
     except OSError as exc:
-        raise _not_found(path, exc) from None
+        raise LmmtuneError(f"could not load the processor from {path}: {exc}") from None
 
 
 def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
@@ -107,9 +143,7 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _not_found(path: str, exc: OSError) -> LmmtuneError:
-    if Path(path).exists():
-        return LmmtuneError(f"could not load the model from {path}: {exc}")
+def _not_found(path: str) -> LmmtuneError:
     return LmmtuneError(
         f"could not load model '{path}': it is not a local directory and the Hugging Face Hub "
         "could not be reached (offline?). Download it where there is internet, e.g.\n"

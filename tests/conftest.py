@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny LLaVA (built once per machine, cached), CLI runners, isolated MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from lmmtune.model.tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_path)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m lmmtune ARGS` as a user would, in `cwd`, with MLflow kept inside `cwd`."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "lmmtune", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """One real `python -m lmmtune recipe=demo` run, shared by the tests that inspect its outputs."""
+    workdir = tmp_path_factory.mktemp("demo")
+    result = run_cli(["recipe=demo", "output_dir=run"], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"workdir": workdir, "run_dir": workdir / "run", "result": result,
+            "tracking_uri": f"sqlite:///{workdir}/mlflow.db"}
