@@ -1,0 +1,211 @@
+"""Faults against real processes and a real MLflow store: kill -9, SIGTERM, NaN, MLflow down, OOM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from lmmtune.train.checkpoints import completed_checkpoints
+
+from .conftest import run_cli
+
+FAST = [
+    "recipe=demo",
+    "data.demo_size=40",
+    "train.max_steps=12",
+    "train.batch_size=4",
+    "train.save_steps=4",
+    "train.save_total_limit=2",
+    "train.logging_steps=1",
+    "eval.before=false",
+    "eval.after=false",
+    "data.num_workers=0",
+]
+
+
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmmtune", *args],
+        cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = completed_checkpoints(run_dir / "checkpoints")
+        if found:
+            return found[0]
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise TimeoutError("no checkpoint appeared")
+
+
+def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+    reference = run_cli([*FAST, "output_dir=straight"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    process = start_cli([*FAST, "output_dir=crashed"], cwd=tmp_path)
+    first = wait_for_checkpoint(tmp_path / "crashed", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    run_id = json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"]
+
+    resumed = run_cli([*FAST, "output_dir=crashed", "train.resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and first.name in resumed.stderr
+
+    expected, got = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    # The same MLflow run goes on and ends FINISHED with the whole loss history.
+    assert json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"] == run_id
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    assert steps >= set(range(1, 13))
+    losses_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]["loss"]
+    assert losses_a > 0
+
+
+def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(tmp_path):
+    process = start_cli([*FAST, "train.max_steps=400", "train.save_steps=1000", "output_dir=run"], cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "tracking_record.jsonl").exists() or "train/loss" not in (
+        tmp_path / "run" / "tracking_record.jsonl"
+    ).read_text():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "train.resume=auto" in stderr and "Traceback" not in stderr
+    checkpoints = completed_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 0 < step < 400
+    run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_cli([*FAST, "train.learning_rate=1e12", "train.warmup_ratio=0", "train.save_steps=1",
+                      "train.max_grad_norm=0", "output_dir=run"], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "non-finite" in result.stderr and "at step" in result.stderr
+    assert "Traceback" not in result.stderr
+    step = int(result.stderr.split("at step ")[1].split(":")[0])
+    checkpoints = completed_checkpoints(tmp_path / "run" / "checkpoints")
+    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) == step - 1
+    weights = load_file(checkpoints[-1] / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "FAILED"
+
+
+def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp_path):
+    result = run_cli([*FAST, "output_dir=run"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not start" in result.stderr and "python -m lmmtune.track.record" in result.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+    store = f"sqlite:///{tmp_path}/later.db"
+    imported = subprocess.run(
+        [sys.executable, "-m", "lmmtune.track.record", "run", "--tracking-uri", store],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("demo").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "12"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 12
+    assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
+    from lmmtune.config import TrackingConfig
+    from lmmtune.track.mlflow_tracker import MlflowTracker
+    from lmmtune.track.record import LocalRecord, ResilientTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = ResilientTracker(lambda: MlflowTracker(TrackingConfig(tracking_uri=uri), "exp", "r"), LocalRecord(tmp_path))
+    tracker.log_metrics({"train/loss": 3.0}, step=1)
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    tracker.log_metrics({"train/loss": 2.0}, step=2)  # blocks for the store's timeout, then falls back
+    assert tracker.primary is None and "locked" in tracker.failed_reason
+    tracker.log_metrics({"train/loss": 1.0}, step=3)
+    tracker.end("FINISHED")
+    lock.execute("ROLLBACK")
+    lock.close()
+
+    (tmp_path / "config.yaml").write_text("name: exp\n")
+    imported = subprocess.run(
+        [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id], "tags.`lmmtune.imported_from` != ''")
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+
+
+def test_out_of_memory_message_says_what_to_lower():
+    from transformers import TrainingArguments
+
+    from lmmtune.pipeline import out_of_memory_message
+
+    args = TrainingArguments(output_dir="x", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nlong trace")
+    message = out_of_memory_message(args, error)
+    assert "Tried to allocate 2.00 GiB" in message and "long trace" not in message
+    assert "train.batch_size (now 8)" in message and "train.gpu_memory_gb" in message
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_run_directory_is_kept_unless_overwrite(tmp_path, overwrite):
+    from lmmtune.errors import LmmtuneError
+    from lmmtune.rundir import prepare_run_dir
+
+    (tmp_path / "config.yaml").write_text("name: old\n")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_text("weights")
+    if overwrite:
+        assert prepare_run_dir(tmp_path, overwrite=True, resume=None) is None
+        assert not (tmp_path / "adapter").exists()
+    else:
+        with pytest.raises(LmmtuneError, match="overwrite=true"):
+            prepare_run_dir(tmp_path, overwrite=False, resume=None)
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path):
+    from lmmtune.train.checkpoints import STAGING, find_resume_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-4").mkdir(parents=True)
+    (root / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (root / STAGING / "checkpoint-8").mkdir(parents=True)  # crash during the save of step 8
+    (root / "checkpoint-12").mkdir()  # no trainer state: not finished
+    assert find_resume_checkpoint(root, "auto") == root / "checkpoint-4"
