@@ -31,14 +31,19 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     if argv and argv[0] in COMMANDS:
         return argv[0], argv[1:]
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        print(f"lmmtune: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        print(
+            f"lmmtune: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}, "
+            "or start with key=value overrides (python -m lmmtune --help)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return "train", argv
 
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO,
+        # Under torchrun / accelerate launch only rank 0 reports progress; the others warn.
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -46,6 +51,8 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A failing store logs a traceback per call; lmmtune's tracker reports the failure in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run_command(command: str, cfg) -> None:
@@ -54,14 +61,42 @@ def run_command(command: str, cfg) -> None:
     setup_logging()
     try:
         if command == "train":
-            from lmmtune.pipeline import train
+            train_command(cfg)
+        elif command == "check":
+            from lmmtune.check import check
 
-            train(cfg)
+            check(cfg.data, cfg.model)
+        elif command == "eval":
+            from lmmtune.eval.run import run_eval
+
+            run_eval(cfg)
+        elif command == "export":
+            from lmmtune.export.run import run_export
+
+            run_export(cfg)
+        elif command == "predict":
+            from lmmtune.predict import predict
+
+            predict(cfg)
         else:
             raise LmmtuneError(f"'{command}' is not implemented yet")
     except LmmtuneError as exc:
         print(f"lmmtune {command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(exc.exit_code) from None
+
+
+def train_command(cfg) -> None:
+    """Join the process group (torchrun / accelerate launch), settle the run directory, train."""
+    from lmmtune import distributed
+    from lmmtune.pipeline import train
+    from lmmtune.rundir import job_output_dir
+
+    distributed.init()
+    try:
+        cfg.output_dir = job_output_dir(cfg.output_dir)
+        train(cfg)
+    finally:
+        distributed.shutdown()
 
 
 def main() -> None:

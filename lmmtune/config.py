@@ -42,6 +42,9 @@ class QuantConfig:
     """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
     compute_dtype: str = "bfloat16"
     """Dtype the 4-bit layers compute in."""
+    storage_dtype: str | None = None
+    """Dtype the packed 4-bit weights are stored in: null (uint8) or, for FSDP / DeepSpeed
+    ZeRO-3, which shard float tensors only, bfloat16 (the same as model.dtype)."""
 
 
 @dataclass
@@ -74,21 +77,28 @@ class PeftConfig:
 
 @dataclass
 class DataColumns:
+    """Column (or field) names of flat JSONL/CSV files and Hugging Face tables."""
+
     image: str = "image"
+    """Image path, or (in a datasets table) the image itself; empty means text-only. LLaVA records use it too."""
     question: str = "question"
     answer: str = "answer"
     id: str = "id"
+    """Optional record id, shown in problems; the record's place (file:line) when absent."""
     question_type: str = "question_type"
+    """Optional question type (e.g. closed/open), counted in the report and used by eval."""
 
 
 @dataclass
 class DataConfig:
     train: str | None = None
-    """Training data: a file (LLaVA JSON, JSONL, CSV) or `demo` for the synthetic lesion set."""
+    """Training data: LLaVA JSON, JSONL, CSV, parquet/arrow file or glob, a datasets
+    save_to_disk folder, an imagefolder with metadata.jsonl, or `demo` (synthetic set)."""
     eval: str | None = None
     """Held-out data in the same formats; null splits `eval_fraction` off the training set."""
     image_root: str | None = None
-    """Directory image paths are relative to; defaults to the data file's directory."""
+    """Directory image paths are relative to; defaults to the data file's directory (or the
+    dataset folder). Paths that lead outside it are refused."""
     eval_fraction: float = 0.05
     """Share of the training records held out for evaluation when `eval` is null."""
     max_eval_samples: int | None = 200
@@ -97,12 +107,16 @@ class DataConfig:
     """Longest sample in tokens, image tokens included. Longer samples are never truncated."""
     on_error: str = "fail"
     """What to do with invalid records: fail (stop with a report) or skip (train on the rest)."""
+    verify_images: bool = True
+    """Decode every image before training (and in `check`) to find broken ones up front."""
+    max_image_pixels: int | None = 89_478_485
+    """Refuse images with more pixels (decompression-bomb guard; PIL's default); null: no limit."""
     columns: DataColumns = field(default_factory=DataColumns)
-    """Column names of flat JSONL/CSV files."""
+    """Column names of flat JSONL/CSV files and datasets tables."""
     demo_size: int = 320
     """Number of images the synthetic demo set generates (train + eval)."""
     num_workers: int = 2
-    """DataLoader worker processes that decode and preprocess images."""
+    """Worker processes that decode images: DataLoader workers, and the image check's pool."""
     seed: int = 0
     """Seed of the train/eval split and the demo generator."""
 
@@ -125,9 +139,22 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
+    loss_impl: str = "chunked"
+    """chunked: output head and cross entropy on the labelled positions only, in chunks, so
+    the [batch, tokens, vocab] logits (mostly over image tokens) are never built; default:
+    transformers' loss over every position. Same loss and gradients."""
+    loss_chunk_size: int = 1024
+    """Labelled positions per chunk of the chunked loss (peak logits: chunk x vocab)."""
+    gpu_memory_gb: float | None = None
+    """GPU memory budget in GiB (a "12 GB" card: 12): pick the largest power-of-two micro-batch
+    whose modelled peak fits, set grad_accum to keep batch_size x grad_accum, fail fast if
+    even 1 does not fit. null: use batch_size and grad_accum as given."""
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
+    """Finished checkpoints kept (the oldest are deleted)."""
+    resume: str | None = None
+    """Continue a run: `auto` (latest finished checkpoint in the run directory, or start) or a checkpoint path."""
     seed: int = 42
 
 
@@ -145,10 +172,63 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     before: bool = True
-    """Evaluate the base model before training."""
+    """Evaluate the base model (adapter off): before training, and in `eval`."""
     after: bool = True
-    """Evaluate the adapted model after training."""
+    """Evaluate the adapted model: after training, and in `eval`."""
     max_new_tokens: int = 32
+    """Longest generated answer (greedy decoding)."""
+    batch_size: int = 8
+    """Samples generated together (left padding)."""
+    adapter: str | None = None
+    """`eval` only: the adapter directory; null reads OUTPUT_DIR/adapter."""
+    data: str | None = None
+    """`eval` only: a data file to evaluate on (any data.train format); null uses the run's eval split."""
+    output: str | None = None
+    """`eval` only: where metrics, predictions and the chart go; null: OUTPUT_DIR/eval."""
+    overwrite: bool = False
+    """`eval` only: replace an existing eval output directory."""
+    table_images: bool = True
+    """Put image thumbnails into the MLflow predictions table (else image paths only)."""
+
+
+@dataclass
+class ExportConfig:
+    format: str = "merged"
+    """merged: a plain llava-hf model (adapter merged into an unquantized base); adapter: the adapter alone."""
+    dir: str | None = None
+    """Export directory; null: OUTPUT_DIR/export-<format>."""
+    adapter: str | None = None
+    """The adapter directory; null reads OUTPUT_DIR/adapter."""
+    dtype: str | None = None
+    """Dtype of the merged weights: bfloat16, float16 or float32; null: the run's model.dtype."""
+    overwrite: bool = False
+    """Replace an existing export directory."""
+    parity_samples: int = 4
+    """Eval samples on which merged logits are checked against the adapter's."""
+    parity_tolerance: float | None = None
+    """Largest allowed logit difference, relative to the largest logit; null picks by dtype
+    (float32 1e-4, float16 1e-2, bfloat16 5e-2)."""
+    log_model: bool = True
+    """Log the merged model to MLflow (pyfunc flavour) when tracking is on."""
+    register_name: str | None = None
+    """Register the logged model in the MLflow Model Registry under this name (merged only)."""
+
+
+@dataclass
+class PredictConfig:
+    image: str | None = None
+    """Image file for a single question."""
+    question: str | None = None
+    """The question to answer (with or without `image`)."""
+    input: str | None = None
+    """JSONL of questions: `question`, optional `image` (relative to the file) and `id`."""
+    output: str | None = None
+    """Where the answers of `input` go (JSONL); null prints them."""
+    model: str | None = None
+    """An exported model directory; null uses the base model + adapter."""
+    adapter: str | None = None
+    """The adapter directory (without `model`); null reads OUTPUT_DIR/adapter."""
+    max_new_tokens: int = 64
     batch_size: int = 8
 
 
@@ -167,6 +247,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 def register_configs() -> None:

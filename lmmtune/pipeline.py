@@ -5,43 +5,68 @@ config -> data -> model -> eval before -> LoRA -> train -> save adapter -> eval 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
+from transformers import set_seed
 
 from lmmtune.config import Config
 from lmmtune.data.dataset import PaddingCollator, SupervisedDataset
 from lmmtune.data.splits import load_splits
-from lmmtune.errors import LmmtuneError
-from lmmtune.eval.evaluate import evaluate
+from lmmtune.distributed import (
+    barrier,
+    find_unused_parameters,
+    generates_here,
+    is_main,
+    on_main,
+    shards_model,
+)
+from lmmtune.errors import LmmtuneError, RunInterrupted
+from lmmtune.eval.evaluate import EvalResult, evaluate, summary
+from lmmtune.eval.report import metric_items, save_eval_report
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
+from lmmtune.rundir import prepare_run_dir, save_config
+from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker
+from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
+from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
+from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: Config | DictConfig) -> dict:
-    run_dir = prepare_run_dir(Path(cfg.output_dir), cfg.overwrite)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run_dir = Path(cfg.output_dir)
+    # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
+    resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
+    on_main(save_config, cfg, run_dir)
 
-    splits = load_splits(cfg.data, run_dir)
     processor = load_processor(cfg.model)
+    splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
     train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
     lengths = [
         len(train_set.tokenize(sample)[0]) for sample in splits.train
     ]  # also enforces max_length
+    # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
+    train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
     model = load_model(cfg.model, cfg.quant)
 
-    tracker = start_tracker(cfg.tracking, experiment=cfg.name, run_name=run_dir.name)
-    try:
+    tracker = start_tracker(
+        cfg.tracking, experiment=cfg.name, run_name=run_dir.name, run_dir=run_dir
+    )
+    with tracked_run(tracker):
         tracker.set_tags(
             {"recipe": cfg.name, "base_model": cfg.model.path, "run_dir": str(run_dir.resolve())}
         )
-        tracker.log_params(flatten(cfg))
+        if resume_from is None:
+            tracker.log_params(flatten(cfg))
         metrics = {
             "data": {
                 "train_samples": len(splits.train),
@@ -50,24 +75,38 @@ def train(cfg: Config | DictConfig) -> dict:
             }
         }
 
-        if cfg.eval.before and splits.eval:
-            metrics["eval_before"] = evaluate(
-                model, processor, splits.eval, cfg.eval, "eval before"
-            ).metrics
-            log.info("eval before training: %s", metrics["eval_before"])
-            tracker.log_metrics({f"eval_before/{k}": v for k, v in metrics["eval_before"].items()})
+        evaluates = bool(splits.eval) and generates_here()  # rank 0; the others wait at barrier()
+        before_file = run_dir / "eval_before.json"
+        before = after = None
+        if cfg.eval.before and evaluates and before_file.exists():
+            # measured before the crash (its predictions are not kept)
+            before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
+            metrics["eval_before"] = before.metrics
+        elif cfg.eval.before and evaluates:
+            before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
+            metrics["eval_before"] = before.metrics
+            log.info("eval before training: %s", summary(before.metrics))
+            tracker.log_metrics(metric_items("eval_before", before.metrics))
+            before_file.write_text(json.dumps(metrics["eval_before"]))
+        barrier()
 
+        set_seed(cfg.train.seed)  # LoRA's random init: the same seed gives the same run
         model = apply_lora(model, cfg.peft, cfg.train.gradient_checkpointing)
         report = trainable_report(model)
         log.info("%s", report)
-        tracker.log_params(report.as_dict())
+        if resume_from is None:
+            tracker.log_params(report.as_dict())
+        describe_run(tracker, cfg, train_cfg, metrics, report)
 
-        args = build_training_arguments(cfg.train, run_dir, cfg.data.num_workers, cfg.model.dtype)
-        collator = PaddingCollator(processor.tokenizer.pad_token_id)
-        trainer = build_trainer(
-            model, train_set, collator, args, cfg.peft, lengths, [TrackerCallback(tracker)]
+        args = build_training_arguments(train_cfg, run_dir, cfg.data.num_workers, cfg.model.dtype)
+        args.ddp_find_unused_parameters = find_unused_parameters(
+            cfg.peft.train_lm_head, train_cfg.loss_impl
         )
-        result = trainer.train()
+        collator = PaddingCollator(processor.tokenizer.pad_token_id)
+        stop = StopOnSignal()
+        callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop]
+        trainer = build_trainer(model, train_set, collator, args, cfg.peft, lengths, callbacks)
+        result = run_training(trainer, stop, resume_from, run_dir)
         metrics["train"] = {
             "loss": result.training_loss,
             "steps": result.global_step,
@@ -75,38 +114,74 @@ def train(cfg: Config | DictConfig) -> dict:
         }
 
         adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
+        if shards_model():
+            trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
+        if not is_main():
+            return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
+        if not shards_model():
+            model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)
         (adapter_dir / "lmmtune_base.json").write_text(
             json.dumps({"base_model": resolve_model_path(cfg.model)})
         )
 
-        if cfg.eval.after and splits.eval:
-            metrics["eval_after"] = evaluate(
-                model, processor, splits.eval, cfg.eval, "eval after"
-            ).metrics
-            log.info("eval after training: %s", metrics["eval_after"])
-            tracker.log_metrics({f"eval_after/{k}": v for k, v in metrics["eval_after"].items()})
+        if cfg.eval.after and evaluates:
+            after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
+            metrics["eval_after"] = after.metrics
+            log.info("eval after training: %s", summary(after.metrics))
+            tracker.log_metrics(metric_items("eval_after", after.metrics))
+        if before is not None or after is not None:  # predictions table and chart
+            save_eval_report(
+                run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
+            )
+            log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
 
+        describe_run(tracker, cfg, train_cfg, metrics, report)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for artifact in ("config.yaml", "metrics.json", "adapter"):
             tracker.log_artifact(run_dir / artifact)
-    except KeyboardInterrupt:
+    log.info("run finished: %s", run_dir)
+    return metrics
+
+
+def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, run_dir: Path):
+    """`trainer.train()` with clean stops: a signal saves and exits, an OOM says what to lower."""
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        raise LmmtuneError(out_of_memory_message(trainer.args, exc)) from None
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        name = signal.Signals(stop.received).name
+        raise RunInterrupted(
+            f"{name}: stopped after step {trainer.state.global_step} and saved a checkpoint. "
+            f"Resume with the same command plus: output_dir={run_dir} train.resume=auto",
+            stop.received,
+        )
+    return result
+
+
+def out_of_memory_message(args, exc: BaseException) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    return (
+        f"out of GPU memory ({first_line[:200]}). Lower train.batch_size "
+        f"(now {args.per_device_train_batch_size}) and raise train.grad_accum to keep the effective batch, "
+        "lower data.max_length, keep train.gradient_checkpointing=true, or set train.gpu_memory_gb=<your card> "
+        "to let the memory planner choose."
+    )
+
+
+@contextlib.contextmanager
+def tracked_run(tracker):
+    """End the tracked run as FINISHED, KILLED (interrupted) or FAILED, whatever happens."""
+    try:
+        yield
+    except (KeyboardInterrupt, RunInterrupted):
         tracker.end("KILLED")
         raise
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
-    log.info("run finished: %s", run_dir)
-    return metrics
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create the run directory; refuse one that holds a run unless `overwrite=true`."""
-    if (run_dir / "config.yaml").exists() and not overwrite:
-        raise LmmtuneError(
-            f"{run_dir} already holds a run; choose another output_dir=... or pass overwrite=true"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir

@@ -26,9 +26,15 @@ def tiny_processor(tiny_model_path):
     return AutoProcessor.from_pretrained(tiny_model_path)
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m lmmtune ARGS` as a user would, in `cwd`, with MLflow kept inside `cwd`."""
-    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    full_env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db",
+        "PYTHONUNBUFFERED": "1",
+    }
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})
     return subprocess.run(
@@ -47,5 +53,9 @@ def demo_run(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("demo")
     result = run_cli(["recipe=demo", "output_dir=run"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"workdir": workdir, "run_dir": workdir / "run", "result": result,
-            "tracking_uri": f"sqlite:///{workdir}/mlflow.db"}
+    return {
+        "workdir": workdir,
+        "run_dir": workdir / "run",
+        "result": result,
+        "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+    }

@@ -42,7 +42,12 @@ def test_recipe_overrides_win_over_base_config(composer):
 
 def test_medical_recipe_follows_llava_lora_settings(composer):
     cfg = composer(["recipe=medical"])
-    assert (cfg.peft.r, cfg.peft.alpha, cfg.train.learning_rate, cfg.peft.projector_lr) == (128, 256, 2e-4, 2e-5)
+    assert (cfg.peft.r, cfg.peft.alpha, cfg.train.learning_rate, cfg.peft.projector_lr) == (
+        128,
+        256,
+        2e-4,
+        2e-5,
+    )
     assert cfg.quant.mode == "4bit" and cfg.quant.quant_type == "nf4" and cfg.quant.double_quant
     assert cfg.train.scheduler == "cosine" and cfg.train.warmup_ratio == 0.03
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -54,9 +55,11 @@ def test_demo_run_is_tracked_in_mlflow(demo_run):
     adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in adapter_files
     local = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="adapter/adapter_config.json", tracking_uri=demo_run["tracking_uri"]
+        run_id=run.info.run_id,
+        artifact_path="adapter/adapter_config.json",
+        tracking_uri=demo_run["tracking_uri"],
     )
-    assert json.loads(open(local).read())["r"] == 16
+    assert json.loads(Path(local).read_text())["r"] == 16
 
 
 def test_existing_run_directory_is_not_overwritten(demo_run):

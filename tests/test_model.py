@@ -17,7 +17,11 @@ LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _linears(model, part: str) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in model.named_modules() if part in name and isinstance(m, torch.nn.Linear)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if part in name and isinstance(m, torch.nn.Linear)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,9 @@ def test_4bit_quantizes_the_language_model_only(qlora_base):
     for part in ("vision_tower", "multi_modal_projector", "lm_head"):
         modules = _linears(qlora_base, part)
         assert modules, part
-        assert not any(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in modules.values()), part
+        assert not any(
+            isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in modules.values()
+        ), part
         assert all(m.weight.dtype == torch.float32 for m in modules.values()), part
 
 
@@ -43,12 +49,18 @@ def test_no_quantization_mode_keeps_plain_linears(tiny_model_path):
 
 @pytest.mark.parametrize("train_projector", [True, False])
 def test_lora_wraps_only_language_model_linears(tiny_model_path, train_projector):
-    model = apply_lora(load_model(TINY, QLORA), PeftConfig(r=4, alpha=8, train_projector=train_projector), True)
-    lora_modules = [name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    model = apply_lora(
+        load_model(TINY, QLORA), PeftConfig(r=4, alpha=8, train_projector=train_projector), True
+    )
+    lora_modules = [
+        name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)
+    ]
     n_layers = model.base_model.model.config.text_config.num_hidden_layers
     assert len(lora_modules) == n_layers * len(LLM_LINEARS)
     assert all("language_model" in name for name in lora_modules)
-    assert not any("vision_tower" in name for name, _ in model.named_parameters() if "lora_" in name)
+    assert not any(
+        "vision_tower" in name for name, _ in model.named_parameters() if "lora_" in name
+    )
 
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert not any("vision_tower" in name for name in trainable)

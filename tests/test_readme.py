@@ -15,7 +15,9 @@ def _readme_commands() -> list[str]:
 
 def test_readme_starts_with_setup_and_demo_then_tests():
     demo, tests = _readme_commands()
-    assert demo.startswith("pip install torch==2.13.0") and demo.endswith("python -m lmmtune recipe=demo")
+    assert demo.startswith("pip install torch==2.13.0") and demo.endswith(
+        "python -m lmmtune recipe=demo"
+    )
     assert tests.startswith("pip install torch==2.13.0") and tests.endswith("python -m pytest")
 
 

@@ -38,7 +38,11 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "lmmtune", *args],
-        cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -88,11 +92,14 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(tmp_path):
-    process = start_cli([*FAST, "train.max_steps=400", "train.save_steps=1000", "output_dir=run"], cwd=tmp_path)
+    process = start_cli(
+        [*FAST, "train.max_steps=400", "train.save_steps=1000", "output_dir=run"], cwd=tmp_path
+    )
     deadline = time.time() + 300
-    while not (tmp_path / "run" / "tracking_record.jsonl").exists() or "train/loss" not in (
-        tmp_path / "run" / "tracking_record.jsonl"
-    ).read_text():
+    while (
+        not (tmp_path / "run" / "tracking_record.jsonl").exists()
+        or "train/loss" not in (tmp_path / "run" / "tracking_record.jsonl").read_text()
+    ):
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
@@ -108,8 +115,17 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run_cli([*FAST, "train.learning_rate=1e12", "train.warmup_ratio=0", "train.save_steps=1",
-                      "train.max_grad_norm=0", "output_dir=run"], cwd=tmp_path)
+    result = run_cli(
+        [
+            *FAST,
+            "train.learning_rate=1e12",
+            "train.warmup_ratio=0",
+            "train.save_steps=1",
+            "train.max_grad_norm=0",
+            "output_dir=run",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "non-finite" in result.stderr and "at step" in result.stderr
     assert "Traceback" not in result.stderr
@@ -123,7 +139,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp_path):
-    result = run_cli([*FAST, "output_dir=run"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    result = run_cli(
+        [*FAST, "output_dir=run"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "could not start" in result.stderr and "python -m lmmtune.track.record" in result.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
@@ -131,7 +149,10 @@ def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp
     store = f"sqlite:///{tmp_path}/later.db"
     imported = subprocess.run(
         [sys.executable, "-m", "lmmtune.track.record", "run", "--tracking-uri", store],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert imported.returncode == 0, imported.stderr[-2000:]
     client = MlflowClient(store)
@@ -148,11 +169,15 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     from lmmtune.track.record import LocalRecord, ResilientTracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = ResilientTracker(lambda: MlflowTracker(TrackingConfig(tracking_uri=uri), "exp", "r"), LocalRecord(tmp_path))
+    tracker = ResilientTracker(
+        lambda: MlflowTracker(TrackingConfig(tracking_uri=uri), "exp", "r"), LocalRecord(tmp_path)
+    )
     tracker.log_metrics({"train/loss": 3.0}, step=1)
     lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
-    tracker.log_metrics({"train/loss": 2.0}, step=2)  # blocks for the store's timeout, then falls back
+    tracker.log_metrics(
+        {"train/loss": 2.0}, step=2
+    )  # blocks for the store's timeout, then falls back
     assert tracker.primary is None and "locked" in tracker.failed_reason
     tracker.log_metrics({"train/loss": 1.0}, step=3)
     tracker.end("FINISHED")
@@ -162,11 +187,15 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     (tmp_path / "config.yaml").write_text("name: exp\n")
     imported = subprocess.run(
         [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert imported.returncode == 0, imported.stderr[-2000:]
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id], "tags.`lmmtune.imported_from` != ''")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("exp").experiment_id], "tags.`lmmtune.imported_from` != ''"
+    )
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
 
@@ -176,7 +205,9 @@ def test_out_of_memory_message_says_what_to_lower():
 
     from lmmtune.pipeline import out_of_memory_message
 
-    args = TrainingArguments(output_dir="x", per_device_train_batch_size=8, use_cpu=True, report_to="none")
+    args = TrainingArguments(
+        output_dir="x", per_device_train_batch_size=8, use_cpu=True, report_to="none"
+    )
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nlong trace")
     message = out_of_memory_message(args, error)
     assert "Tried to allocate 2.00 GiB" in message and "long trace" not in message

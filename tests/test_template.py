@@ -8,7 +8,11 @@ from lmmtune.data.dataset import SupervisedDataset, image_token_count
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX, SYSTEM_PROMPT, render_conversation, render_prompt
 
-TURNS = [("Is there a lesion?", "yes"), ("Which side is the lesion on?", "left"), ("Is it round?", "It is round.")]
+TURNS = [
+    ("Is there a lesion?", "yes"),
+    ("Which side is the lesion on?", "left"),
+    ("Is it round?", "It is round."),
+]
 
 
 def test_render_matches_llava_v1_format():
@@ -44,11 +48,17 @@ def test_only_answers_and_their_eos_carry_labels_multi_turn(tiny_processor, imag
     sample = Sample(id="1", turns=TURNS, image=str(image_file), source="t")
     item = SupervisedDataset([sample], tiny_processor, max_length=512)[0]
     tokenizer = tiny_processor.tokenizer
-    labelled = [tokenizer.decode([t]) for t, label in zip(item["input_ids"], item["labels"], strict=True)
-                if label != IGNORE_INDEX]
+    labelled = [
+        tokenizer.decode([t])
+        for t, label in zip(item["input_ids"], item["labels"], strict=True)
+        if label != IGNORE_INDEX
+    ]
     expected = []
     for _, answer in TURNS:
-        expected += [tokenizer.decode([t]) for t in tokenizer(f" {answer}</s>", add_special_tokens=False)["input_ids"]]
+        expected += [
+            tokenizer.decode([t])
+            for t in tokenizer(f" {answer}</s>", add_special_tokens=False)["input_ids"]
+        ]
     assert labelled == expected
     # Labels equal the input ids where set; BOS, system line, questions and image are masked.
     ids, labels = item["input_ids"], item["labels"]
@@ -56,7 +66,9 @@ def test_only_answers_and_their_eos_carry_labels_multi_turn(tiny_processor, imag
     assert labels[0] == IGNORE_INDEX and ids[0] == tokenizer.bos_token_id
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert ids.count(image_id) == 16
-    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == image_id)
+    assert all(
+        label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == image_id
+    )
     assert labels.count(tokenizer.eos_token_id) == len(TURNS)
     assert item["pixel_values"].shape == (3, 56, 56)
 
@@ -72,5 +84,8 @@ def test_too_long_sample_is_refused_not_truncated(tiny_processor, image_file):
     from lmmtune.errors import LmmtuneError
 
     with pytest.raises(LmmtuneError, match="exceed data.max_length=20"):
-        SupervisedDataset([Sample(id="1", turns=TURNS, image=str(image_file), source="f.json[0]")],
-                          tiny_processor, max_length=20)[0]
+        SupervisedDataset(
+            [Sample(id="1", turns=TURNS, image=str(image_file), source="f.json[0]")],
+            tiny_processor,
+            max_length=20,
+        )[0]

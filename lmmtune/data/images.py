@@ -1,4 +1,12 @@
-"""Open images as RGB and pad them to a square, as LLaVA 1.5 was trained (`image_aspect_ratio=pad`).
+"""Open images as 8-bit RGB, find broken ones, and pad to a square as LLaVA 1.5 was trained.
+
+Every image goes through `decode_image`, in `check` and in training alike, so an image
+that passes `check` loads in a DataLoader worker. What it handles:
+- EXIF rotation applied; grayscale, 16-bit (stretched, not clipped), palette, RGBA
+  (composited on white) and CMYK converted to RGB; DICOM through `dicom.py`.
+- Named problems instead of PIL tracebacks: zero-byte, truncated, corrupt, not an
+  image, and images over a pixel limit (checked from the header, before decoding, so a
+  decompression bomb never allocates its pixels).
 
 The llava-hf processor centre-crops; that cuts off the edges of a wide image, where a
 lesion or a defect may be. Padding with the processor's mean colour first makes the
@@ -7,33 +15,154 @@ crop a no-op.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lmmtune.data.problems import Kind, RecordInvalid
+
+IMAGE_MAGIC = {
+    b"\x89PNG": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "WEBP",
+}
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DEFAULT_MAX_PIXELS = 89_478_485
+"""PIL's own default; `data.max_image_pixels` sets it per run (null: no limit)."""
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file, apply its EXIF rotation and convert it to 8-bit RGB."""
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+def read_image_bytes(path: str | Path) -> bytes:
+    """The file's bytes; a missing file is a named problem."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RecordInvalid(Kind.MISSING_IMAGE, f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise RecordInvalid(Kind.NOT_AN_IMAGE, f"a folder, not an image file: {path}") from None
+
+
+def open_image(
+    source: str | Path | bytes, name: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open an image file (or its encoded bytes) as 8-bit RGB with its EXIF rotation applied."""
+    data = source if isinstance(source, bytes) else read_image_bytes(source)
+    return decode_image(data, name or str(source), max_pixels)
+
+
+def inspect_image(
+    source: str | Path | bytes, name: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> str:
+    """Verify and fully decode an image as training will; return a digest of its bytes."""
+    data = source if isinstance(source, bytes) else read_image_bytes(source)
+    decode_image(data, name or str(source), max_pixels, verify=True)
+    return hashlib.sha1(data).hexdigest()[:20]
+
+
+def decode_image(
+    data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool = False
+) -> Image.Image:
+    """Decode encoded image bytes to RGB, or raise RecordInvalid naming what is wrong."""
+    if not data:
+        raise RecordInvalid(Kind.EMPTY_IMAGE, f"zero-byte image file: {name}")
+    if is_dicom(data, name):
+        from lmmtune.data.dicom import decode_dicom
+
+        return decode_dicom(data, name, max_pixels)
+    try:
+        with warnings.catch_warnings(), _own_pixel_limit():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data"
+            if verify:
+                with Image.open(io.BytesIO(data)) as image:
+                    check_pixels(image.size, name, max_pixels)
+                    image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                check_pixels(image.size, name, max_pixels)
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except RecordInvalid:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise RecordInvalid(Kind.TOO_MANY_PIXELS, f"{name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise _unidentified(data, name) from None
+    except Exception as exc:  # any decoder failure means a broken image file
+        kind = Kind.TRUNCATED_IMAGE if "truncated" in str(exc).lower() else Kind.CORRUPT_IMAGE
+        raise RecordInvalid(kind, f"{kind}: {name} ({exc})") from None
+
+
+@contextmanager
+def _own_pixel_limit():
+    """Switch off PIL's global guard while opening: `check_pixels` runs on the header instead.
+
+    PIL's limit is process-wide and fires only at twice its value; ours names the file,
+    the size and the setting. `Image.open` reads the header only, so no pixels are
+    allocated before `check_pixels` has run.
+    """
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
+    """Refuse an image whose header declares more pixels than `data.max_image_pixels`."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise RecordInvalid(
+            Kind.TOO_MANY_PIXELS,
+            f"{name}: {width}x{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,} (decompression-bomb guard)",
+        )
+
+
+def is_dicom(data: bytes, name: str) -> bool:
+    return name.lower().endswith(DICOM_SUFFIXES) or data[128:132] == b"DICM"
+
+
+def _unidentified(data: bytes, name: str) -> RecordInvalid:
+    """PIL cannot tell the format: a cut-off image if it starts like one, else not an image."""
+    for magic, image_format in IMAGE_MAGIC.items():
+        if data.startswith(magic):
+            return RecordInvalid(
+                Kind.TRUNCATED_IMAGE,
+                f"{name}: starts like a {image_format} but cannot be read (truncated or corrupt)",
+            )
+    return RecordInvalid(
+        Kind.NOT_AN_IMAGE, f"not an image file: {name} (starts with {data[:16]!r})"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16/32-bit and float stretched, transparency on white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: stretch the used range to 8 bits instead of clipping at 255.
-        image = image.convert("I")
-        low, high = image.getextrema()
-        scale = 255.0 / max(high - low, 1)
-        image = image.point(lambda value: (value - low) * scale).convert("L")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode.startswith(("I", "F")):
+        # 16/32-bit or float grayscale: stretch the used range to 8 bits instead of clipping.
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(stretch_to_uint8(pixels, pixels.min(), pixels.max()), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def stretch_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto [0, 255], clipping outside."""
+    scaled = (pixels - low) * (255.0 / max(high - low, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

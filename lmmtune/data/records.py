@@ -1,22 +1,39 @@
-"""Read training records from the formats users have, into one `Sample` shape.
+"""One record (a dict from any input format) -> one `Sample`, or a named problem.
 
-Formats: LLaVA JSON (a list of `{"id", "image", "conversations"}`), LLaVA JSONL
-(one such record per line) and flat JSONL with image/question/answer columns.
-Every problem is reported with its file, record and reason.
+Two record shapes are accepted, whatever file they come from:
+
+- LLaVA: `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"},
+  {"from": "gpt", "value": "A"}, ...]}`; no `image` means a text-only record.
+- Flat: one question and one answer per record, in the columns `data.columns` names.
+
+LLaVA 1.5 was trained with exactly one image per sample, so a record with more than
+one image is refused (`more than one image`) instead of silently dropping images.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from lmmtune.config import DataColumns
+from lmmtune.data.problems import DataError, Kind, RecordInvalid, RecordProblem
 from lmmtune.data.template import IMAGE_PLACEHOLDER
-from lmmtune.errors import LmmtuneError
+
+__all__ = ["DataError", "ImageRef", "RecordInvalid", "RecordProblem", "Sample", "record_to_sample"]
 
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
+
+
+@runtime_checkable
+class ImageRef(Protocol):
+    """An image stored inside a data set (encoded bytes), read only when it is needed."""
+
+    label: str
+
+    def read(self) -> tuple[bytes, str]:
+        """The encoded image and a file name (its suffix tells DICOM apart)."""
+        ...
 
 
 @dataclass
@@ -25,148 +42,148 @@ class Sample:
     turns: list[tuple[str, str]]
     """(question, answer) pairs, image placeholders removed."""
     image: str | None = None
-    """Image path as written in the record (resolved against the image root when loaded)."""
+    """Image path (resolved against the image root when loaded), or the label of an
+    in-data image (`file[row]:column`) whose bytes `image_ref` reads; None: text-only."""
     question_type: str | None = None
     source: str = ""
     """Where the record came from, for error messages: `file:line` or `file[index]`."""
     extra: dict = field(default_factory=dict)
+    image_ref: ImageRef | None = None
+    """An image held inside a datasets table, read lazily (in DataLoader workers)."""
 
 
-@dataclass
-class RecordProblem:
-    source: str
-    record_id: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        label = f" (id {self.record_id})" if self.record_id is not None else ""
-        return f"{self.source}{label}: {self.reason}"
-
-
-class DataError(LmmtuneError):
-    """One or more records are invalid; the message lists each with its place and reason."""
-
-    def __init__(self, problems: list[RecordProblem], header: str = "invalid training data"):
-        self.problems = problems
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{header}: {len(problems)} problem(s)\n{shown}{more}")
-
-
-def load_samples(
-    path: str | Path, columns: DataColumns
-) -> tuple[list[Sample], list[RecordProblem]]:
-    """Read every record of a data file; return the good samples and the problems found."""
-    path = Path(path)
-    if not path.exists():
-        raise LmmtuneError(f"data file not found: {path}")
-    raw = _read_raw_records(path)
-    samples, problems = [], []
-    for source, record in raw:
-        try:
-            samples.append(_to_sample(record, source, columns))
-        except RecordInvalid as exc:
-            record_id = record.get("id") if isinstance(record, dict) else None
-            problems.append(
-                RecordProblem(source, None if record_id is None else str(record_id), str(exc))
-            )
-    return samples, problems
-
-
-class RecordInvalid(ValueError):
-    pass
-
-
-def _read_raw_records(path: Path) -> list[tuple[str, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise LmmtuneError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{line_number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise LmmtuneError(
-                    f"{path}:{line_number}: invalid JSON: {exc.msg} (column {exc.colno})"
-                ) from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LmmtuneError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    if not isinstance(data, list):
-        raise LmmtuneError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [(f"{path}[{index}]", record) for index, record in enumerate(data)]
-
-
-def _to_sample(record, source: str, columns: DataColumns) -> Sample:
+def record_to_sample(record, source: str, columns: DataColumns) -> Sample:
+    """Validate one record and turn it into a Sample; raise RecordInvalid naming what is wrong."""
     if not isinstance(record, dict):
-        raise RecordInvalid(f"expected an object, got {type(record).__name__}")
+        raise RecordInvalid(Kind.NOT_A_RECORD, f"expected an object, got {type(record).__name__}")
+    image = single_image(record.get(columns.image), columns.image)
+    images = int(image is not None)
     if "conversations" in record:
-        return _llava_sample(record, source)
-    if columns.question in record or columns.answer in record:
-        return _flat_sample(record, source, columns)
-    raise RecordInvalid(
-        f"no 'conversations' list and no '{columns.question}'/'{columns.answer}' columns"
-    )
-
-
-def _llava_sample(record: dict, source: str) -> Sample:
-    conversations = record["conversations"]
-    if not isinstance(conversations, list) or not conversations:
-        raise RecordInvalid("'conversations' is empty or not a list")
-    turns, placeholders = [], 0
-    for index in range(0, len(conversations), 2):
-        pair = conversations[index : index + 2]
-        roles = [
-            str(message.get("from", "")).lower() if isinstance(message, dict) else ""
-            for message in pair
-        ]
-        if len(pair) < 2 or roles[0] not in HUMAN_ROLES or roles[1] not in ASSISTANT_ROLES:
-            raise RecordInvalid(
-                f"roles out of order at message {index}: expected human then gpt, got {roles}"
-            )
-        question, answer = (str(message.get("value", "")) for message in pair)
-        placeholders += question.count(IMAGE_PLACEHOLDER) + answer.count(IMAGE_PLACEHOLDER)
-        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-        if not answer.strip():
-            raise RecordInvalid(f"empty answer at message {index + 1}")
-        turns.append((question, answer.strip()))
-    image = record.get("image")
-    if isinstance(image, list):
+        turns, placeholders = llava_turns(record["conversations"], image is not None)
+        mismatch = placeholders != images  # LLaVA records mark the image's place
+    elif columns.question in record or columns.answer in record:
+        turns, placeholders = flat_turns(record, columns, image is not None)
+        mismatch = placeholders > images  # flat records may leave the placeholder out
+    else:
         raise RecordInvalid(
-            f"{len(image)} images in one record: LLaVA 1.5 takes one image per sample"
+            Kind.NO_CONVERSATIONS,
+            f"no 'conversations' list and no '{columns.question}'/'{columns.answer}' fields",
         )
-    if image is not None and placeholders > 1:
-        raise RecordInvalid(f"{placeholders} '<image>' placeholders for one image")
-    if image is None and placeholders:
-        raise RecordInvalid("'<image>' placeholder in a record without an image")
+    if mismatch:
+        raise RecordInvalid(
+            Kind.PLACEHOLDER_MISMATCH,
+            f"{placeholders} '<image>' placeholder(s) for {images} image(s)",
+        )
+    record_id = record.get(columns.id)
+    question_type = record.get(columns.question_type)
+    is_ref = isinstance(image, ImageRef)
     return Sample(
-        id=str(record.get("id", source)),
+        id=source if record_id in (None, "") else str(record_id),
         turns=turns,
-        image=image,
-        question_type=record.get("question_type"),
+        image=image.label if is_ref else image,
+        question_type=None if question_type in (None, "") else str(question_type),
         source=source,
+        image_ref=image if is_ref else None,
     )
 
 
-def _flat_sample(record: dict, source: str, columns: DataColumns) -> Sample:
-    question = str(record.get(columns.question) or "").replace(IMAGE_PLACEHOLDER, "").strip()
-    answer = str(record.get(columns.answer) or "").strip()
-    if not question:
-        raise RecordInvalid(f"empty '{columns.question}'")
+def single_image(value, column: str) -> str | ImageRef | None:
+    """The record's one image (a path or an in-data image), None for text-only records."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    images = (
+        [v for v in value if v not in (None, "")] if isinstance(value, list | tuple) else [value]
+    )
+    if len(images) > 1:
+        raise RecordInvalid(
+            Kind.MULTIPLE_IMAGES,
+            f"{len(images)} images in one record: LLaVA 1.5 takes one image per sample "
+            "(write one record per image)",
+        )
+    if not images:
+        return None
+    image = images[0]
+    if isinstance(image, str):
+        return image.strip()
+    if isinstance(image, ImageRef):
+        return image
+    raise RecordInvalid(
+        Kind.UNSUPPORTED_IMAGE, f"'{column}' holds a {type(image).__name__}, expected a path"
+    )
+
+
+def llava_turns(conversations, has_image: bool) -> tuple[list[tuple[str, str]], int]:
+    """(question, answer) pairs of a LLaVA `conversations` list and its `<image>` count."""
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordInvalid(Kind.NO_CONVERSATIONS, "'conversations' is empty or not a list")
+    messages = [_message(index, message) for index, message in enumerate(conversations)]
+    for index, (role, _) in enumerate(messages):
+        expected = HUMAN_ROLES if index % 2 == 0 else ASSISTANT_ROLES
+        if role not in expected:
+            want = "human" if index % 2 == 0 else "gpt"
+            raise RecordInvalid(
+                Kind.ROLES_OUT_OF_ORDER,
+                f"message {index} is from '{role}', expected '{want}' (human and gpt alternate, "
+                "human first)",
+            )
+    if len(messages) % 2:
+        raise RecordInvalid(
+            Kind.ROLES_OUT_OF_ORDER,
+            f"the last message ({len(messages) - 1}) is a question without an answer",
+        )
+    turns, placeholders = [], 0
+    for index in range(0, len(messages), 2):
+        question, answer = messages[index][1], messages[index + 1][1]
+        if IMAGE_PLACEHOLDER in answer:
+            raise RecordInvalid(
+                Kind.PLACEHOLDER_MISMATCH, f"'<image>' in an answer (message {index + 1})"
+            )
+        placeholders += question.count(IMAGE_PLACEHOLDER)
+        where = (f"question (message {index})", f"answer (message {index + 1})")
+        turns.append(_turn(question, answer, where, image_first=has_image and index == 0))
+    return turns, placeholders
+
+
+def flat_turns(
+    record: dict, columns: DataColumns, has_image: bool
+) -> tuple[list[tuple[str, str]], int]:
+    """The single (question, answer) turn of a flat record and its `<image>` count."""
+    question, answer = (_text(record.get(key)) for key in (columns.question, columns.answer))
+    if IMAGE_PLACEHOLDER in answer:
+        raise RecordInvalid(Kind.PLACEHOLDER_MISMATCH, f"'<image>' in '{columns.answer}'")
+    where = (f"'{columns.question}'", f"'{columns.answer}'")
+    turn = _turn(question, answer, where, image_first=has_image)
+    return [turn], question.count(IMAGE_PLACEHOLDER)
+
+
+def _turn(question: str, answer: str, where: tuple[str, str], image_first: bool) -> tuple[str, str]:
+    """Strip a turn; an empty question is fine only where the image stands in for it."""
+    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    answer = answer.strip()
     if not answer:
-        raise RecordInvalid(f"empty '{columns.answer}'")
-    return Sample(
-        id=str(record.get(columns.id, source)),
-        turns=[(question, answer)],
-        image=record.get(columns.image),
-        question_type=record.get(columns.question_type),
-        source=source,
+        raise RecordInvalid(Kind.EMPTY_ANSWER, f"empty {where[1]}")
+    if not question and not image_first:
+        raise RecordInvalid(Kind.EMPTY_QUESTION, f"empty {where[0]}")
+    return question, answer
+
+
+def _message(index: int, message) -> tuple[str, str]:
+    if not isinstance(message, dict) or "from" not in message or "value" not in message:
+        raise RecordInvalid(
+            Kind.NO_CONVERSATIONS, f"message {index} is not a {{'from': ..., 'value': ...}} object"
+        )
+    return str(message["from"]).strip().lower(), _text(message["value"])
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return ""
+    return str(value)
+
+
+def problem_for(record, source: str, columns: DataColumns, error: RecordInvalid) -> RecordProblem:
+    """A RecordProblem for a record that failed, with its id if it has one."""
+    record_id = record.get(columns.id) if isinstance(record, dict) else None
+    return RecordProblem(
+        source, None if record_id in (None, "") else str(record_id), error.reason, error.kind
     )

@@ -1,18 +1,43 @@
-"""From `data.*` settings to train and eval samples with image paths resolved and checked."""
+"""From `data.*` settings to checked train and eval samples: what `check` and training share.
+
+`inspect_data` reads the files, resolves and decodes every image, counts tokens,
+finds duplicate ids, splits train/eval and returns a `DataReport`. `check` prints it;
+`load_splits` (training) writes it to the run directory and then stops
+(`data.on_error=fail`) or drops the invalid records (`skip`), returning them in
+`Splits.problems` and writing them to `skipped_records.jsonl`.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmmtune.config import DataConfig
+from lmmtune.data.dataset import image_token_count
 from lmmtune.data.demo import write_demo_dataset
-from lmmtune.data.records import DataError, RecordProblem, Sample, load_samples
+from lmmtune.data.problems import DataError, RecordProblem, write_problems
+from lmmtune.data.readers import read_data
+from lmmtune.data.records import Sample
+from lmmtune.data.report import DataReport, format_report
+from lmmtune.data.validate import (
+    check_images,
+    check_lengths,
+    duplicate_ids,
+    image_key,
+    resolve_images,
+    train_eval_overlap,
+)
+from lmmtune.errors import LmmtuneError
 
 log = logging.getLogger(__name__)
 DEMO = "demo"
+ON_ERROR = ("fail", "skip")
+REPORT_FILE = "data_report.txt"
+SKIPPED_FILE = "skipped_records.jsonl"
 
 
 @dataclass
@@ -20,82 +45,128 @@ class Splits:
     train: list[Sample]
     eval: list[Sample]
     problems: list[RecordProblem] = field(default_factory=list)
+    """Invalid records left out (data.on_error=skip); also in `skipped_records.jsonl`."""
+    warnings: list[RecordProblem] = field(default_factory=list)
+    """Duplicate ids, images in both train and eval: reported, the records still train."""
+    report: DataReport | None = None
 
 
-def resolve_image_path(image: str, image_root: Path) -> Path:
-    """Resolve a record's image path under `image_root`, refusing paths that escape it."""
-    root = image_root.resolve()
-    path = (root / image).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"image path '{image}' escapes the image root {root}")
-    return path
+def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
+    """Checked train and eval samples; invalid records stop the run or are skipped (`data.on_error`).
 
-
-def read_data_file(
-    path: str | Path, data_cfg: DataConfig
-) -> tuple[list[Sample], list[RecordProblem]]:
-    """Load one data file and resolve its image paths (against `data.image_root` or the file's folder)."""
-    path = Path(path)
-    samples, problems = load_samples(path, data_cfg.columns)
-    image_root = Path(data_cfg.image_root) if data_cfg.image_root else path.parent
-    good = []
-    for sample in samples:
-        if sample.image is not None:
-            try:
-                resolved = resolve_image_path(str(sample.image), image_root)
-            except ValueError as exc:
-                problems.append(RecordProblem(sample.source, sample.id, str(exc)))
-                continue
-            if not resolved.is_file():
-                problems.append(
-                    RecordProblem(sample.source, sample.id, f"image not found: {resolved}")
-                )
-                continue
-            sample.image = str(resolved)
-        good.append(sample)
-    return good, problems
-
-
-def load_splits(data_cfg: DataConfig, run_dir: Path) -> Splits:
-    """Train and eval samples; invalid records stop the run or are skipped, by `data.on_error`."""
-    train_path, eval_path = data_cfg.train, data_cfg.eval
-    if train_path is None:
-        from lmmtune.errors import LmmtuneError
-
-        raise LmmtuneError(
-            "no training data: set data.train=PATH (LLaVA JSON, JSONL) or data.train=demo"
-        )
-    if train_path == DEMO:
-        train_path, eval_path = write_demo_dataset(
-            run_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
-        )
-    train, problems = read_data_file(train_path, data_cfg)
-    if eval_path is not None:
-        evaluation, eval_problems = read_data_file(eval_path, data_cfg)
-        problems += eval_problems
-    else:
-        train, evaluation = split_off(train, data_cfg.eval_fraction, data_cfg.seed)
-    if problems and data_cfg.on_error == "fail":
+    Writes `data_report.txt` to `run_dir`, and `skipped_records.jsonl` when records are skipped.
+    """
+    report = inspect_data(data_cfg, processor, run_dir)
+    text = format_report(report)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
+    if report.problems and data_cfg.on_error == "fail":
         raise DataError(
-            problems, header="invalid data (data.on_error=skip trains on the valid records)"
+            report.problems,
+            header=f"{report.invalid_records} invalid record(s); fix them, or pass "
+            "data.on_error=skip to train on the valid ones",
+            report=text,
         )
-    for problem in problems:
-        log.warning("skipped %s", problem)
+    log.info("%s", text)
+    if report.problems:
+        write_problems(report.problems, run_dir / SKIPPED_FILE)
+        log.warning(
+            "skipped %d invalid record(s) (data.on_error=skip), listed in %s",
+            report.invalid_records,
+            run_dir / SKIPPED_FILE,
+        )
+    if not report.train:
+        raise LmmtuneError(
+            f"no valid training records left in {data_cfg.train}; see {run_dir / REPORT_FILE}"
+        )
+    evaluation = report.eval
     if data_cfg.max_eval_samples is not None:
         evaluation = evaluation[: data_cfg.max_eval_samples]
-    log.info(
-        "data: %d train, %d eval samples, %d skipped", len(train), len(evaluation), len(problems)
+    return Splits(report.train, evaluation, report.problems, report.warnings, report)
+
+
+def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
+    """Read, resolve, decode, tokenize and split the data; on_error is not applied here."""
+    started = time.perf_counter()
+    if data_cfg.on_error not in ON_ERROR:
+        raise LmmtuneError(f"data.on_error must be fail or skip, not '{data_cfg.on_error}'")
+    train_path, eval_path = data_paths(data_cfg, work_dir)
+    report = DataReport(max_length=data_cfg.max_length, image_tokens=image_token_count(processor))
+    train = _read(train_path, "train", data_cfg, report)
+    evaluation = _read(eval_path, "eval", data_cfg, report) if eval_path is not None else None
+    everything = train + (evaluation or [])
+    if data_cfg.verify_images:
+        unresolved = {p.source for p in report.problems}
+        resolved = [s for s in everything if s.source not in unresolved]
+        report.problems += check_images(resolved, data_cfg.max_image_pixels, data_cfg.num_workers)
+    too_long, report.token_lengths, report.answer_lengths = check_lengths(
+        everything, processor, data_cfg.max_length
     )
-    return Splits(train=train, eval=evaluation, problems=problems)
+    report.problems += too_long
+    report.warnings += duplicate_ids(everything)
+    invalid = {p.source for p in report.problems}
+    train = [s for s in train if s.source not in invalid]
+    if evaluation is None:
+        report.train, report.eval = split_off(train, data_cfg.eval_fraction, data_cfg.seed)
+        report.eval_from = (
+            f"{data_cfg.eval_fraction:.0%} of train (data.eval_fraction, seed {data_cfg.seed}; "
+            "records of one image stay on one side)"
+            if data_cfg.eval_fraction > 0
+            else "none (data.eval=null, data.eval_fraction=0)"
+        )
+    else:
+        report.train = train
+        report.eval = [s for s in evaluation if s.source not in invalid]
+        report.eval_from = "the data.eval file"
+    report.warnings += train_eval_overlap(report.train, report.eval)
+    report.problems.sort(key=in_file_order)
+    report.warnings.sort(key=in_file_order)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:
+    """data.train and data.eval; `demo` writes the synthetic set into `work_dir` first."""
+    if data_cfg.train is None:
+        raise LmmtuneError(
+            "no training data: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
+            "folder) or data.train=demo"
+        )
+    if data_cfg.train == DEMO:
+        train, evaluation = write_demo_dataset(
+            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
+        )
+        return str(train), str(evaluation)
+    return data_cfg.train, data_cfg.eval
+
+
+def _read(path: str, role: str, data_cfg: DataConfig, report: DataReport) -> list[Sample]:
+    """One file's samples, image paths resolved; its problems and warnings go to the report.
+
+    Samples whose image path fails (missing, outside the root) are returned too, so that
+    token lengths and duplicate ids cover every parsed record; their problem marks them.
+    """
+    data = read_data(path, data_cfg.columns)
+    image_root = Path(data_cfg.image_root) if data_cfg.image_root else data.image_root
+    report.files.append((role, path, data.records))
+    report.problems += data.problems + resolve_images(data.samples, image_root)
+    report.warnings += data.warnings
+    return data.samples
+
+
+def in_file_order(problem: RecordProblem) -> list:
+    """Sort key: natural order of the place (`file[10]` after `file[9]`, `file:10` after `file:9`)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", problem.source)]
 
 
 def split_off(
     samples: list[Sample], fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
-    """Seeded split that keeps all records of one image on the same side."""
-    images = sorted({sample.image or sample.id for sample in samples})
+    """Seeded split that keeps all records of one image (same content) on the same side."""
+    keys = [image_key(sample) or sample.id for sample in samples]
+    images = sorted(set(keys))
     random.Random(seed).shuffle(images)
     held_out = set(images[: int(round(len(images) * fraction))])
-    train = [s for s in samples if (s.image or s.id) not in held_out]
-    evaluation = [s for s in samples if (s.image or s.id) in held_out]
+    train = [s for s, key in zip(samples, keys, strict=True) if key not in held_out]
+    evaluation = [s for s, key in zip(samples, keys, strict=True) if key in held_out]
     return train, evaluation

@@ -1,4 +1,8 @@
-"""Batched greedy answers to each sample's last question (left padding)."""
+"""Batched greedy answers to each sample's last question (left padding).
+
+The prompt is the one training used (`TokenizedConversation.prompt_ids`: Vicuna v1,
+image tokens expanded) and images are padded to a square the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,23 @@ from tqdm.auto import tqdm
 
 from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
 from lmmtune.data.records import Sample
+
+
+def to_model(model: torch.nn.Module, batch: dict) -> dict:
+    """Move a batch to the model's device, and the pixels to the vision tower's dtype."""
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    vision_dtype = next(
+        (
+            p.dtype
+            for n, p in model.named_parameters()
+            if "vision_tower" in n and p.is_floating_point()
+        ),
+        model.get_input_embeddings().weight.dtype,
+    )
+    moved = {key: value.to(device) for key, value in batch.items()}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(vision_dtype)
+    return moved
 
 
 @torch.no_grad()
@@ -24,29 +45,15 @@ def generate_answers(
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
-    vision_dtype = model.get_input_embeddings().weight.dtype
-    vision_dtype = next(
-        (
-            p.dtype
-            for n, p in model.named_parameters()
-            if "vision_tower" in n and p.is_floating_point()
-        ),
-        vision_dtype,
-    )
     answers: list[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[start : start + batch_size]
         items = []
-        for sample in chunk:
+        for sample in samples[start : start + batch_size]:
             item = {"input_ids": tokenize.prompt_ids(sample)}
             if sample.image is not None:
                 item["pixel_values"] = load_image(sample)
             items.append(item)
-        batch = collate(items)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(vision_dtype)
+        batch = to_model(model, collate(items))
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

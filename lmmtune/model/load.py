@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
+from lmmtune import distributed
 from lmmtune.config import ModelConfig, QuantConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.tiny import TINY_NAME, tiny_model_dir
@@ -83,6 +84,9 @@ def build_quantization_config(quant_cfg: QuantConfig) -> BitsAndBytesConfig | No
             bnb_4bit_quant_type=quant_cfg.quant_type,
             bnb_4bit_use_double_quant=quant_cfg.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quant_cfg.compute_dtype),
+            bnb_4bit_quant_storage=(
+                torch_dtype(quant_cfg.storage_dtype) if quant_cfg.storage_dtype else torch.uint8
+            ),
             llm_int8_skip_modules=NEVER_QUANTIZED,
         )
     if quant_cfg.mode == "8bit":
@@ -90,8 +94,14 @@ def build_quantization_config(quant_cfg: QuantConfig) -> BitsAndBytesConfig | No
     raise LmmtuneError(f"quant.mode must be 4bit, 8bit or none, not '{quant_cfg.mode}'")
 
 
-def device_map() -> dict | str:
-    """Each process loads the whole model on its own device (data parallel under torchrun)."""
+def device_map() -> dict | str | None:
+    """Each process loads the whole model on its own device (data parallel under torchrun).
+
+    Under FSDP / DeepSpeed (accelerate launch with their configs) none: the weights are
+    loaded on the CPU and the launcher shards them across the GPUs.
+    """
+    if distributed.shards_model():
+        return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return "cpu"

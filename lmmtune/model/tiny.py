@@ -58,9 +58,15 @@ TINY_SPEC = {
         "max_position_embeddings": 512,
     },
     "vocab_size": 400,
-    "initializer_range": 0.02,
-    # Random patch embeddings sum 14*14*3 pixels and drown the position embeddings,
-    # so a random tower cannot tell left from right; scaled up, location survives.
+    # Init std of the language model and projector. Llama's 0.02 suits 4096-wide layers;
+    # at width 64 each random linear shrinks its input ~6x (0.02 * sqrt(64)), so the image
+    # barely reached the answer token and the demo learned to ignore it (side question at
+    # chance for some seeds). 0.1, about 1/sqrt(64), keeps signals at scale: the demo
+    # learns both questions in ~100 steps.
+    "initializer_range": 0.1,
+    # Random patch embeddings sum 14*14*3 pixels and drown the position embeddings, so
+    # a random tower blurs left and right; scaled up, location survives (measured: a
+    # probe on the tower's tokens learns the side 4x faster, the demo ~1.5x).
     "vision_position_scale": 20.0,
     "seed": 0,
 }

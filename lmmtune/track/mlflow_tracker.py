@@ -7,6 +7,7 @@ The tracking URI comes from `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from lmmtune.config import TrackingConfig
+from lmmtune.track.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def flatten(config: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -49,32 +52,66 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
+    def log_table(
+        self, rows: list[dict], artifact_file: str, image_column: str | None = None
+    ) -> None:
+        """Log rows as an MLflow table; `image_column` holds image paths shown as thumbnails."""
+
+    def log_model(self, model_dir: Path, registered_name: str | None = None) -> dict | None:
+        """Log an exported model directory as an MLflow pyfunc model; register it if named."""
+        return None
+
+
+def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
+    """tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
+    return (
+        tracking_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
+
+
+def mark_training_experiment(experiment, client=None) -> None:
+    """Have the MLflow UI show the experiment as model training (runs, metric charts), not GenAI."""
+    if EXPERIMENT_KIND not in experiment.tags:
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+        client.set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development"
+        )
+
 
 class MlflowTracker(NullTracker):
-    def __init__(self, tracking_cfg: TrackingConfig, experiment: str, run_name: str | None):
+    def __init__(
+        self,
+        tracking_cfg: TrackingConfig,
+        experiment: str,
+        run_name: str | None,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ):
+        # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         import mlflow
 
         self.mlflow = mlflow
-        uri = (
-            tracking_cfg.tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or DEFAULT_TRACKING_URI
-        )
+        uri = resolve_tracking_uri(tracking_cfg)
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(tracking_cfg.experiment or experiment)
-        self.run = mlflow.start_run(run_name=tracking_cfg.run_name or run_name)
+        if resume_run_id is not None:
+            self.run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            mark_training_experiment(mlflow.set_experiment(tracking_cfg.experiment or experiment))
+            self.run = mlflow.start_run(
+                run_name=redact_value(tracking_cfg.run_name or run_name),
+                parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep
+            )
         self.run_id = self.run.info.run_id
-        log.info(
-            "MLflow run %s in experiment '%s' at %s",
-            self.run_id,
-            tracking_cfg.experiment or experiment,
-            uri,
-        )
+        log.info("MLflow run %s at %s", self.run_id, redact_value(uri))
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.mlflow.log_params(
-            {key: str(value)[:MAX_PARAM_LENGTH] for key, value in params.items()}
-        )
+        clean = redact(params)
+        self.mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in clean.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         numeric = {
@@ -91,22 +128,81 @@ class MlflowTracker(NullTracker):
             self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        self.mlflow.set_tags(redact(tags))
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 
+    def log_table(
+        self, rows: list[dict], artifact_file: str, image_column: str | None = None
+    ) -> None:
+        import pandas as pd
+
+        table = pd.DataFrame(rows)
+        if image_column and image_column in table:
+            thumbnails = _thumbnails(list(table[image_column]))
+            if thumbnails is not None:
+                table[image_column] = thumbnails
+        self.mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
+
+    def log_model(self, model_dir: Path, registered_name: str | None = None) -> dict | None:
+        from lmmtune.export.registry import log_pyfunc_model
+
+        return log_pyfunc_model(Path(model_dir), registered_name)
+
+
+def _thumbnails(paths: list, size: int = 128) -> list | None:
+    """Small RGB copies of the images for an MLflow table, or None if any cannot be opened
+    (MLflow wants a column of images only or of none)."""
+    from lmmtune.data.images import open_image
+
+    images = []
+    for path in paths:
+        try:
+            image = open_image(path)
+        except Exception:  # a text-only row, an in-data image, a file gone: paths only
+            return None
+        image.thumbnail((size, size))
+        images.append(image)
+    return images
+
 
 def start_tracker(
-    tracking_cfg: TrackingConfig, experiment: str, run_name: str | None
+    tracking_cfg: TrackingConfig, experiment: str, run_name: str | None, run_dir: Path
 ) -> NullTracker:
-    if tracking_cfg.backend == "none":
-        return NullTracker()
-    if tracking_cfg.backend == "mlflow":
-        return MlflowTracker(tracking_cfg, experiment, run_name)
-    from lmmtune.errors import LmmtuneError
+    """The run's tracker: MLflow behind a local record that keeps everything if MLflow fails.
 
-    raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
+    A resumed run (RUN/tracking.json holds its MLflow run id) continues the same MLflow run;
+    a job of a Hydra multirun becomes a child of its sweep's run, named after its swept
+    values. Under torchrun / accelerate launch only rank 0 tracks: the others get a NullTracker.
+    """
+    from lmmtune import distributed
+
+    if tracking_cfg.backend == "none" or not distributed.is_main():
+        return NullTracker()
+    if tracking_cfg.backend != "mlflow":
+        from lmmtune.errors import LmmtuneError
+
+        raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
+    from lmmtune.track.record import LocalRecord, ResilientTracker
+    from lmmtune.track.sweep import sweep_job
+
+    state_file = run_dir / "tracking.json"
+    resume_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
+    job = sweep_job()
+    tracker = ResilientTracker(
+        lambda: MlflowTracker(
+            tracking_cfg,
+            experiment,
+            job.run_name if job else run_name,
+            resume_run_id=resume_id,
+            parent_run_id=job.parent_run_id if job else None,
+        ),
+        LocalRecord(run_dir),
+    )
+    if tracker.run_id is not None:
+        state_file.write_text(json.dumps({"run_id": tracker.run_id}))
+    return tracker
 
 
 class TrackerCallback(TrainerCallback):

@@ -10,6 +10,7 @@ precision, checkpoints, DDP/FSDP through accelerate, a progress bar.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,14 +18,33 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lmmtune.config import PeftConfig, TrainConfig
+from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR
+from lmmtune.train.checkpoints import AtomicCheckpointMixin
+from lmmtune.train.loss import chunked_causal_lm_loss
+
+LOSS_IMPLS = ("chunked", "default")
+
+
+@dataclass
+class LlavaTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the loss settings `LlavaTrainer` reads."""
+
+    loss_impl: str = "default"
+    """chunked (labelled positions only, never the full logits) or default (transformers' loss)."""
+    loss_chunk_size: int = 1024
+    """Labelled positions per chunk of the chunked loss."""
 
 
 def build_training_arguments(
     train_cfg: TrainConfig, run_dir: Path, num_workers: int, dtype: str
 ) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    if train_cfg.loss_impl not in LOSS_IMPLS:
+        raise LmmtuneError(
+            f"train.loss_impl must be one of {', '.join(LOSS_IMPLS)}, not '{train_cfg.loss_impl}'"
+        )
+    return LlavaTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
@@ -42,6 +62,7 @@ def build_training_arguments(
         fp16=dtype == "float16",
         logging_steps=train_cfg.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",
         save_steps=train_cfg.save_steps,
         save_total_limit=train_cfg.save_total_limit,
@@ -52,6 +73,8 @@ def build_training_arguments(
         dataloader_pin_memory=on_gpu,
         dataloader_persistent_workers=num_workers > 0,
         remove_unused_columns=False,
+        loss_impl=train_cfg.loss_impl,
+        loss_chunk_size=train_cfg.loss_chunk_size,
         train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
         length_column_name="length",
         report_to="none",
@@ -59,7 +82,7 @@ def build_training_arguments(
     )
 
 
-class LlavaTrainer(Trainer):
+class LlavaTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` with a separate learning rate for the projector and precomputed sample lengths."""
 
     def __init__(
@@ -68,6 +91,22 @@ class LlavaTrainer(Trainer):
         self.projector_lr = projector_lr
         self.lengths = lengths
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The chunked loss in training (`loss_impl=chunked`), else transformers' own."""
+        chunked = getattr(self.args, "loss_impl", "default") == "chunked"
+        if not chunked or return_outputs or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Sharded weights are gathered only inside the forward: keep the head there.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        loss = chunked_causal_lm_loss(
+            model, inputs, num_items_in_batch, self.args.loss_chunk_size, bypass_head=not sharded
+        )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: num_items_in_batch counts every process's tokens.
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:

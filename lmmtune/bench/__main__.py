@@ -1,0 +1,195 @@
+"""`python -m lmmtune.bench`: time lmmtune's recipe against the usual QLoRA pipeline.
+
+    python -m lmmtune.bench                              # CPU: tiny scale, ratios only
+    python -m lmmtune.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
+    python -m lmmtune.bench --scale 13b --gpu-memory-gb 22 --configs all
+
+On a GPU every configuration runs in its own process, so that one's cached or
+paged memory cannot inflate the next one's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmmtune.bench.models import llava_config, random_checkpoint
+from lmmtune.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
+from lmmtune.bench.report import environment, markdown, mfu, peak_tflops, ratios
+from lmmtune.bench.run import BenchSettings, run_recipe
+from lmmtune.train.memory import GIB, ModelShape
+
+log = logging.getLogger("lmmtune.bench")
+# Per scale: micro-batch, gradient accumulation, warm-up steps, timed steps, LoRA rank.
+SCALE_DEFAULTS = {
+    "tiny": (2, 1, 1, 2, 16),
+    "small": (2, 2, 1, 3, 64),
+    "7b": (4, 4, 2, 5, 128),
+    "13b": (4, 4, 2, 5, 128),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmtune.bench", description=__doc__.split("\n")[0]
+    )
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--scale", choices=list(SCALE_DEFAULTS), default="7b" if gpu else "tiny")
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_KEYS),
+        help=f"comma-separated from {', '.join(RECIPES)}; 'all' adds the a-* ablations",
+    )
+    parser.add_argument("--micro-batch", type=int, help="per-device batch (default per scale)")
+    parser.add_argument("--grad-accum", type=int, help="gradient accumulation (default per scale)")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps first")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps")
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (alpha = 2r)")
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="consumer budget: cap GPU memory; the planner picks each configuration's micro-batch",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by device)"
+    )
+    parser.add_argument("--out", type=Path, help="JSON results (a .md table is written next to it)")
+    parser.add_argument("--cache-dir", type=Path, help="where random checkpoints are kept")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=gpu,
+        help="one process per configuration (default on a GPU)",
+    )
+    args = parser.parse_args(argv)
+    defaults = SCALE_DEFAULTS[args.scale]
+    for name, default in zip(
+        ("micro_batch", "grad_accum", "warmup", "steps", "lora_r"), defaults, strict=True
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    keys = list(DEFAULT_KEYS + ABLATION_KEYS) if args.configs == "all" else args.configs.split(",")
+    unknown = [key for key in keys if key not in RECIPES]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(RECIPES)}")
+    args.keys = keys
+    return args
+
+
+def settings_from(args: argparse.Namespace, workdir: Path) -> BenchSettings:
+    return BenchSettings(
+        scale=args.scale,
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        warmup=args.warmup,
+        steps=args.steps,
+        lora_r=args.lora_r,
+        dtype="bfloat16" if torch.cuda.is_available() else "float32",
+        gpu_memory_gb=args.gpu_memory_gb,
+        workdir=workdir,
+    )
+
+
+def cap_gpu_memory(gpu_memory_gb: float | None) -> None:
+    if gpu_memory_gb and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_gb * GIB / total))
+
+
+def run_isolated(key: str, argv: list[str], workdir: Path) -> dict:
+    """Run one configuration in a fresh process and read back its result row."""
+    out = workdir / f"{key}.json"
+    forwarded = _without(argv, "--configs", "--out") + [
+        "--configs",
+        key,
+        "--out",
+        str(out),
+        "--no-isolate",
+    ]
+    done = subprocess.run([sys.executable, "-m", "lmmtune.bench", *forwarded], check=False)
+    if done.returncode != 0 or not out.exists():
+        return {
+            "config": key,
+            "label": RECIPES[key].label,
+            "status": f"failed (exit {done.returncode})",
+        }
+    return json.loads(out.read_text())["results"][0]
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not any(arg.startswith(f"{option}=") for option in options):
+            kept.append(arg)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cap_gpu_memory(args.gpu_memory_gb)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    checkpoint = random_checkpoint(args.scale, dtype, args.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="lmmtune-bench-") as tmp:
+        workdir = Path(tmp)
+        settings = settings_from(args, workdir)
+        results = []
+        for key in args.keys:
+            log.info("running %s", RECIPES[key].label)
+            if args.isolate and len(args.keys) > 1:
+                results.append(run_isolated(key, argv, workdir))
+            else:
+                results.append(run_recipe(RECIPES[key], settings, checkpoint))
+    report = build_report(args, results, "python -m lmmtune.bench " + shlex.join(argv))
+    write_report(report, args.out or default_out(args.scale))
+    return report
+
+
+def build_report(args: argparse.Namespace, results: list[dict], command: str) -> dict:
+    env = environment(command)
+    matmul = ModelShape.from_config(llava_config(args.scale)).matmul_params()
+    tflops = args.peak_tflops or (peak_tflops(env["device"]) if env["cuda"] else None)
+    for row in results:
+        row["mfu"] = mfu(row["tokens_per_s"], matmul, tflops) if row.get("status") == "ok" else None
+    return {
+        "environment": env,
+        "scale": args.scale,
+        "matmul_params": matmul,
+        "peak_tflops": tflops,
+        "results": results,
+        "ratios": ratios(results, "lmmtune", ("usual", "lora")),
+    }
+
+
+def default_out(scale: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / "bench" / f"bench-{scale}-{stamp}.json"
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"results: {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

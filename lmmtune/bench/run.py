@@ -1,0 +1,263 @@
+"""Train one configuration for a few real steps and measure it.
+
+The model is loaded with `load_model` (4-bit exactly as the recipe does), wrapped by
+`apply_lora`, and trained by `LlavaTrainer` with `build_training_arguments`: the code
+a training run uses, with the benchmark's settings. Steps are timed with CUDA events
+on a GPU (time.perf_counter on a CPU) at every optimizer step end; the first
+`warmup` steps are left out.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, replace
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import SaveStrategy
+
+from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
+from lmmtune.bench.data import SyntheticLlavaData
+from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config
+from lmmtune.bench.recipes import Recipe
+from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from lmmtune.data.dataset import PaddingCollator
+from lmmtune.errors import LmmtuneError
+from lmmtune.model.adapters import apply_lora
+from lmmtune.model.load import load_model
+from lmmtune.train.memory import GIB, MemorySetup, ModelShape, estimate_memory, fit_to_memory
+from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
+
+log = logging.getLogger(__name__)
+GROUPING_POOL = 200
+"""Dataset size in effective batches: enough for the length-grouped sampler's 50-batch megabatches."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    scale: str
+    micro_batch: int
+    grad_accum: int
+    warmup: int
+    steps: int
+    lora_r: int
+    dtype: str
+    """bfloat16 on a GPU; float32 on a CPU."""
+    gpu_memory_gb: float | None
+    workdir: Path
+    seed: int = 0
+
+
+class StepTimer(TrainerCallback):
+    """A timestamp at the start of training and at the end of every optimizer step.
+
+    On a CPU it also keeps the process's CPU time, a steadier measure than wall time
+    on a machine shared with other work.
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list = []
+        self.cpu_marks: list[float] = []
+
+    def _mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark()
+
+    def step_seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in pairwise(self.marks)]
+        return [b - a for a, b in pairwise(self.marks)]
+
+    def step_cpu_seconds(self) -> list[float]:
+        return [b - a for a, b in pairwise(self.cpu_marks)]
+
+
+class BenchTrainer(LlavaTrainer):
+    """`LlavaTrainer` that also counts the real and padded tokens of every micro-batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counts: list[tuple[int, torch.Tensor, int]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mask = inputs["attention_mask"]  # a device tensor: summing it later avoids a sync here
+        self.token_counts.append((self.state.global_step, mask.sum(), mask.numel()))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def attention_for(recipe: Recipe) -> str:
+    if recipe.attn != "auto":
+        return recipe.attn
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def run_recipe(recipe: Recipe, settings: BenchSettings, checkpoint: Path) -> dict:
+    """Train `recipe` for warmup + steps optimizer steps; its measurements, or why it failed."""
+    result = {"config": recipe.key, "label": recipe.label, "attn": attention_for(recipe)}
+    start = time.perf_counter()
+    try:
+        result |= _train_and_measure(recipe, settings, checkpoint, result["attn"])
+        result["status"] = "ok"
+        log.info("%s: done in %.0f s", recipe.label, time.perf_counter() - start)
+    except torch.OutOfMemoryError as exc:
+        result["status"] = "OOM"
+        result["error"] = str(exc).splitlines()[0][:200]
+    except LmmtuneError as exc:
+        result["status"] = "error"
+        result["error"] = str(exc)
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return result
+
+
+def _configs(recipe: Recipe, settings: BenchSettings, checkpoint: Path, attn: str):
+    model_cfg = ModelConfig(path=str(checkpoint), dtype=settings.dtype, attn_implementation=attn)
+    quant_cfg = QuantConfig(mode=recipe.quant, compute_dtype=settings.dtype)
+    r = settings.lora_r
+    peft_cfg = PeftConfig(r=r, alpha=2 * r, dropout=0.05, projector_lr=2e-5)
+    train_cfg = TrainConfig(
+        max_steps=settings.warmup + settings.steps,
+        batch_size=settings.micro_batch,
+        grad_accum=settings.grad_accum,
+        warmup_ratio=0.0,
+        optim=recipe.optim,
+        gradient_checkpointing=recipe.checkpointing != "none",
+        group_by_length=recipe.group_by_length,
+        loss_impl=recipe.loss_impl,
+        # Under a budget every configuration gets the largest micro-batch modelled to fit
+        # it: what a user of the usual pipeline would find by trial and error.
+        gpu_memory_gb=settings.gpu_memory_gb,
+        logging_steps=10**6,
+        save_steps=10**6,
+        seed=settings.seed,
+    )
+    return model_cfg, quant_cfg, peft_cfg, train_cfg
+
+
+def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path, attn: str):
+    cuda = torch.cuda.is_available()
+    model_cfg, quant_cfg, peft_cfg, train_cfg = _configs(recipe, settings, checkpoint, attn)
+    config = llava_config(settings.scale)
+    data = SyntheticLlavaData(
+        GROUPING_POOL * settings.micro_batch * settings.grad_accum,
+        IMAGE_TOKEN_ID,
+        config.image_seq_length,
+        config.vision_config.image_size,
+        IMAGE_TOKEN_ID,
+        settings.seed,
+    )
+    train_cfg, plan_note = _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data)
+    model = apply_lora(load_model(model_cfg, quant_cfg), peft_cfg, train_cfg.gradient_checkpointing)
+    workers = 2 if cuda and recipe.workers else 0
+    args = build_training_arguments(
+        train_cfg, settings.workdir / recipe.key, workers, settings.dtype
+    )
+    args.disable_tqdm = True
+    args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
+    if recipe.checkpointing == "reentrant":
+        args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+    timer = StepTimer(cuda)
+    trainer = BenchTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=PaddingCollator(PAD_TOKEN_ID),
+        projector_lr=peft_cfg.projector_lr,
+        lengths=data.lengths,
+        callbacks=[timer],
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train()
+    measured = _throughput(trainer, timer, settings.warmup, train_cfg)
+    measured |= _memory() if cuda else {"peak_allocated_gib": _cpu_peak_gib(trainer, data)}
+    setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg)
+    shape = ModelShape.from_config(config)
+    planned = estimate_memory(shape, setup, train_cfg.batch_size, max(data.lengths))
+    measured["planned_gib"] = planned.total / GIB
+    measured["final_loss"] = output.training_loss
+    measured["plan"] = plan_note
+    del trainer, model
+    return measured
+
+
+def _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data) -> tuple[TrainConfig, str]:
+    """The planner's micro-batch under a budget; micro-batch 1 when it models no fit.
+
+    A configuration the model says cannot fit still runs at micro-batch 1: the
+    measurement, not the model, decides (an OOM is reported as such).
+    """
+    if train_cfg.gpu_memory_gb is None:
+        return train_cfg, "no budget"
+    try:
+        return fit_to_memory(train_cfg, model_cfg, quant_cfg, peft_cfg, max(data.lengths)), "fits"
+    except LmmtuneError as exc:
+        log.warning("%s: %s Trying micro-batch 1.", recipe.label, exc)
+        effective = train_cfg.batch_size * train_cfg.grad_accum
+        return replace(train_cfg, batch_size=1, grad_accum=effective), "modelled not to fit"
+
+
+def _throughput(trainer: BenchTrainer, timer: StepTimer, warmup: int, train_cfg) -> dict:
+    steps = timer.step_seconds()[warmup:]
+    seconds = sum(steps)
+    timed = [(int(real), padded) for step, real, padded in trainer.token_counts if step >= warmup]
+    real = sum(r for r, _ in timed)
+    padded = sum(p for _, p in timed)
+    samples = (trainer.state.global_step - warmup) * train_cfg.batch_size * train_cfg.grad_accum
+    return {
+        "micro_batch": train_cfg.batch_size,
+        "grad_accum": train_cfg.grad_accum,
+        "timed_steps": trainer.state.global_step - warmup,
+        "seconds": seconds,
+        "tokens": real,
+        "padding_fraction": 1 - real / max(padded, 1),
+        "tokens_per_s": real / seconds,
+        "samples_per_s": samples / seconds,
+        "step_seconds": steps,
+    } | ({} if timer.cuda else {"tokens_per_cpu_s": real / sum(timer.step_cpu_seconds()[warmup:])})
+
+
+def _memory() -> dict:
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        # Seen by the card: also the CUDA context and bitsandbytes' paged optimizer states.
+        "device_used_gib": (total - free) / GIB,
+    }
+
+
+def _cpu_peak_gib(trainer: BenchTrainer, data: SyntheticLlavaData) -> float:
+    """Peak tensor memory of one more micro-batch (a CPU keeps no allocator stats).
+
+    The batch is the same for every configuration: the longest samples.
+    """
+    longest = sorted(range(len(data)), key=data.lengths.__getitem__)[
+        -trainer.args.train_batch_size :
+    ]
+    batch = trainer.data_collator([data[i] for i in longest])
+    with PeakTensorMemory(state_tensors(trainer.model, trainer.optimizer)) as memory:
+        trainer.training_step(trainer.model, batch)
+    trainer.model.zero_grad(set_to_none=True)
+    return memory.peak / GIB

@@ -1,0 +1,98 @@
+"""DICOM (`.dcm`) images to 8-bit RGB, with the optional `pydicom` extra.
+
+Grayscale pixels go through the modality rescale (slope/intercept) and then the
+file's own window (WindowCenter/WindowWidth, the DICOM linear VOI function), or the
+min/max range when the file has no window. MONOCHROME1 (white is low) is inverted.
+Multi-frame files are refused: LLaVA 1.5 takes one image per sample.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from lmmtune.data.images import check_pixels, stretch_to_uint8
+from lmmtune.data.problems import Kind, RecordInvalid
+
+INSTALL_HINT = "pip install 'lmmtune[dicom]' (or pip install pydicom)"
+
+
+def decode_dicom(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode a DICOM file's bytes to RGB, or raise RecordInvalid naming what is wrong."""
+    try:
+        import pydicom
+    except ImportError:
+        raise RecordInvalid(
+            Kind.DICOM_UNAVAILABLE,
+            f"{name} is a DICOM image and pydicom is not installed: {INSTALL_HINT}",
+        ) from None
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except Exception as exc:
+        raise RecordInvalid(
+            Kind.CORRUPT_IMAGE, f"{name}: not a readable DICOM image ({exc})"
+        ) from None
+    if "PixelData" not in dataset:
+        raise RecordInvalid(Kind.UNSUPPORTED_IMAGE, f"{name}: DICOM file without pixel data")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise RecordInvalid(
+            Kind.MULTIPLE_IMAGES,
+            f"{name}: multi-frame DICOM ({frames} frames); LLaVA 1.5 takes one image per "
+            "sample: export the frame you want",
+        )
+    check_pixels((columns, rows), name, max_pixels)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise RecordInvalid(
+            Kind.UNSUPPORTED_IMAGE,
+            f"{name}: cannot decode the DICOM pixel data (transfer syntax {syntax}): {exc}",
+        ) from None
+    return _to_rgb(dataset, pixels, name)
+
+
+def _to_rgb(dataset, pixels: np.ndarray, name: str) -> Image.Image:
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and pixels.ndim == 2:
+        gray = window(dataset, pixels)
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray
+        return Image.fromarray(gray, "L").convert("RGB")
+    if photometric == "RGB" and pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if pixels.dtype != np.uint8:
+            pixels = stretch_to_uint8(
+                pixels.astype(np.float64), 0, 2 ** int(dataset.BitsStored) - 1
+            )
+        return Image.fromarray(pixels, "RGB")
+    raise RecordInvalid(
+        Kind.UNSUPPORTED_IMAGE,
+        f"{name}: DICOM photometric interpretation {photometric} with pixel shape "
+        f"{pixels.shape} is not supported (MONOCHROME1, MONOCHROME2 and RGB are)",
+    )
+
+
+def window(dataset, pixels: np.ndarray) -> np.ndarray:
+    """Rescale to modality units, then apply the file's window (or min/max) to 8 bits."""
+    values = pixels.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1) + float(
+        dataset.get("RescaleIntercept", 0) or 0
+    )
+    center, width = _first(dataset.get("WindowCenter")), _first(dataset.get("WindowWidth"))
+    if center is None or width is None or width < 1:
+        return stretch_to_uint8(values, values.min(), values.max())
+    # DICOM PS3.3 C.11.2.1.2.1, linear VOI function.
+    scaled = ((values - (center - 0.5)) / (width - 1 if width > 1 else 1) + 0.5) * 255
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _first(value) -> float | None:
+    """WindowCenter/WindowWidth may hold several windows; the first is the default one."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float | str):
+        value = list(value)[0] if len(value) else None
+    return None if value in (None, "") else float(value)

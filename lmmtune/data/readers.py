@@ -1,0 +1,218 @@
+"""Read a data file or folder, whatever its format, into Samples and named problems.
+
+Formats, chosen by the path:
+- `.json`: LLaVA JSON, a list of records.
+- `.jsonl`: one record per line (LLaVA or flat columns).
+- `.csv`: flat columns, a header row naming them.
+- `.parquet`, `.arrow` files, a folder of them or a glob (`data/train-*.parquet`), and a
+  `save_to_disk` folder: Hugging Face `datasets` tables.
+- a folder with `metadata.jsonl` or `metadata.csv`: the `imagefolder` layout, whose
+  `file_name` column names the image next to the metadata.
+
+A broken JSONL line or CSV row is one bad record; a file that cannot be read at all
+(not UTF-8, invalid JSON document, missing columns) stops with a file-level error.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmmtune.config import DataColumns
+from lmmtune.data.hf import load_table, table_records
+from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
+from lmmtune.data.records import Sample, problem_for, record_to_sample
+from lmmtune.errors import LmmtuneError
+
+TABLE_SUFFIXES = (".parquet", ".arrow")
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclass
+class DataFile:
+    """What one data file held: the good samples, the bad records, and where images live."""
+
+    path: str
+    samples: list[Sample] = field(default_factory=list)
+    problems: list[RecordProblem] = field(default_factory=list)
+    warnings: list[RecordProblem] = field(default_factory=list)
+    image_root: Path = Path(".")
+    """Default root of relative image paths: the file's folder, or the dataset folder itself."""
+
+    @property
+    def records(self) -> int:
+        return len(self.samples) + len(self.problems)
+
+
+def read_data(path: str | Path, columns: DataColumns) -> DataFile:
+    """Read every record of a data file, folder or glob; keep going past bad records."""
+    data = DataFile(str(path))
+    raw, data.image_root = _raw_records(str(path), columns, data)
+    for source, record in raw:
+        if isinstance(record, RecordInvalid):
+            data.problems.append(RecordProblem(source, None, record.reason, record.kind))
+            continue
+        try:
+            data.samples.append(record_to_sample(record, source, columns))
+        except RecordInvalid as error:
+            data.problems.append(problem_for(record, source, columns, error))
+    return data
+
+
+def _raw_records(path: str, columns: DataColumns, data: DataFile) -> tuple[Iterable, Path]:
+    """(source, record) pairs and the default image root, by the path's format."""
+    if glob.has_magic(path):
+        files = [Path(p) for p in sorted(glob.glob(path))]
+        if not files:
+            raise LmmtuneError(f"no files match {path}")
+        return _table(files, path, columns, data), Path(path).parent
+    location = Path(path)
+    if not location.exists():
+        raise LmmtuneError(f"data file not found: {location}")
+    if location.is_dir():
+        return _folder(location, columns, data), location
+    suffix = location.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return _table([location], path, columns, data), location.parent
+    if suffix == ".csv":
+        return csv_records(location, read_text(location), columns, data), location.parent
+    if suffix == ".jsonl":
+        return jsonl_records(location, read_text(location)), location.parent
+    if suffix == ".json":
+        return json_records(location, read_text(location)), location.parent
+    raise LmmtuneError(
+        f"{location}: unknown data format '{suffix}': use .json, .jsonl, .csv, .parquet, "
+        ".arrow, a datasets save_to_disk folder or an imagefolder with metadata.jsonl"
+    )
+
+
+def _folder(folder: Path, columns: DataColumns, data: DataFile) -> Iterable:
+    for name in IMAGEFOLDER_METADATA:
+        metadata = folder / name
+        if metadata.exists():
+            return imagefolder_records(metadata, columns, data)
+    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+        return _table([folder], str(folder), columns, data)
+    if any(p.suffix in TABLE_SUFFIXES for p in folder.iterdir()):
+        return _table([folder], str(folder), columns, data)
+    raise LmmtuneError(
+        f"{folder}: a folder, but not a datasets save_to_disk folder (no state.json), "
+        "not an imagefolder (no metadata.jsonl/metadata.csv) and no parquet/arrow files"
+    )
+
+
+def _table(paths: list[Path], name: str, columns: DataColumns, data: DataFile) -> Iterable:
+    import datasets
+
+    tables = [load_table(p) for p in paths]
+    table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+    _check_columns(table.column_names, name, columns, data)
+    return table_records(table, name, columns)
+
+
+def read_text(path: Path) -> str:
+    """The file as text; a non-UTF-8 file stops with the line and byte of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LmmtuneError(
+            f"{path}:{line}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def json_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """A LLaVA JSON file: one list of records."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (one record per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
+        raise LmmtuneError(
+            f"{path}:{exc.lineno}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}{hint}"
+        ) from None
+    if not isinstance(records, list):
+        raise LmmtuneError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return [(f"{path}[{index}]", record) for index, record in enumerate(records)]
+
+
+def jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """One record per line; a broken line is a bad record named by its line number."""
+    records: list[tuple[str, object]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            error = RecordInvalid(
+                Kind.INVALID_JSON, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            )
+            records.append((f"{path}:{number}", error))
+    return records
+
+
+def csv_records(
+    path: Path, text: str, columns: DataColumns, data: DataFile, rename: dict | None = None
+) -> list[tuple[str, object]]:
+    """Rows of a CSV file with a header; each named `file:line` by the line it starts on."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader.fieldnames = [(rename or {}).get(name, name) for name in reader.fieldnames or []]
+    _check_columns(reader.fieldnames, str(path), columns, data)
+    records: list[tuple[str, object]] = []
+    start = reader.line_num + 1
+    for row in reader:
+        source = f"{path}:{start}"
+        start = reader.line_num + 1
+        if None in row or None in row.values():
+            error = RecordInvalid(
+                Kind.NOT_A_RECORD,
+                f"row has a different number of fields than the header ({len(reader.fieldnames)})",
+            )
+            records.append((source, error))
+            continue
+        records.append((source, row))
+    return records
+
+
+def imagefolder_records(
+    metadata: Path, columns: DataColumns, data: DataFile
+) -> list[tuple[str, object]]:
+    """An imagefolder's metadata rows, with `file_name` as the image column."""
+    text = read_text(metadata)
+    if metadata.suffix == ".csv":
+        return csv_records(metadata, text, columns, data, rename={"file_name": columns.image})
+    rows = jsonl_records(metadata, text)
+    for _, record in rows:
+        if isinstance(record, dict) and "file_name" in record:
+            record[columns.image] = record.pop("file_name")
+    return rows
+
+
+def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile) -> None:
+    """Flat tables need the question and answer columns; no image column means text-only."""
+    names = [n for n in names if n is not None]
+    if "conversations" not in names:
+        for key, name in (("question", columns.question), ("answer", columns.answer)):
+            if name not in names:
+                raise LmmtuneError(
+                    f"{where}: no '{name}' column (columns: {', '.join(names)}); "
+                    f"name it with data.columns.{key}=COLUMN"
+                )
+    if columns.image not in names:
+        data.warnings.append(
+            RecordProblem(
+                where,
+                None,
+                f"no '{columns.image}' column: every record is text-only "
+                "(name the image column with data.columns.image=COLUMN)",
+                Kind.NO_IMAGE_COLUMN,
+            )
+        )

@@ -1,0 +1,156 @@
+"""The checks `check` and training share: image paths, image files, token lengths, ids.
+
+Each function takes samples and returns named problems (the record is invalid) or
+warnings (reported and counted, the record still trains). Images are decoded in a
+pool of worker processes (`data.num_workers`), the same decode training does, so a
+broken image is found in seconds instead of in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from lmmtune.data.dataset import token_lengths
+from lmmtune.data.images import inspect_image
+from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
+from lmmtune.data.records import Sample
+
+DIGEST = "image_sha1"
+"""Key in `Sample.extra` of the image's content digest, set by `check_images`."""
+CHUNK = 32
+"""Images per task sent to a worker: big enough to amortize the hand-off."""
+
+
+def problem(sample: Sample, kind: str, reason: str) -> RecordProblem:
+    return RecordProblem(sample.source, sample.id, reason, kind)
+
+
+def resolve_images(samples: list[Sample], image_root: Path) -> list[RecordProblem]:
+    """Resolve image paths under `image_root` in place; paths that escape it or miss are problems."""
+    problems = []
+    for sample in samples:
+        if sample.image is None or sample.image_ref is not None:
+            continue
+        try:
+            sample.image = str(resolve_image_path(sample.image, image_root))
+        except RecordInvalid as error:
+            problems.append(problem(sample, error.kind, error.reason))
+    return problems
+
+
+def resolve_image_path(image: str, image_root: Path) -> Path:
+    """`image_root / image`, refusing paths that lead outside the root and missing files.
+
+    The escape test is on the written path (`..`, absolute paths), not on symlinks: a
+    symlinked image folder inside the root is the user's own choice and stays allowed.
+    """
+    if "://" in image:
+        raise RecordInvalid(
+            Kind.UNSUPPORTED_IMAGE,
+            f"image URL '{image}': images are not downloaded; fetch them and set data.image_root",
+        )
+    root = Path(os.path.abspath(image_root))
+    path = Path(os.path.abspath(root / image))
+    if not path.is_relative_to(root):
+        raise RecordInvalid(
+            Kind.PATH_ESCAPES_ROOT,
+            f"image path '{image}' leads outside data.image_root {root} (refused)",
+        )
+    if not path.is_file():
+        raise RecordInvalid(Kind.MISSING_IMAGE, f"image not found: {path}")
+    return path
+
+
+def check_images(
+    samples: list[Sample], max_pixels: int | None, workers: int
+) -> list[RecordProblem]:
+    """Decode every image as training will; set each good one's digest in `extra[DIGEST]`."""
+    jobs = [(index, s.image_ref or s.image, max_pixels) for index, s in enumerate(samples)]
+    jobs = [job for job in jobs if job[1] is not None]
+    problems = []
+    for index, digest, kind, reason in _run(jobs, workers):
+        if digest is None:
+            problems.append(problem(samples[index], kind, reason))
+        else:
+            samples[index].extra[DIGEST] = digest
+    return problems
+
+
+def _run(jobs: list, workers: int) -> Iterable[tuple]:
+    if workers <= 1 or len(jobs) < 4 * CHUNK:
+        return map(inspect_job, jobs)
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        return list(pool.imap_unordered(inspect_job, jobs, chunksize=CHUNK))
+
+
+def inspect_job(job: tuple) -> tuple[int, str | None, str | None, str | None]:
+    """(index, digest, None, None) for a good image, (index, None, kind, reason) for a bad one."""
+    index, source, max_pixels = job
+    try:
+        if isinstance(source, str):
+            return index, inspect_image(source, max_pixels=max_pixels), None, None
+        data, name = source.read()
+        return index, inspect_image(data, name, max_pixels), None, None
+    except RecordInvalid as error:
+        return index, None, error.kind, error.reason
+
+
+def check_lengths(
+    samples: list[Sample], processor, max_length: int
+) -> tuple[list[RecordProblem], list[int], list[int]]:
+    """Samples longer than `max_length` tokens (image tokens included) are problems: never truncated."""
+    lengths, answers = token_lengths(samples, processor)
+    problems = [
+        problem(
+            sample,
+            Kind.TOO_LONG,
+            f"{length} tokens (image tokens included) exceed data.max_length={max_length}; "
+            "samples are never truncated (raise data.max_length or shorten the record)",
+        )
+        for sample, length in zip(samples, lengths, strict=True)
+        if length > max_length
+    ]
+    return problems, lengths, answers
+
+
+def duplicate_ids(samples: list[Sample]) -> list[RecordProblem]:
+    """A warning for each record whose id an earlier record already has."""
+    first: dict[str, Sample] = {}
+    warnings = []
+    for sample in samples:
+        if sample.id == sample.source:  # no id in the record: named by its place
+            continue
+        if sample.id in first:
+            reason = f"duplicate id '{sample.id}' (first at {first[sample.id].source})"
+            warnings.append(problem(sample, Kind.DUPLICATE_ID, reason))
+        else:
+            first[sample.id] = sample
+    return warnings
+
+
+def image_key(sample: Sample) -> str | None:
+    """What identifies a sample's image: its content digest if checked, else its path or label."""
+    if sample.image is None:
+        return None
+    return sample.extra.get(DIGEST) or sample.image
+
+
+def train_eval_overlap(train: list[Sample], evaluation: list[Sample]) -> list[RecordProblem]:
+    """A warning for each eval record whose image (same content) is also in the training set."""
+    in_train: dict[str, Sample] = {}
+    for sample in train:
+        key = image_key(sample)
+        if key is not None:
+            in_train.setdefault(key, sample)
+    warnings = []
+    for sample in evaluation:
+        match = in_train.get(image_key(sample) or "")
+        if match is not None:
+            reason = f"image {sample.image} is also in train ({match.source}, id {match.id})"
+            warnings.append(problem(sample, Kind.TRAIN_EVAL_OVERLAP, reason))
+    return warnings

@@ -1,0 +1,134 @@
+"""What an evaluation leaves behind: metrics for MLflow, a predictions table, a before/after chart.
+
+Shared by training (`RUN/eval_predictions.jsonl`, `RUN/eval_before_after.png`) and the
+`eval` command (`RUN/eval/predictions.jsonl`, `RUN/eval/before_after.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from lmmtune.data.records import Sample
+from lmmtune.eval.evaluate import EvalResult, references
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("accuracy", "open_recall", "exact_match", "token_f1")
+_UNSAFE_METRIC_CHARS = re.compile(r"[^\w\-. /]")
+
+
+def metric_items(prefix: str, metrics: dict, separator: str = "/") -> dict[str, float]:
+    """`{"by_type": {"closed": {"accuracy": 1}}}` -> `{"PREFIX/by_type.closed.accuracy": 1}`.
+
+    Question types come from the data, so characters MLflow refuses in names become `_`.
+    """
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{separator}{_UNSAFE_METRIC_CHARS.sub('_', str(key))}"
+        if isinstance(value, dict):
+            flat.update(metric_items(name, value, separator="."))
+        elif isinstance(value, int | float):
+            flat[name] = float(value)
+    return flat
+
+
+def prediction_rows(
+    samples: list[Sample], before: EvalResult | None, after: EvalResult | None
+) -> list[dict]:
+    """One row per sample: image, question, reference, before, after and whether each is correct."""
+    rows = []
+    for index, (sample, reference) in enumerate(zip(samples, references(samples), strict=True)):
+        row = {
+            "id": sample.id,
+            "image": sample.image,
+            "question": sample.turns[-1][0],
+            "question_type": sample.question_type,
+            "reference": reference,
+        }
+        for name, result in (("before", before), ("after", after)):
+            if result is not None and result.predictions:  # none kept for a resumed run's before
+                row[name] = result.predictions[index]
+                row[f"correct_{name}"] = result.scores[index].correct
+        rows.append(row)
+    return rows
+
+
+def write_predictions(rows: list[dict], path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def plot_before_after(before: dict | None, after: dict | None, path: Path) -> Path:
+    """Grouped bars of the headline metrics (and accuracy per question type) before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = _chart_metrics(before or {}, after or {})
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1.5), 3.2))
+    width = 0.38
+    for offset, (label, metrics, colour) in enumerate(
+        (("before", before, "#9aa5b1"), ("after", after, "#2f6fdb"))
+    ):
+        if metrics is None:
+            continue
+        values = [_lookup(metrics, name) for name in names]
+        positions = [i + (offset - 0.5) * width for i in range(len(names))]
+        bars = axis.bar(positions, values, width, label=label, color=colour)
+        axis.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7)
+    axis.set_xticks(range(len(names)), [n.replace("by_type.", "") for n in names], fontsize=8)
+    axis.set_ylim(0, 1.1)
+    samples = int((after or before or {}).get("samples", 0))
+    axis.set_title(f"before / after training, {samples} eval samples", fontsize=10)
+    axis.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _chart_metrics(before: dict, after: dict) -> list[str]:
+    present = {**before, **after}
+    names = [name for name in HEADLINE if name in present]
+    by_type = {**before.get("by_type", {}), **after.get("by_type", {})}
+    if len(by_type) > 1:  # one type only would repeat the overall bar
+        names += [f"by_type.{kind}.accuracy" for kind in by_type if "accuracy" in by_type[kind]]
+    return names
+
+
+def _lookup(metrics: dict, name: str) -> float:
+    value = metrics
+    for part in name.split(".", 2) if name.startswith("by_type.") else [name]:
+        value = value.get(part, {}) if isinstance(value, dict) else {}
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def save_eval_report(
+    out_dir: Path,
+    prefix: str,
+    samples: list[Sample],
+    before: EvalResult | None,
+    after: EvalResult | None,
+    tracker,
+    table_images: bool = True,
+) -> dict[str, Path]:
+    """Write `PREFIXpredictions.jsonl` and `PREFIXbefore_after.png` to `out_dir`, log both to MLflow."""
+    rows = prediction_rows(samples, before, after)
+    files = {
+        "predictions": write_predictions(rows, out_dir / f"{prefix}predictions.jsonl"),
+        "chart": plot_before_after(
+            before and before.metrics,
+            after and after.metrics,
+            out_dir / f"{prefix}before_after.png",
+        ),
+    }
+    tracker.log_table(rows, "eval/predictions.json", image_column="image" if table_images else None)
+    tracker.log_artifact(files["chart"], "eval")
+    tracker.log_artifact(files["predictions"], "eval")
+    return files

@@ -1,0 +1,98 @@
+"""`python -m lmmtune eval output_dir=RUN`: evaluate a run's base model and adapter again.
+
+Loads the base as the run trained it (same quantization), attaches the adapter with
+peft, generates on the run's eval split (or `eval.data=PATH`) with the adapter off
+("before") and on ("after"), and writes `RUN/eval/metrics.json`, `predictions.jsonl`
+and `before_after.png`; the numbers, the predictions table and the chart go to an
+MLflow run of their own, tagged with the training run's id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lmmtune.errors import LmmtuneError
+from lmmtune.eval.evaluate import evaluate_adapter
+from lmmtune.eval.report import metric_items, save_eval_report
+from lmmtune.eval.runs import (
+    eval_samples,
+    find_adapter,
+    find_run_dir,
+    load_adapted_model,
+    load_run_processor,
+    open_tracker,
+    run_settings,
+    source_run_id,
+    tracked,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Evaluate before/after on the eval data; return the metrics written to metrics.json."""
+    run_dir = find_run_dir(cfg, cfg.eval.adapter)
+    adapter = find_adapter(cfg.eval.adapter, run_dir, cfg)
+    settings = run_settings(cfg, run_dir, adapter, overrides)
+    eval_cfg = settings.eval  # the run's generation settings unless overridden
+    if not (eval_cfg.before or eval_cfg.after):
+        raise LmmtuneError("eval.before and eval.after are both false: nothing to evaluate")
+    out_dir = prepare_output_dir(
+        Path(eval_cfg.output) if eval_cfg.output else (run_dir or adapter.parent) / "eval",
+        eval_cfg.overwrite,
+    )
+    processor = load_run_processor(adapter, settings.model)
+    samples = eval_samples(settings, run_dir, processor, eval_cfg.data)
+    model = load_adapted_model(settings.model, settings.quant, adapter)
+
+    tracker = open_tracker(cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval")
+    with tracked(tracker):
+        tracker.set_tags(_tags(settings, run_dir, adapter, eval_cfg.data))
+        tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
+        before, after = evaluate_adapter(model, processor, samples, eval_cfg)
+        metrics = {
+            "adapter": str(adapter),
+            "data": eval_cfg.data or "the run's eval split",
+            "samples": len(samples),
+        }
+        for name, result in (("eval_before", before), ("eval_after", after)):
+            if result is not None:
+                metrics[name] = result.metrics
+                tracker.log_metrics(metric_items(name, result.metrics))
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_eval_report(out_dir, "", samples, before, after, tracker, eval_cfg.table_images)
+        tracker.log_artifact(out_dir / "metrics.json", "eval")
+    log.info("eval written to %s", out_dir)
+    return metrics
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> Path:
+    """Create the eval output directory; refuse to replace one unless `eval.overwrite=true`."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise LmmtuneError(
+                f"{path} already holds an evaluation; pass eval.overwrite=true to replace it "
+                "or eval.output=OTHER_DIR"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tags(settings: DictConfig, run_dir: Path | None, adapter: Path, data: str | None) -> dict:
+    tags = {
+        "command": "eval",
+        "recipe": settings.name,
+        "base_model": settings.model.path,
+        "adapter": str(adapter.resolve()),
+        "eval_data": data or "run eval split",
+    }
+    run_id = source_run_id(run_dir)
+    if run_id:
+        tags["source_run_id"] = run_id
+    return tags

@@ -1,0 +1,124 @@
+"""Merge a (Q)LoRA adapter into an unquantized base, and check the merge by its logits.
+
+The adapter trained on a 4-bit base is attached to the same base loaded unquantized
+(bf16/fp16/fp32) and merged there: merging into 4-bit layers would round the weights.
+Parity compares the saved, reloaded merged model with the adapter on that same
+unquantized base, so it covers the merge, the trained projector and the save.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
+from lmmtune.data.records import Sample
+from lmmtune.eval.generate import to_model
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+"""Largest logit difference relative to the largest logit, by dtype of the merged weights:
+float32 only reorders sums; half precision rounds every merged weight once."""
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    """Largest |merged - adapter| logit over the checked tokens."""
+    logit_scale: float
+    """Largest |adapter| logit: what the difference is measured against."""
+    relative_diff: float
+    argmax_agreement: float
+    """Share of tokens where both models predict the same next token."""
+    tolerance: float
+    samples: int
+    tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def parity_batch(processor, samples: list[Sample]) -> dict:
+    """Whole conversations (prompt and answer) with their images, right-padded."""
+    tokenize = TokenizedConversation(processor, max_length=10**9)
+    load_image = ImageLoader(processor)
+    items = []
+    for sample in samples:
+        item = {"input_ids": tokenize(sample)[0]}
+        if sample.image is not None:
+            item["pixel_values"] = load_image(sample)
+        items.append(item)
+    return PaddingCollator(processor.tokenizer.pad_token_id)(items)
+
+
+@torch.no_grad()
+def token_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Float32 logits of the real (unpadded) tokens, on the CPU: [tokens, vocab]."""
+    model.eval()
+    logits = model(**to_model(model, batch)).logits
+    keep = batch["attention_mask"].bool()
+    return logits[keep.to(logits.device)].float().cpu()
+
+
+def compare_logits(
+    reference: torch.Tensor, candidate: torch.Tensor, tolerance: float, samples: int
+) -> Parity:
+    diff = (candidate - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    agreement = (candidate.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return Parity(
+        max_abs_diff=diff,
+        logit_scale=scale,
+        relative_diff=diff / max(scale, 1e-12),
+        argmax_agreement=agreement,
+        tolerance=tolerance,
+        samples=samples,
+        tokens=reference.shape[0],
+    )
+
+
+def merge_and_save(
+    model_cfg, adapter_dir: Path, target: Path, processor, batch: dict | None
+) -> torch.Tensor | None:
+    """Load the base unquantized in `model_cfg.dtype`, attach and merge the adapter, save it.
+
+    Returns the adapter model's logits on `batch` (taken before merging), for parity.
+    """
+    from peft import PeftModel
+
+    from lmmtune.config import QuantConfig
+    from lmmtune.model.load import load_model, torch_dtype
+
+    base = load_model(model_cfg, QuantConfig(mode="none"))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    reference = token_logits(model, batch) if batch is not None else None
+    merged = model.merge_and_unload()  # LoRA folded into the weights, projector copies swapped in
+    merged.to(torch_dtype(model_cfg.dtype))
+    merged.save_pretrained(target)
+    processor.save_pretrained(target)
+    log.info(
+        "merged %s into %s (%s) and saved %s", adapter_dir, model_cfg.path, model_cfg.dtype, target
+    )
+    del merged, model, base
+    gc.collect()
+    return reference
+
+
+def load_exported(path: Path, dtype: str):
+    """The export as a user loads it: plain transformers, no lmmtune code involved."""
+    from transformers import AutoModelForImageTextToText
+
+    from lmmtune.model.load import device_map, torch_dtype
+
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype(dtype), device_map=device_map()
+    )

@@ -1,0 +1,65 @@
+"""Log an exported model to MLflow as a pyfunc model, and register it in the Model Registry.
+
+The pyfunc flavour (model code in `pyfunc_model.py`, the export directory as its
+artifact) works offline and with any store, sqlite included; `mlflow.pyfunc.load_model`
+then answers questions with plain transformers. Requirements are given explicitly:
+inferring them would load the model once more in a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME = "model"
+
+
+def requirements() -> list[str]:
+    """The versions this export was made and checked with (local build tags dropped)."""
+    import mlflow
+    import PIL
+    import torch
+    import transformers
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"transformers=={transformers.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"pillow=={PIL.__version__}",
+        "safetensors",
+    ]
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "question"), ColSpec("string", "image", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
+    )
+
+
+def log_pyfunc_model(model_dir: Path, registered_name: str | None = None) -> dict:
+    """Log `model_dir` into the active MLflow run; register it as `registered_name` if given."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model": str(model_dir)},
+        signature=signature(),
+        pip_requirements=requirements(),
+        registered_model_name=registered_name,
+    )
+    logged = {"model_uri": info.model_uri}
+    if registered_name:
+        version = info.registered_model_version
+        logged.update(registered_name=registered_name, registered_version=version)
+        logged["registered_uri"] = f"models:/{registered_name}/{version}"
+        log.info("registered %s version %s", registered_name, version)
+    return logged

@@ -1,0 +1,138 @@
+"""`python -m lmmtune predict`: answer questions about images with the adapted model.
+
+    python -m lmmtune predict output_dir=RUN predict.image=scan.png predict.question="Is there a lesion?"
+    python -m lmmtune predict predict.model=RUN/export-merged predict.input=questions.jsonl predict.output=answers.jsonl
+
+The model is the run's base with its adapter (quantized as trained), or an export
+(`predict.model=DIR`: a merged model, or an adapter export). Prompts and image padding
+are the ones training used; decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lmmtune.data.records import Sample
+from lmmtune.errors import LmmtuneError
+from lmmtune.eval.generate import generate_answers
+
+log = logging.getLogger(__name__)
+
+
+def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
+    """Answer `predict.question` (about `predict.image`) or every line of `predict.input`."""
+    predict_cfg = cfg.predict
+    samples = questions(predict_cfg)
+    model, processor = load_predictor(cfg, overrides)
+    answers = generate_answers(
+        model, processor, samples, predict_cfg.max_new_tokens, predict_cfg.batch_size, "predict"
+    )
+    rows = [
+        {"id": s.id, "image": s.image, "question": s.turns[-1][0], "answer": a}
+        for s, a in zip(samples, answers, strict=True)
+    ]
+    if predict_cfg.output:
+        write_jsonl(rows, Path(predict_cfg.output))
+        print(f"wrote {len(rows)} answer(s) to {predict_cfg.output}", flush=True)
+    elif predict_cfg.input:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+    else:
+        print(rows[0]["answer"], flush=True)
+    return rows
+
+
+def questions(predict_cfg) -> list[Sample]:
+    """One question (`predict.question`, `predict.image`) or the records of `predict.input`."""
+    if predict_cfg.input and (predict_cfg.question or predict_cfg.image):
+        raise LmmtuneError(
+            "pass either predict.input=FILE.jsonl or predict.question=... , not both"
+        )
+    if predict_cfg.input:
+        return read_questions(Path(predict_cfg.input))
+    if not predict_cfg.question:
+        raise LmmtuneError(
+            'nothing to answer: pass predict.question="..." (and predict.image=PATH), '
+            "or predict.input=FILE.jsonl"
+        )
+    image = _image_path(predict_cfg.image, Path.cwd(), "predict.image")
+    return [Sample(id="0", turns=[(predict_cfg.question, "")], image=image, source="command line")]
+
+
+def read_questions(path: Path) -> list[Sample]:
+    """JSONL lines of `question`, optional `image` (relative to the file) and `id`."""
+    if not path.is_file():
+        raise LmmtuneError(f"predict.input: no such file: {path}")
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmmtuneError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not str(record.get("question") or "").strip():
+            raise LmmtuneError(f"{where}: needs a 'question'")
+        image = _image_path(record.get("image"), path.parent, where)
+        record_id = str(record.get("id", number))
+        samples.append(Sample(record_id, [(record["question"].strip(), "")], image, source=where))
+    if not samples:
+        raise LmmtuneError(f"{path} holds no questions")
+    return samples
+
+
+def _image_path(image: str | None, root: Path, where: str) -> str | None:
+    if not image:
+        return None
+    path = Path(image).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise LmmtuneError(f"{where}: image not found: {path}")
+    return str(path)
+
+
+def load_predictor(cfg: DictConfig, overrides: list[str] | None):
+    """An exported merged model (plain transformers), or the base with an adapter."""
+    from lmmtune.eval.runs import (
+        ADAPTER_CONFIG,
+        find_adapter,
+        find_run_dir,
+        load_adapted_model,
+        load_run_processor,
+        run_settings,
+    )
+
+    model_dir = cfg.predict.model
+    adapter = cfg.predict.adapter
+    if model_dir and (Path(model_dir) / ADAPTER_CONFIG).is_file():
+        adapter, model_dir = model_dir, None  # an adapter export
+    if model_dir:
+        return load_merged(Path(model_dir))
+    run_dir = find_run_dir(cfg, adapter)
+    adapter_dir = find_adapter(adapter, run_dir, cfg)
+    settings = run_settings(cfg, run_dir, adapter_dir, overrides)
+    processor = load_run_processor(adapter_dir, settings.model)
+    return load_adapted_model(settings.model, settings.quant, adapter_dir), processor
+
+
+def load_merged(path: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmmtune.model.load import device_map
+
+    if not (path / "config.json").is_file():
+        raise LmmtuneError(f"predict.model={path} is not a model directory (no config.json)")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", device_map=device_map())
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,69 @@
+"""`python -m lmmtune check` as a user runs it: the report, the exit code, no traceback."""
+
+from __future__ import annotations
+
+from tests.conftest import run_cli
+from tests.data.helpers import llava, save_image, write_json
+
+
+def test_check_reports_problems_and_exits_1(tmp_path):
+    for name in ("a", "b"):
+        save_image(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "img" / "c.png").write_bytes(b"")
+    multi = llava("m", "img/b.png")
+    multi["conversations"] += [{"from": "human", "value": "Why?"}, {"from": "gpt", "value": "no"}]
+    records = [
+        llava("a", "img/a.png"),
+        multi,
+        llava("t", None, "Define lesion.", "An abnormal area."),
+        llava("a", "img/missing.png"),
+        llava("z", "img/c.png"),
+        {
+            "id": "e",
+            "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}],
+        },
+    ]
+    data = write_json(tmp_path / "train.json", records)
+
+    result = run_cli(
+        ["check", "model=tiny", f"data.train={data}", "data.eval_fraction=0"], cwd=tmp_path
+    )
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(
+        "lmmtune check: error: 3 invalid record(s) of 6, listed above; fix them, or train "
+        "with data.on_error=skip to use the 3 valid ones"
+    )
+    report = result.stdout
+    for line in [
+        f"  train: {data} (6 records)",
+        "records: 6 read, 3 valid, 3 invalid",
+        "  kinds: 2 with image, 1 text-only, 2 single-turn, 1 multi-turn",
+        "tokens per sample (16 per image included): min 41 / median 52 / max 59; "
+        "0 over data.max_length=2048",
+        "tokens per answer: min 1 / median 1 / max 6",
+        "problems (invalid records): 3",
+        f"  missing image file (1):\n    {data}[3] (id a): image not found: "
+        f"{tmp_path / 'img' / 'missing.png'}",
+        f"  zero-byte image file (1):\n    {data}[4] (id z): zero-byte image file: "
+        f"{tmp_path / 'img' / 'c.png'}",
+        f"  empty answer (1):\n    {data}[5] (id e): empty answer (message 1)",
+        "warnings (records still used): 1",
+        f"  duplicate id (1):\n    {data}[3] (id a): duplicate id 'a' (first at {data}[0])",
+    ]:
+        assert line in report, f"{line!r} not in\n{report}"
+
+
+def test_check_passes_a_good_set(good_set, capsys):
+    # The same function the CLI's check branch calls, in-process (a subprocess costs ~10 s).
+    from lmmtune.check import check
+    from lmmtune.config import DataConfig, ModelConfig
+
+    report = check(DataConfig(train=str(good_set), num_workers=0), ModelConfig(path="tiny"))
+
+    printed = capsys.readouterr().out
+    assert (report.records, report.invalid_records) == (4, 0)
+    assert (len(report.train), len(report.eval)) == (4, 0)  # 5% of 4 rounds to 0 eval records
+    assert "records: 4 read, 4 valid, 0 invalid" in printed
+    assert "problems (invalid records): none" in printed

@@ -1,0 +1,204 @@
+"""Images: broken files get named problems; odd modes convert to the right RGB values."""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmmtune.data.images import open_image
+from lmmtune.data.problems import Kind, RecordInvalid
+from tests.data.helpers import llava, save_image, write_json
+
+
+def _png_bytes(size=(32, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 40).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _truncated(path):
+    path.write_bytes(_png_bytes()[:300])
+
+
+def _corrupt(path):
+    data = bytearray(_png_bytes())
+    for index in range(len(data) // 2, len(data) // 2 + 16):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+BAD_IMAGES = {
+    "missing": (lambda path: None, Kind.MISSING_IMAGE, "image not found"),
+    "zero-byte": (lambda path: path.write_bytes(b""), Kind.EMPTY_IMAGE, "zero-byte image file"),
+    "truncated": (_truncated, Kind.TRUNCATED_IMAGE, "Truncated File Read"),
+    "corrupt": (_corrupt, Kind.CORRUPT_IMAGE, "broken PNG file"),
+    "not an image": (
+        lambda path: path.write_text("id,question\n1,hello\n"),
+        Kind.NOT_AN_IMAGE,
+        "not an image file",
+    ),
+    "over the pixel limit": (
+        lambda path: save_image(path, size=(400, 300), format="PNG"),
+        Kind.TOO_MANY_PIXELS,
+        "400x300 = 120,000 pixels, over data.max_image_pixels=100,000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_image_is_a_named_problem_with_file_record_and_reason(case, tmp_path, inspect):
+    make, kind, reason = BAD_IMAGES[case]
+    save_image(tmp_path / "img" / "good.png")
+    make(tmp_path / "img" / "bad.png")
+    data = write_json(
+        tmp_path / "train.json", [llava("ok", "img/good.png"), llava("broken", "img/bad.png")]
+    )
+
+    report = inspect(train=str(data), max_image_pixels=100_000)
+
+    assert len(report.problems) == 1
+    problem = report.problems[0]
+    assert (problem.kind, problem.source, problem.record_id) == (kind, f"{data}[1]", "broken")
+    assert reason in problem.reason
+    assert str(tmp_path / "img" / "bad.png") in problem.reason
+    assert [s.id for s in report.train + report.eval] == ["ok"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    data = bytearray(_png_bytes((1, 1)))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path):
+    # 400 M pixels claimed: decoding would allocate 1.2 GB; the header check refuses it first.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_claiming(20_000, 20_000))
+    with pytest.raises(RecordInvalid) as error:
+        open_image(path, max_pixels=1_000_000)
+    assert error.value.kind == Kind.TOO_MANY_PIXELS
+    assert f"{path}: 20000x20000 = 400,000,000 pixels" in error.value.reason
+    assert "over data.max_image_pixels=1,000,000 (decompression-bomb guard)" in error.value.reason
+
+
+def test_grayscale_palette_and_la_become_rgb(tmp_path):
+    gray = open_image(save_image(tmp_path / "g.png", mode="L", colour=100))
+    palette = Image.new("RGB", (4, 4), (10, 120, 230)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(tmp_path / "p.png")
+    la = open_image(save_image(tmp_path / "la.png", mode="LA", colour=(80, 255)))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (100, 100, 100)
+    assert open_image(tmp_path / "p.png").getpixel((1, 1)) == (10, 120, 230)
+    assert la.getpixel((0, 0)) == (80, 80, 80)
+
+
+def test_16_bit_grayscale_is_stretched_not_clipped(tmp_path):
+    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = open_image(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert [image.getpixel(xy)[0] for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [0, 64, 128, 255]
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 255, 0))
+    rgba.save(tmp_path / "a.png")
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 255, 0, 0, 0, 0])
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "pt.png", transparency=1)
+    image = open_image(tmp_path / "a.png")
+    assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((1, 0)) == (255, 255, 255)
+    image = open_image(tmp_path / "pt.png")
+    assert image.getpixel((0, 0)) == (0, 255, 0) and image.getpixel((1, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk_becomes_rgb(fmt, tmp_path):
+    path = save_image(tmp_path / f"c.{fmt.lower()}", mode="CMYK", colour=(255, 0, 0, 0))
+    assert Image.open(path).mode == "CMYK"
+    red, green, blue = open_image(path).getpixel((4, 4))
+    assert red < 10 and green > 245 and blue > 245  # pure cyan
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    shown = open_image(tmp_path / "rotated.jpg")
+
+    assert shown.size == (20, 40)
+    top, bottom = shown.getpixel((10, 5)), shown.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # red on top
+    assert bottom[2] > 200 and bottom[0] < 60  # blue at the bottom
+
+
+def _write_dicom(path, pixels, **tags):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+    dataset.PixelRepresentation = 0
+    for key, value in tags.items():
+        setattr(dataset, key, value)
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        dataset.save_as(path, enforce_file_format=True)
+    else:
+        dataset.is_little_endian, dataset.is_implicit_VR = True, False
+        dataset.save_as(path, write_like_original=False)
+    return path
+
+
+def test_dicom_uses_rescale_and_the_files_window(tmp_path):
+    # Stored values 824..1264 with intercept -1024 are -200..240 HU; window 40/400 spans -160..240.
+    stored = np.array([[824, 1064, 1264]], dtype=np.uint16)
+    path = _write_dicom(
+        tmp_path / "ct.dcm",
+        stored,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=40,
+        WindowWidth=400,
+    )
+    image = open_image(path)
+    assert image.mode == "RGB" and image.size == (3, 1)
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255,) * 3]
+
+
+def test_dicom_without_a_window_uses_min_max(tmp_path):
+    path = _write_dicom(tmp_path / "x.dcm", np.array([[100, 300], [500, 4095]], dtype=np.uint16))
+    image = open_image(path)
+    assert [image.getpixel(xy)[0] for xy in ((0, 0), (1, 0), (1, 1))] == [0, 13, 255]
+
+
+def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    with pytest.raises(RecordInvalid) as error:
+        open_image(path)
+    assert error.value.kind == Kind.DICOM_UNAVAILABLE
+    assert f"{path} is a DICOM image and pydicom is not installed" in error.value.reason
+    assert "pip install 'lmmtune[dicom]'" in error.value.reason

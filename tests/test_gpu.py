@@ -1,0 +1,171 @@
+"""On a CUDA GPU: 4-bit loading, training steps, the chunked loss in bf16, merge parity, the benchmark.
+
+Run with `python -m pytest -m gpu`; every test is skipped where CUDA is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from lmmtune.model.adapters import apply_lora
+from lmmtune.model.load import load_model
+from tests.conftest import REPO_ROOT
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+TINY_BF16 = ModelConfig(path="tiny", dtype="bfloat16")
+
+
+def _perturb(model) -> None:
+    """LoRA B starts at zero; random B and projector weights make the adapter matter."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and ("lora_B" in name or "multi_modal_projector" in name):
+                noise = torch.randn(parameter.shape, generator=generator, device="cuda")
+                parameter.add_(0.05 * noise.to(parameter.dtype))
+
+
+def _tiny_batch(model, batch_size: int = 2) -> dict:
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, config.text_config.vocab_size - 5, (batch_size, 40), generator=generator)
+    ids[ids == config.image_token_index] = 6
+    ids[:, 1:17] = config.image_token_index
+    labels = ids.clone()
+    labels[:, :25] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(batch_size, 3, 56, 56, generator=generator),
+    }
+
+
+def test_4bit_load_on_cuda(tiny_model_path):
+    import bitsandbytes as bnb
+
+    model = load_model(TINY_BF16, QuantConfig())
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.device.type == "cuda"
+    assert q_proj.weight.quant_state.quant_type == "nf4"
+    projector = model.model.multi_modal_projector.linear_1
+    assert not isinstance(projector, bnb.nn.Linear4bit) and projector.weight.dtype == torch.bfloat16
+    batch = {k: v.cuda() for k, v in _tiny_batch(model).items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_chunked_loss_matches_the_default_in_bf16_on_cuda(tiny_model_path):
+    from lmmtune.train.loss import chunked_causal_lm_loss
+
+    model = apply_lora(
+        load_model(TINY_BF16, QuantConfig()), PeftConfig(r=8, alpha=16), True
+    ).train()
+    _perturb(model)
+    batch = {k: v.cuda() for k, v in _tiny_batch(model.get_base_model()).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        default = model(**batch).loss
+        default_grads = torch.autograd.grad(default, params)
+        chunked = chunked_causal_lm_loss(model, batch, chunk_size=16)
+        chunked_grads = torch.autograd.grad(chunked, params)
+    torch.testing.assert_close(chunked, default, rtol=1e-2, atol=1e-2)
+    flat = torch.cat([g.flatten().float() for g in default_grads])
+    other = torch.cat([g.flatten().float() for g in chunked_grads])
+    assert torch.nn.functional.cosine_similarity(flat, other, dim=0) > 0.99
+
+
+def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
+    from lmmtune.bench.data import SyntheticLlavaData
+    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
+    from lmmtune.data.dataset import PaddingCollator
+    from lmmtune.train.trainer import build_trainer, build_training_arguments
+
+    path = random_checkpoint("tiny", torch.bfloat16, tmp_path)
+    model_cfg = ModelConfig(path=str(path), dtype="bfloat16")
+    model = apply_lora(load_model(model_cfg, QuantConfig()), PeftConfig(r=16, alpha=32), True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, logging_steps=1)
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=2, dtype="bfloat16")
+    data = SyntheticLlavaData(64, IMAGE_TOKEN_ID, 576, 336, IMAGE_TOKEN_ID)
+    torch.cuda.reset_peak_memory_stats()
+    trainer = build_trainer(
+        model, data, PaddingCollator(PAD_TOKEN_ID), args, PeftConfig(), data.lengths, []
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(10 < loss < 11 for loss in losses)  # ~ln(32064), random init
+    changed = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])
+    ]
+    assert any("lora_" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    assert optimizer.is_paged and optimizer.args.optim_bits == 8  # bitsandbytes' paged 8-bit AdamW
+    assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_merge_parity_on_cuda(tiny_model_path, tmp_path):
+    from lmmtune.export.merge import (
+        PARITY_TOLERANCE,
+        compare_logits,
+        load_exported,
+        merge_and_save,
+        token_logits,
+    )
+    from lmmtune.model.load import load_processor
+
+    model = apply_lora(load_model(TINY_BF16, QuantConfig()), PeftConfig(r=8, alpha=16), False)
+    _perturb(model)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    batch = {k: v for k, v in _tiny_batch(model.get_base_model()).items() if k != "labels"}
+    quantized = token_logits(model, batch)
+    del model
+    torch.cuda.empty_cache()
+
+    fp32 = ModelConfig(path="tiny", dtype="float32")
+    reference = merge_and_save(fp32, adapter_dir, tmp_path / "merged", load_processor(fp32), batch)
+    merged = token_logits(load_exported(tmp_path / "merged", "float32"), batch)
+    parity = compare_logits(reference, merged, PARITY_TOLERANCE["float32"], samples=2)
+    assert parity.passed and parity.argmax_agreement == 1.0, parity
+    # Against the adapter on the 4-bit base only the quantization error remains.
+    assert compare_logits(quantized, merged, 1.0, samples=2).relative_diff < 0.3
+
+
+def test_benchmark_on_cuda_reports_memory_and_mfu(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmmtune.bench",
+            "--scale",
+            "tiny",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["status"] for row in report["results"]] == ["ok", "ok", "ok"]
+    for row in report["results"]:
+        assert 0 < row["peak_allocated_gib"] <= row["peak_reserved_gib"]
+        assert row["device_used_gib"] > 0 and row["mfu"] is not None
+        assert row["tokens_per_s"] > 0
+    assert {r["pair"] for r in report["ratios"]} == {"lmmtune/usual", "lmmtune/lora"}

@@ -1,0 +1,182 @@
+"""The chunked loss equals transformers' loss and gradients, and never builds the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from lmmtune.errors import LmmtuneError
+from lmmtune.model.adapters import apply_lora
+from lmmtune.model.load import load_model
+from lmmtune.train.loss import (
+    IGNORE_INDEX,
+    chunked_causal_lm_loss,
+    find_head_owner,
+    labelled_positions,
+    output_head_bypassed,
+)
+from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
+
+TINY = ModelConfig(path="tiny", dtype="float32")
+QLORA = QuantConfig(mode="4bit", compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_path) -> dict:
+    """One tiny QLoRA model per `train_lm_head`, built once for the module."""
+    return {head: _model(head) for head in (False, True)}
+
+
+def _model(train_lm_head: bool):
+    torch.manual_seed(0)
+    peft_cfg = PeftConfig(r=4, alpha=8, dropout=0.0, train_lm_head=train_lm_head)
+    model = apply_lora(load_model(TINY, QLORA), peft_cfg, gradient_checkpointing=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for name, parameter in model.named_parameters():  # LoRA B starts at 0: make it matter
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    return model.train()
+
+
+def _batch(model, batch_size: int = 3, length: int = 40) -> dict:
+    config = model.get_base_model().config
+    generator = torch.Generator().manual_seed(1)
+    vocab = config.text_config.vocab_size
+    ids = torch.randint(5, vocab - 5, (batch_size, length), generator=generator)
+    ids[ids == config.image_token_index] = 6
+    ids[:, 1:17] = config.image_token_index  # the tiny model's 16 image tokens
+    labels = ids.clone()
+    labels[:, :25] = IGNORE_INDEX  # prompt and image: no loss
+    labels[1, 35:] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[2, 30:] = 0  # right padding
+    labels[2, 30:] = IGNORE_INDEX
+    pixels = torch.randn(batch_size, 3, 56, 56, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+def _loss_and_grads(model, loss_fn):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn()
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def test_labelled_positions_apply_the_causal_shift():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8], [IGNORE_INDEX, 5, IGNORE_INDEX, 9]])
+    keep, targets = labelled_positions(labels)
+    assert keep.tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert targets.tolist() == [7, 8, 5, 9]
+
+
+@pytest.mark.parametrize(("train_lm_head", "chunk_size"), [(False, 1024), (True, 7)])
+def test_chunked_loss_and_gradients_equal_the_default(models, train_lm_head, chunk_size):
+    model = models[train_lm_head]
+    batch = _batch(model)
+    default, default_grads = _loss_and_grads(model, lambda: model(**batch).loss)
+    chunked, chunked_grads = _loss_and_grads(
+        model, lambda: chunked_causal_lm_loss(model, batch, chunk_size=chunk_size)
+    )
+    torch.testing.assert_close(chunked, default, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 1e-4 for g in default_grads)
+    for got, want in zip(chunked_grads, default_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_with_the_head_kept_in_the_forward_equals_the_default(models):
+    """The FSDP/DeepSpeed path: logits of the labelled positions only, built in the forward."""
+    model = models[True]
+    batch = _batch(model)
+    default, default_grads = _loss_and_grads(model, lambda: model(**batch).loss)
+    kept, kept_grads = _loss_and_grads(
+        model, lambda: chunked_causal_lm_loss(model, batch, bypass_head=False)
+    )
+    torch.testing.assert_close(kept, default, rtol=1e-5, atol=1e-6)
+    for got, want in zip(kept_grads, default_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_normalises_by_the_accumulated_token_count(models):
+    model = models[False]
+    batch = _batch(model)
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        default = model(**batch, num_items_in_batch=torch.tensor(3 * n)).loss
+        chunked = chunked_causal_lm_loss(model, batch, num_items_in_batch=torch.tensor(3 * n))
+        mean = chunked_causal_lm_loss(model, batch)
+    torch.testing.assert_close(chunked, default)
+    torch.testing.assert_close(chunked * 3, mean)
+
+
+def test_batch_without_labels_gives_zero_loss_with_a_graph(models):
+    model = models[False]
+    batch = _batch(model)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    loss = chunked_causal_lm_loss(model, batch)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_output_head_is_restored_even_after_an_error(models):
+    model = models[True]
+    head = find_head_owner(model).lm_head
+    with pytest.raises(RuntimeError), output_head_bypassed(model):
+        assert isinstance(find_head_owner(model).lm_head, torch.nn.Identity)
+        raise RuntimeError("forward failed")
+    assert find_head_owner(model).lm_head is head
+
+
+def _trainer(model, loss_impl: str, tmp_path) -> LlavaTrainer:
+    train_cfg = TrainConfig(batch_size=3, grad_accum=2, loss_impl=loss_impl, optim="adamw_torch")
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="float32")
+    return LlavaTrainer(model=model, args=args, train_dataset=[{}])
+
+
+def test_trainer_training_step_gives_the_same_gradients_with_either_loss(models, tmp_path):
+    model = models[False]
+    batch = _batch(model)
+    grads = {}
+    trainer = _trainer(model, "default", tmp_path)
+    for impl in ("default", "chunked"):
+        trainer.args.loss_impl = impl
+        n = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) * 2)
+        trainer.training_step(model, dict(batch), num_items_in_batch=n)
+        grads[impl] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+    for got, want in zip(grads["chunked"], grads["default"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_loss_impl_is_refused(tmp_path):
+    with pytest.raises(LmmtuneError, match="loss_impl"):
+        build_training_arguments(TrainConfig(loss_impl="fused"), tmp_path, 0, "float32")
+
+
+def test_chunked_loss_needs_a_fraction_of_the_memory_at_llava_length(tmp_path):
+    """576 image tokens + text, LLaVA's 32064-token vocabulary: the logits dominate the default."""
+    from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
+    from lmmtune.bench.data import SyntheticLlavaData
+    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
+    from lmmtune.data.dataset import PaddingCollator
+
+    path = random_checkpoint("tiny", torch.float32, tmp_path)
+    peft_cfg = PeftConfig(r=8, alpha=16, dropout=0.0)
+    model = apply_lora(
+        load_model(ModelConfig(path=str(path), dtype="float32"), QLORA), peft_cfg, True
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = SyntheticLlavaData(1, IMAGE_TOKEN_ID, 576, 336, IMAGE_TOKEN_ID)
+    batch = PaddingCollator(PAD_TOKEN_ID)([data[0]])
+    peaks = {}
+    for impl, loss_fn in (
+        ("default", lambda: model(**batch).loss),
+        ("chunked", lambda: chunked_causal_lm_loss(model, batch)),
+    ):
+        with PeakTensorMemory(state_tensors(model, None)) as memory:
+            loss_fn().backward()
+        model.zero_grad(set_to_none=True)
+        peaks[impl] = memory.peak
+    logits_bytes = batch["input_ids"].numel() * 32064 * 4
+    assert peaks["default"] - peaks["chunked"] > logits_bytes  # at least one full fp32 logits
+    assert peaks["chunked"] < 0.35 * peaks["default"]

@@ -1,0 +1,78 @@
+"""`predict` answers like the evaluation did: with the merged export and with base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmmtune.errors import LmmtuneError
+from lmmtune.predict import predict
+
+from .test_export import compose_config, export_once
+
+
+@pytest.fixture(scope="module")
+def merged_export(demo_run):
+    return export_once(demo_run)
+
+
+@pytest.fixture(scope="module")
+def eval_rows(demo_run) -> list[dict]:
+    lines = (demo_run["run_dir"] / "eval_predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines][:6]
+
+
+def test_predict_a_jsonl_with_the_merged_export(demo_run, merged_export, eval_rows, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"id": row["id"], "image": row["image"], "question": row["question"]}) + "\n"
+            for row in eval_rows
+        )
+    )
+    output = tmp_path / "answers.jsonl"
+    cfg = compose_config(
+        [
+            f"predict.model={merged_export['dir']}",
+            f"predict.input={questions}",
+            f"predict.output={output}",
+            "predict.max_new_tokens=3",
+        ]
+    )
+    predict(cfg, overrides=[])
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [a["id"] for a in answers] == [row["id"] for row in eval_rows]
+    # lmmtune's prompt and padding on the merged weights: the training run's own answers
+    assert [a["answer"] for a in answers] == [row["after"] for row in eval_rows]
+
+
+def test_predict_one_question_with_base_and_adapter(demo_run, eval_rows, capsys):
+    row = eval_rows[0]
+    cfg = compose_config(
+        [
+            f"output_dir={demo_run['run_dir']}",
+            f"predict.image={row['image']}",
+            f"predict.question={row['question']}",
+            "predict.max_new_tokens=3",
+        ]
+    )
+    (answer,) = predict(cfg, overrides=[])
+    assert answer["answer"] == row["after"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == row["after"]
+
+
+def test_predict_says_what_is_missing(tmp_path):
+    with pytest.raises(LmmtuneError, match="nothing to answer"):
+        predict(compose_config([f"output_dir={tmp_path}"]), overrides=[])
+    with pytest.raises(LmmtuneError, match="image not found"):
+        predict(
+            compose_config(
+                [f"output_dir={tmp_path}", "predict.question=Q?", "predict.image=missing.png"]
+            ),
+            overrides=[],
+        )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?"}\n{"image": "x.png"}\n')
+    with pytest.raises(LmmtuneError, match=r"bad.jsonl:2: needs a 'question'"):
+        predict(compose_config([f"predict.input={bad}"]), overrides=[])
