@@ -5,7 +5,6 @@ config -> data -> model -> eval before -> LoRA -> train -> save adapter -> eval 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -33,7 +32,7 @@ from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.rundir import prepare_run_dir, save_config
 from lmmtune.track.description import describe_run
-from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker
+from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
@@ -171,17 +170,3 @@ def out_of_memory_message(args, exc: BaseException) -> str:
         "lower data.max_length, keep train.gradient_checkpointing=true, or set train.gpu_memory_gb=<your card> "
         "to let the memory planner choose."
     )
-
-
-@contextlib.contextmanager
-def tracked_run(tracker):
-    """End the tracked run as FINISHED, KILLED (interrupted) or FAILED, whatever happens."""
-    try:
-        yield
-    except (KeyboardInterrupt, RunInterrupted):
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")

@@ -28,8 +28,8 @@ from lmmtune.eval.runs import (
     open_tracker,
     run_settings,
     source_run_id,
-    tracked,
 )
+from lmmtune.track.mlflow_tracker import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     model = load_adapted_model(settings.model, settings.quant, adapter)
 
     tracker = open_tracker(cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval")
-    with tracked(tracker):
+    with tracked_run(tracker):
         tracker.set_tags(_tags(settings, run_dir, adapter, eval_cfg.data))
         tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
         before, after = evaluate_adapter(model, processor, samples, eval_cfg)

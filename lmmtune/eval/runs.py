@@ -9,7 +9,6 @@ given on the command line still win.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -223,17 +222,3 @@ def open_tracker(tracking_cfg, experiment: str, run_name: str, required: bool = 
             raise LmmtuneError(f"could not start an MLflow run: {exc}") from None
         log.warning("MLflow unavailable (%s); going on without tracking", exc)
         return NullTracker()
-
-
-@contextlib.contextmanager
-def tracked(tracker):
-    """End the tracked run as FINISHED, KILLED (Ctrl-C) or FAILED."""
-    try:
-        yield tracker
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")

@@ -34,7 +34,6 @@ from lmmtune.eval.runs import (
     open_tracker,
     run_settings,
     source_run_id,
-    tracked,
 )
 from lmmtune.export.chat_template import export_processor
 from lmmtune.export.merge import (
@@ -46,6 +45,7 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
+from lmmtune.track.mlflow_tracker import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         f"{base_dir.name}-export",
         required=bool(export_cfg.register_name),
     )
-    with tracked(tracker):
+    with tracked_run(tracker):
         tracker.set_tags(_tags(settings, run_dir, adapter, export_cfg.format))
         tracker.log_params({f"export.{k}": v for k, v in export_cfg.items()})
         report = {

@@ -7,6 +7,7 @@ The tracking URI comes from `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -203,6 +204,22 @@ def start_tracker(
     if tracker.run_id is not None:
         state_file.write_text(json.dumps({"run_id": tracker.run_id}))
     return tracker
+
+
+@contextlib.contextmanager
+def tracked_run(tracker):
+    """End the tracked run as FINISHED, KILLED (Ctrl-C, a stopping signal) or FAILED, whatever happens."""
+    from lmmtune.errors import RunInterrupted
+
+    try:
+        yield tracker
+    except (KeyboardInterrupt, RunInterrupted):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
 
 
 class TrackerCallback(TrainerCallback):
