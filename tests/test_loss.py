@@ -11,8 +11,10 @@ from lmmtune.model.adapters import apply_lora
 from lmmtune.model.load import load_model
 from lmmtune.train.loss import (
     IGNORE_INDEX,
+    KeepRows,
     chunked_causal_lm_loss,
     find_head_owner,
+    head_fed_rows,
     labelled_positions,
     output_head_bypassed,
 )
@@ -122,9 +124,13 @@ def test_output_head_is_restored_even_after_an_error(models):
     model = models[True]
     head = find_head_owner(model).lm_head
     with pytest.raises(RuntimeError), output_head_bypassed(model):
-        assert isinstance(find_head_owner(model).lm_head, torch.nn.Identity)
+        assert isinstance(find_head_owner(model).lm_head, KeepRows)
         raise RuntimeError("forward failed")
     assert find_head_owner(model).lm_head is head
+    with pytest.raises(RuntimeError), head_fed_rows(model, torch.ones(1, 1, dtype=torch.bool)):
+        assert len(head._forward_pre_hooks) == 1
+        raise RuntimeError("forward failed")
+    assert not head._forward_pre_hooks
 
 
 def _trainer(model, loss_impl: str, tmp_path) -> LlavaTrainer:

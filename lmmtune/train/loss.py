@@ -2,15 +2,19 @@
 
 LLaVA 1.5 puts 576 image tokens and the prompt in front of every answer, and only
 the answer carries labels, so the default loss spends most of its logits (and their
-fp32 copy and gradient) on positions it then ignores. Here the forward pass keeps
-the hidden states of the labelled positions only (transformers' `logits_to_keep`
-with a boolean mask) with the output head bypassed, and the head plus cross
-entropy run over those rows in checkpointed chunks: at most `chunk_size x vocab`
-logits are alive at any time. Loss and gradients equal the default loss.
+fp32 copy and gradient) on positions it then ignores. Here the output head is
+swapped, for the forward pass, for a module that only keeps the hidden states of
+the labelled positions; the real head plus cross entropy then run over those rows
+in checkpointed chunks: at most `chunk_size x vocab` logits are alive at any time.
+Loss and gradients equal the default loss.
 
 Under FSDP or DeepSpeed the head's weights may only be gathered inside the forward,
-so there the head stays in place (`bypass_head=False`): the logits of the labelled
-positions are built at once, still none over the image and prompt.
+so there the head stays in place (`bypass_head=False`) and a pre-forward hook hands
+it the labelled rows only: their logits are built at once, still none over the
+image and prompt.
+
+Both work on every transformers 5.x (whose `logits_to_keep` took a boolean mask
+only from 5.2x on): the row selection is ours, not the model's.
 """
 
 from __future__ import annotations
@@ -48,20 +52,45 @@ def find_head_owner(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@contextmanager
-def output_head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Swap the output head for an identity during a forward pass; yield the real head.
+class KeepRows(torch.nn.Module):
+    """Stands in for the output head: the [batch, tokens, hidden] states at `keep`, flattened."""
 
-    The forward then returns hidden states where it would return logits, still through
-    the wrapped model's own forward (so DDP hooks and peft adapters run as usual).
+    def __init__(self, keep: torch.Tensor | None = None):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.keep is None else hidden[self.keep.to(hidden.device)]
+
+
+@contextmanager
+def output_head_bypassed(
+    model: torch.nn.Module, keep: torch.Tensor | None = None
+) -> Iterator[torch.nn.Module]:
+    """Swap the output head for `KeepRows(keep)` during a forward pass; yield the real head.
+
+    The forward then returns hidden states (of the `keep` positions) where it would
+    return logits, still through the wrapped model's own forward (so DDP hooks and
+    peft adapters run as usual).
     """
     owner = find_head_owner(model)
     head = owner.lm_head
-    owner.lm_head = torch.nn.Identity()
+    owner.lm_head = KeepRows(keep)
     try:
         yield head
     finally:
         owner.lm_head = head
+
+
+@contextmanager
+def head_fed_rows(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Keep the output head in place but feed it the hidden states at `keep` only."""
+    head = find_head_owner(model).lm_head
+    handle = head.register_forward_pre_hook(lambda _module, args: (KeepRows(keep)(args[0]),))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def chunked_cross_entropy(
@@ -105,11 +134,12 @@ def chunked_causal_lm_loss(
     labels = inputs.pop("labels")
     keep, targets = labelled_positions(labels)
     if bypass_head:
-        with output_head_bypassed(model) as head:
-            hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        with output_head_bypassed(model, keep) as head:
+            hidden = model(**inputs, use_cache=False).logits
     else:
         head = torch.nn.Identity()  # the forward applied the real head already
-        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        with head_fed_rows(model, keep):
+            hidden = model(**inputs, use_cache=False).logits
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph; nothing to learn from this batch
     loss = chunked_cross_entropy(hidden, head, targets.to(hidden.device), chunk_size)
