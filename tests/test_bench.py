@@ -10,7 +10,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from lmmtune.bench.__main__ import _without, build_report, parse_args
+from lmmtune.bench.__main__ import _without, build_report, main, parse_args
 from lmmtune.bench.cpu_memory import PeakTensorMemory
 from lmmtune.bench.data import IGNORE_INDEX, SyntheticLlavaData
 from lmmtune.bench.models import IMAGE_TOKEN_ID, llava_config, random_checkpoint
@@ -161,3 +161,13 @@ def test_a_budget_plans_each_configuration_and_runs_a_misfit_at_micro_batch_1(tm
         )
         planned, note = _plan(RECIPES["usual"], train_cfg, model_cfg, quant_cfg, peft_cfg, data)
         assert (planned.batch_size, planned.grad_accum, note) == expected
+
+
+def test_a_configuration_past_its_time_limit_is_reported_and_the_rest_still_run(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--scale", "tiny", "--configs", "lmmtune,usual", "--isolate", "--config-timeout", "1"]
+    report = main([*argv, "--cache-dir", str(tmp_path), "--out", str(out)])
+    assert [row["status"] for row in report["results"]] == ["timeout (1 s)", "timeout (1 s)"]
+    assert report["ratios"] == []
+    assert json.loads(out.read_text())["results"] == report["results"]
+    assert "| (b) usual QLoRA (TRL VLM SFT example) | timeout (1 s) |" in markdown(report)

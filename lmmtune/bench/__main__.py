@@ -5,7 +5,8 @@
     python -m lmmtune.bench --scale 13b --gpu-memory-gb 22 --configs all
 
 On a GPU every configuration runs in its own process, so that one's cached or
-paged memory cannot inflate the next one's peak.
+paged memory cannot inflate the next one's peak. The report is rewritten after
+every configuration, so a run cut short still leaves the rows it finished.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON results (a .md table is written next to it)")
     parser.add_argument("--cache-dir", type=Path, help="where random checkpoints are kept")
     parser.add_argument(
+        "--config-timeout",
+        type=float,
+        help="seconds one configuration may take in its own process (then: status timeout)",
+    )
+    parser.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=gpu,
@@ -106,17 +112,21 @@ def cap_gpu_memory(gpu_memory_gb: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_gb * GIB / total))
 
 
-def run_isolated(key: str, argv: list[str], workdir: Path) -> dict:
+def run_isolated(key: str, argv: list[str], workdir: Path, timeout: float | None = None) -> dict:
     """Run one configuration in a fresh process and read back its result row."""
     out = workdir / f"{key}.json"
-    forwarded = _without(argv, "--configs", "--out") + [
+    forwarded = _without(argv, "--configs", "--out", "--config-timeout") + [
         "--configs",
         key,
         "--out",
         str(out),
         "--no-isolate",
     ]
-    done = subprocess.run([sys.executable, "-m", "lmmtune.bench", *forwarded], check=False)
+    command = [sys.executable, "-m", "lmmtune.bench", *forwarded]
+    try:
+        done = subprocess.run(command, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": key, "label": RECIPES[key].label, "status": f"timeout ({timeout:.0f} s)"}
     if done.returncode != 0 or not out.exists():
         return {
             "config": key,
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     cap_gpu_memory(args.gpu_memory_gb)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     checkpoint = random_checkpoint(args.scale, dtype, args.cache_dir)
+    command = "python -m lmmtune.bench " + shlex.join(argv)
+    out = args.out or default_out(args.scale)
     with tempfile.TemporaryDirectory(prefix="lmmtune-bench-") as tmp:
         workdir = Path(tmp)
         settings = settings_from(args, workdir)
@@ -153,11 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
         for key in args.keys:
             log.info("running %s", RECIPES[key].label)
             if args.isolate and len(args.keys) > 1:
-                results.append(run_isolated(key, argv, workdir))
+                results.append(run_isolated(key, argv, workdir, args.config_timeout))
             else:
                 results.append(run_recipe(RECIPES[key], settings, checkpoint))
-    report = build_report(args, results, "python -m lmmtune.bench " + shlex.join(argv))
-    write_report(report, args.out or default_out(args.scale))
+            if len(results) < len(args.keys):
+                write_report(build_report(args, results, command), out, quiet=True)
+    report = build_report(args, results, command)
+    write_report(report, out)
     return report
 
 
@@ -182,13 +196,14 @@ def default_out(scale: str) -> Path:
     return Path("outputs") / "bench" / f"bench-{scale}-{stamp}.json"
 
 
-def write_report(report: dict, out: Path) -> None:
+def write_report(report: dict, out: Path, quiet: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     table = markdown(report)
     out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"results: {out} and {out.with_suffix('.md')}")
+    if not quiet:
+        print(table)
+        print(f"results: {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
@@ -20,6 +21,18 @@ PEAK_BF16_TFLOPS = {
     "A10G": 70.0,
 }
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "flash-attn")
+
+
+def package_version(package: str) -> str | None:
+    """The version Python imports (wheels installed with --target may sit beside another copy)."""
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+        return str(module.__version__)
+    except (ImportError, AttributeError):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
 
 def device_name() -> str:
@@ -43,16 +56,11 @@ def mfu(tokens_per_s: float, matmul_params: int, tflops: float | None) -> float 
 
 
 def environment(command: str) -> dict:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            continue
+    versions = {package: package_version(package) for package in PACKAGES}
     return {
         "device": device_name(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "versions": versions,
+        "versions": {package: v for package, v in versions.items() if v},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": command,
     }
