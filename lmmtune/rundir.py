@@ -25,10 +25,17 @@ RESULTS = (
     "checkpoints",
     "metrics.json",
     "eval_before.json",
+    "eval_predictions.jsonl",
+    "eval_before_after.png",
+    "eval_samples.png",
+    "data_report.txt",
+    "skipped_records.jsonl",
     "tracking.json",
     "tracking_record.jsonl",
-    "eval_samples.png",
+    "eval",  # the eval command's results
+    "export-*",  # exports of the old adapter
 )
+"""What lmmtune writes into a run directory: cleared by overwrite=true, and nothing else is."""
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path | None:
@@ -55,9 +62,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
         )
     if holds_run:
         log.warning("overwrite=true: replacing the run in %s", run_dir)
-        for name in RESULTS:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for pattern in RESULTS:
+            for target in run_dir.glob(pattern):
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
 

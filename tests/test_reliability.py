@@ -222,9 +222,12 @@ def test_run_directory_is_kept_unless_overwrite(tmp_path, overwrite):
     (tmp_path / "config.yaml").write_text("name: old\n")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_text("weights")
+    (tmp_path / "export-merged").mkdir()
+    (tmp_path / "eval_predictions.jsonl").write_text("{}\n")
+    (tmp_path / "my_notes.txt").write_text("the user's own file")
     if overwrite:
         assert prepare_run_dir(tmp_path, overwrite=True, resume=None) is None
-        assert not (tmp_path / "adapter").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "my_notes.txt"]
     else:
         with pytest.raises(LmmtuneError, match="overwrite=true"):
             prepare_run_dir(tmp_path, overwrite=False, resume=None)
