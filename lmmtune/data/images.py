@@ -177,4 +177,9 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
-    return tuple(int(round(channel * 255)) for channel in image_processor.image_mean)
+    """The padding colour of LLaVA 1.5's expand2square: the processor's mean, truncated.
+
+    LLaVA computes `int(x * 255)`, so CLIP's mean gives (122, 116, 104), not the
+    rounded (123, 117, 104): the pixels the model was trained to read as padding.
+    """
+    return tuple(int(channel * 255) for channel in image_processor.image_mean)
