@@ -65,7 +65,14 @@ def train(cfg: Config | DictConfig) -> dict:
             {"recipe": cfg.name, "base_model": cfg.model.path, "run_dir": str(run_dir.resolve())}
         )
         if resume_from is None:
-            tracker.log_params(flatten(cfg))
+            tracker.log_params(flatten(cfg))  # as configured; the planner's choice beside it
+            if train_cfg is not cfg.train:
+                tracker.log_params(
+                    {
+                        "memory_plan.batch_size": train_cfg.batch_size,
+                        "memory_plan.grad_accum": train_cfg.grad_accum,
+                    }
+                )
         metrics = {
             "data": {
                 "train_samples": len(splits.train),

@@ -146,9 +146,11 @@ def test_fit_to_memory_returns_a_planned_copy(tiny_model_path, as_omegaconf, cap
 
 @pytest.mark.slow
 def test_cli_plans_the_batch_or_fails_before_loading_the_model(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     from tests.conftest import run_cli
 
-    common = ["recipe=demo", "tracking=none", "eval.before=false", "eval.after=false"]
+    common = ["recipe=demo", "eval.before=false", "eval.after=false"]
     fits = run_cli(
         [
             *common,
@@ -162,6 +164,11 @@ def test_cli_plans_the_batch_or_fails_before_loading_the_model(tmp_path):
     )
     assert fits.returncode == 0, fits.stderr[-3000:]
     assert "micro-batch 16 x grad_accum 1 (effective 16)" in fits.stdout + fits.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    params = run.data.params
+    assert (params["train.batch_size"], params["train.grad_accum"]) == ("2", "8")  # as asked
+    assert (params["memory_plan.batch_size"], params["memory_plan.grad_accum"]) == ("16", "1")
     too_small = run_cli([*common, "output_dir=small", "train.gpu_memory_gb=0.5"], cwd=tmp_path)
     assert too_small.returncode != 0
     assert "does not fit train.gpu_memory_gb=0.5" in too_small.stderr
