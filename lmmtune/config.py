@@ -24,8 +24,9 @@ class ModelConfig:
     """Hub id, local directory, or `tiny` for the built-in tiny LLaVA (offline)."""
     dtype: str = "bfloat16"
     """Dtype of the unquantized parts (vision tower, projector): bfloat16, float16 or float32."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (flash_attention_2 on a GPU where flash-attn is installed,
+    else sdpa), or one passed to transformers as is: sdpa, eager, flash_attention_2."""
     trust_remote_code: bool = False
     """Run code shipped with a checkpoint. Off unless you trust the source."""
     revision: str | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from lmmtune.config import ModelConfig, PeftConfig, QuantConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import apply_lora, trainable_report
-from lmmtune.model.load import load_model, resolve_model_path
+from lmmtune.model.load import load_model, resolve_attention, resolve_model_path
 
 TINY = ModelConfig(path="tiny", dtype="float32")
 QLORA = QuantConfig(mode="4bit", compute_dtype="float32")
@@ -93,3 +95,21 @@ def test_offline_hub_id_fails_fast_with_instructions(monkeypatch, tmp_path):
 def test_missing_local_directory_is_named(tmp_path):
     with pytest.raises(LmmtuneError, match="is not a directory"):
         resolve_model_path(ModelConfig(path=str(tmp_path / "nowhere" / "model")))
+
+
+def test_auto_attention_is_sdpa_without_flash_attn_and_named_kernels_pass_through():
+    flash_ready = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    expected = "flash_attention_2" if flash_ready else "sdpa"
+    assert resolve_attention("auto", "bfloat16") == expected
+    assert resolve_attention("auto", "float32") == "sdpa"  # FlashAttention-2 needs 16-bit inputs
+    assert resolve_attention("eager", "bfloat16") == "eager"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn here")
+def test_flash_attention_without_flash_attn_is_a_clear_error(tiny_model_path):
+    config = ModelConfig(path="tiny", dtype="bfloat16", attn_implementation="flash_attention_2")
+    with pytest.raises(LmmtuneError) as error:
+        load_model(config, QuantConfig(mode="none"))
+    message = str(error.value)
+    assert "model.attn_implementation=flash_attention_2" in message
+    assert "FlashAttention2" in message and "model.attn_implementation=auto" in message

@@ -26,7 +26,7 @@ class Recipe:
     workers: bool = True
     """Decode batches in loader workers into pinned memory (on a GPU)."""
     attn: str = "auto"
-    """auto: flash_attention_2 when flash-attn is installed and a GPU is used, else sdpa."""
+    """As `model.attn_implementation`: auto is flash_attention_2 on a GPU with flash-attn, else sdpa."""
 
 
 LMMTUNE = Recipe("lmmtune", "(a) lmmtune recipe")

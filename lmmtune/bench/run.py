@@ -10,7 +10,6 @@ on a GPU (time.perf_counter on a CPU) at every optimizer step end; the first
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.data.dataset import PaddingCollator
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import apply_lora
-from lmmtune.model.load import load_model
+from lmmtune.model.load import load_model, resolve_attention
 from lmmtune.train.memory import GIB, MemorySetup, ModelShape, estimate_memory, fit_to_memory
 from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
 
@@ -103,16 +102,10 @@ class BenchTrainer(LlavaTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def attention_for(recipe: Recipe) -> str:
-    if recipe.attn != "auto":
-        return recipe.attn
-    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if flash else "sdpa"
-
-
 def run_recipe(recipe: Recipe, settings: BenchSettings, checkpoint: Path) -> dict:
     """Train `recipe` for warmup + steps optimizer steps; its measurements, or why it failed."""
-    result = {"config": recipe.key, "label": recipe.label, "attn": attention_for(recipe)}
+    attn = resolve_attention(recipe.attn, settings.dtype)  # `auto` as in a training run
+    result = {"config": recipe.key, "label": recipe.label, "attn": attn}
     start = time.perf_counter()
     try:
         result |= _train_and_measure(recipe, settings, checkpoint, result["attn"])

@@ -6,6 +6,7 @@ projector and the output head never are.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -107,23 +108,48 @@ def device_map() -> dict | str | None:
     return "cpu"
 
 
+def resolve_attention(attn_implementation: str, dtype: str) -> str:
+    """`auto`: FlashAttention-2 where it can run (a CUDA GPU, flash-attn installed, 16-bit
+    compute), else PyTorch's SDPA. Any other value is passed to transformers as is."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    flash = (
+        torch.cuda.is_available()
+        and dtype in ("bfloat16", "float16")
+        and importlib.util.find_spec("flash_attn") is not None
+    )
+    return "flash_attention_2" if flash else "sdpa"
+
+
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForConditionalGeneration:
     path = resolve_model_path(model_cfg)
+    attention = resolve_attention(model_cfg.attn_implementation, model_cfg.dtype)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             path,
             dtype=torch_dtype(model_cfg.dtype),
             quantization_config=build_quantization_config(quant_cfg),
             device_map=device_map(),
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=model_cfg.trust_remote_code,
             revision=model_cfg.revision,
             use_safetensors=True,
         )
     except OSError as exc:
         raise LmmtuneError(f"could not load the model from {path}: {exc}") from None
+    except ImportError as exc:  # e.g. flash_attention_2 without flash-attn
+        raise LmmtuneError(
+            f"model.attn_implementation={attention}: {exc} "
+            "Use model.attn_implementation=auto (FlashAttention-2 where installed, else sdpa)."
+        ) from None
     disable_bnb_cpu_repack(model)
-    log.info("loaded %s (%s, quantization %s)", path, model_cfg.dtype, quant_cfg.mode)
+    log.info(
+        "loaded %s (%s, quantization %s, attention %s)",
+        path,
+        model_cfg.dtype,
+        quant_cfg.mode,
+        attention,
+    )
     return model
 
 

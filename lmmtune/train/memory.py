@@ -120,7 +120,7 @@ class MemorySetup:
     gradient_checkpointing: bool = True
     loss_impl: str = "chunked"
     loss_chunk_size: int = 1024
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str = "auto"
 
     @classmethod
     def from_configs(cls, model_cfg, quant_cfg, peft_cfg, train_cfg) -> MemorySetup:
