@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,34 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()):
+    """The config `python -m lmmtune OVERRIDES` would get: conf/ and recipes/ through Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmmtune.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def run_bench(args: list[str], out: Path) -> dict:
+    """`python -m lmmtune.bench ARGS --out OUT` in a process of its own; its JSON report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lmmtune.bench", *args, "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -18,7 +16,7 @@ from lmmtune.bench.recipes import RECIPES
 from lmmtune.bench.report import markdown, mfu, peak_tflops, ratios
 from lmmtune.config import ModelConfig, QuantConfig
 from lmmtune.model.load import load_model
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_bench
 
 
 def test_usual_pipeline_is_the_trl_example_setup():
@@ -129,15 +127,7 @@ def test_peak_tensor_memory_counts_what_lives_at_once():
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "lmmtune.bench", "--scale", "tiny", "--out", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_bench(["--scale", "tiny"], out)
     assert [row["status"] for row in report["results"]] == ["ok", "ok", "ok"]
     for row in report["results"]:
         assert row["tokens_per_s"] > 0 and row["peak_allocated_gib"] > 0

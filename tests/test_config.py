@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from lmmtune.config import CONF_DIR, Config, available_recipes, register_configs
+from lmmtune.config import Config, available_recipes
 
-from .conftest import run_cli
+from .conftest import compose_config, run_cli
 
 
 @pytest.fixture()
 def composer():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        yield lambda overrides=(): compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
+    return compose_config
 
 
 def test_shipped_recipes_exist():

@@ -163,16 +163,11 @@ def test_fsdp_and_deepspeed_load_without_a_device_map_and_skip_eval_generation(m
 
 
 def test_fsdp_quant_config_stores_4bit_weights_as_bfloat16():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmmtune.config import CONF_DIR, QuantConfig, register_configs
+    from lmmtune.config import QuantConfig
     from lmmtune.model.load import build_quantization_config
 
-    GlobalHydra.instance().clear()
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["quant=4bit_fsdp"])
-    GlobalHydra.instance().clear()
+    from .conftest import compose_config
+
+    cfg = compose_config(["quant=4bit_fsdp"])
     assert build_quantization_config(cfg.quant).bnb_4bit_quant_storage == torch.bfloat16
     assert build_quantization_config(QuantConfig()).bnb_4bit_quant_storage == torch.uint8

@@ -106,19 +106,13 @@ def test_training_run_logs_the_predictions_table_and_chart(demo_run):
 
 
 def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, eval_cli, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmmtune.config import CONF_DIR, register_configs
     from lmmtune.errors import LmmtuneError
     from lmmtune.eval.run import run_eval
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        again = compose("config", [f"output_dir={demo_run['run_dir']}", "tracking=none"])
-        empty = compose("config", [f"output_dir={tmp_path}", "tracking=none"])
-    GlobalHydra.instance().clear()
+    from .conftest import compose_config
+
+    again = compose_config([f"output_dir={demo_run['run_dir']}", "tracking=none"])
+    empty = compose_config([f"output_dir={tmp_path}", "tracking=none"])
     with pytest.raises(LmmtuneError, match="already holds an evaluation.*eval.overwrite=true"):
         run_eval(again, overrides=[])
     with pytest.raises(LmmtuneError, match="no adapter in .*adapter_config.json missing"):

@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from lmmtune.config import CONF_DIR, register_configs
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.runs import find_adapter, find_run_dir, run_settings
 
-
-def _compose(overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+from .conftest import compose_config
 
 
 @pytest.fixture()
@@ -28,14 +18,14 @@ def run_dir(tmp_path):
     """A finished demo run as far as settings go: config.yaml and an adapter directory."""
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    OmegaConf.save(_compose(["recipe=demo", "peft.r=4"]), run / "config.yaml", resolve=True)
+    OmegaConf.save(compose_config(["recipe=demo", "peft.r=4"]), run / "config.yaml", resolve=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
     return run
 
 
 def test_the_runs_settings_are_used_without_a_recipe(run_dir):
     overrides = [f"output_dir={run_dir}"]
-    cfg = _compose(overrides)
+    cfg = compose_config(overrides)
     assert cfg.model.path != "tiny"  # the plain config knows nothing of the run
     settings = run_settings(cfg, find_run_dir(cfg, None), None, overrides)
     assert settings.name == "demo" and settings.model.path == "tiny"
@@ -45,7 +35,7 @@ def test_the_runs_settings_are_used_without_a_recipe(run_dir):
 
 def test_command_line_overrides_win_over_the_run(run_dir):
     overrides = [f"output_dir={run_dir}", "model.dtype=bfloat16", "quant=none", "eval.batch_size=2"]
-    cfg = _compose(overrides)
+    cfg = compose_config(overrides)
     settings = run_settings(cfg, run_dir, None, overrides)
     assert settings.model.dtype == "bfloat16" and settings.model.path == "tiny"
     assert settings.quant.mode == "none"  # a group choice replaces the run's whole section
@@ -58,17 +48,17 @@ def test_the_base_the_adapter_was_trained_on_is_used_while_it_exists(run_dir, tm
     record = run_dir / "adapter" / "lmmtune_base.json"
     record.write_text(json.dumps({"base_model": str(base)}))
     adapter = run_dir / "adapter"
-    assert run_settings(_compose([]), run_dir, adapter, []).model.path == str(base)
+    assert run_settings(compose_config([]), run_dir, adapter, []).model.path == str(base)
     pinned = ["model.path=/elsewhere"]
-    assert run_settings(_compose(pinned), run_dir, adapter, pinned).model.path == "/elsewhere"
+    assert run_settings(compose_config(pinned), run_dir, adapter, pinned).model.path == "/elsewhere"
     record.write_text(json.dumps({"base_model": str(tmp_path / "gone")}))
-    assert run_settings(_compose([]), run_dir, adapter, []).model.path == "tiny"
+    assert run_settings(compose_config([]), run_dir, adapter, []).model.path == "tiny"
 
 
 def test_the_run_is_found_from_its_adapter_or_checkpoint(run_dir):
     checkpoint = run_dir / "checkpoints" / "checkpoint-10"
     checkpoint.mkdir(parents=True)
-    cfg = _compose([])
+    cfg = compose_config([])
     assert find_run_dir(cfg, str(run_dir / "adapter")) == run_dir
     assert find_run_dir(cfg, str(checkpoint)) == run_dir
     assert find_adapter(None, run_dir, cfg) == run_dir / "adapter"

@@ -9,24 +9,12 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from lmmtune.config import CONF_DIR, register_configs
 from lmmtune.errors import LmmtuneError
 
-from .conftest import run_cli
+from .conftest import compose_config, run_cli
 
 REGISTERED = "demo-llava"
-
-
-def compose_config(overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def export_once(demo_run) -> dict:

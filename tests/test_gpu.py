@@ -5,17 +5,13 @@ Run with `python -m pytest -m gpu`; every test is skipped where CUDA is missing.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.model.adapters import apply_lora
 from lmmtune.model.load import load_model
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_bench
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,26 +139,7 @@ def test_merge_parity_on_cuda(tiny_model_path, tmp_path):
 
 
 def test_benchmark_on_cuda_reports_memory_and_mfu(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmmtune.bench",
-            "--scale",
-            "tiny",
-            "--steps",
-            "3",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_bench(["--scale", "tiny", "--steps", "3"], tmp_path / "bench.json")
     assert [row["status"] for row in report["results"]] == ["ok", "ok", "ok"]
     for row in report["results"]:
         assert 0 < row["peak_allocated_gib"] <= row["peak_reserved_gib"]

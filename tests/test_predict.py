@@ -9,7 +9,8 @@ import pytest
 from lmmtune.errors import LmmtuneError
 from lmmtune.predict import predict
 
-from .test_export import compose_config, export_once
+from .conftest import compose_config
+from .test_export import export_once
 
 
 @pytest.fixture(scope="module")
