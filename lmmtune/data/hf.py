@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmmtune.config import DataColumns
+from lmmtune.data.records import image_field
 from lmmtune.errors import LmmtuneError
 
 BATCH_ROWS = 1000
@@ -66,7 +67,7 @@ def load_table(path: Path):
 def table_records(table, name: str, columns: DataColumns) -> Iterator[tuple[str, dict]]:
     """(source, record) per row; the image column holds a path, a TableImage or None."""
     arrow = table.with_format("arrow")
-    image_column = columns.image if columns.image in table.column_names else None
+    image_column = image_field(table.column_names, columns)
     text = arrow.select_columns([c for c in table.column_names if c != image_column])
     images = arrow.select_columns([image_column]) if image_column else None
     for start in range(0, len(table), BATCH_ROWS):

@@ -26,7 +26,7 @@ from pathlib import Path
 from lmmtune.config import DataColumns
 from lmmtune.data.hf import load_table, table_records
 from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
-from lmmtune.data.records import Sample, problem_for, record_to_sample
+from lmmtune.data.records import Sample, image_field, problem_for, record_to_sample
 from lmmtune.errors import LmmtuneError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -199,14 +199,14 @@ def imagefolder_records(
 def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile) -> None:
     """Flat tables need the question and answer columns; no image column means text-only."""
     names = [n for n in names if n is not None]
-    if "conversations" not in names:
+    if "conversations" not in names and "messages" not in names:
         for key, name in (("question", columns.question), ("answer", columns.answer)):
             if name not in names:
                 raise LmmtuneError(
                     f"{where}: no '{name}' column (columns: {', '.join(names)}); "
                     f"name it with data.columns.{key}=COLUMN"
                 )
-    if columns.image not in names:
+    if image_field(names, columns) is None:
         data.warnings.append(
             RecordProblem(
                 where,

@@ -1,9 +1,14 @@
 """One record (a dict from any input format) -> one `Sample`, or a named problem.
 
-Two record shapes are accepted, whatever file they come from:
+Three record shapes are accepted, whatever file they come from:
 
 - LLaVA: `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"},
   {"from": "gpt", "value": "A"}, ...]}`; no `image` means a text-only record.
+- Chat (TRL's and Hugging Face's VLM data sets): `{"images": [img], "messages":
+  [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+  {"role": "assistant", "content": [{"type": "text", "text": "A"}]}, ...]}`; a
+  content may also be a plain string. The image comes from `data.columns.image`
+  when the record has it, else from `images`.
 - Flat: one question and one answer per record, in the columns `data.columns` names.
 
 LLaVA 1.5 was trained with exactly one image per sample, so a record with more than
@@ -23,6 +28,15 @@ __all__ = ["DataError", "ImageRef", "RecordInvalid", "RecordProblem", "Sample", 
 
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
+CHAT_IMAGES = "images"
+"""Where chat-shaped records keep their images, unless `data.columns.image` is there."""
+
+
+def image_field(names, columns: DataColumns) -> str | None:
+    """The field holding a record's image: `data.columns.image`, else a chat record's `images`."""
+    if columns.image in names:
+        return columns.image
+    return CHAT_IMAGES if CHAT_IMAGES in names else None
 
 
 @runtime_checkable
@@ -56,18 +70,23 @@ def record_to_sample(record, source: str, columns: DataColumns) -> Sample:
     """Validate one record and turn it into a Sample; raise RecordInvalid naming what is wrong."""
     if not isinstance(record, dict):
         raise RecordInvalid(Kind.NOT_A_RECORD, f"expected an object, got {type(record).__name__}")
-    image = single_image(record.get(columns.image), columns.image)
+    image_key = image_field(record, columns) or columns.image
+    image = single_image(record.get(image_key), image_key)
     images = int(image is not None)
     if "conversations" in record:
         turns, placeholders = llava_turns(record["conversations"], image is not None)
         mismatch = placeholders != images  # LLaVA records mark the image's place
+    elif "messages" in record:
+        turns, placeholders = chat_turns(record["messages"], image is not None)
+        mismatch = placeholders != images  # {"type": "image"} marks the image's place
     elif columns.question in record or columns.answer in record:
         turns, placeholders = flat_turns(record, columns, image is not None)
         mismatch = placeholders > images  # flat records may leave the placeholder out
     else:
         raise RecordInvalid(
             Kind.NO_CONVERSATIONS,
-            f"no 'conversations' list and no '{columns.question}'/'{columns.answer}' fields",
+            f"no 'conversations' or 'messages' list and no '{columns.question}'/"
+            f"'{columns.answer}' fields",
         )
     if mismatch:
         raise RecordInvalid(
@@ -117,6 +136,21 @@ def llava_turns(conversations, has_image: bool) -> tuple[list[tuple[str, str]], 
     if not isinstance(conversations, list) or not conversations:
         raise RecordInvalid(Kind.NO_CONVERSATIONS, "'conversations' is empty or not a list")
     messages = [_message(index, message) for index, message in enumerate(conversations)]
+    return _paired_turns(messages, has_image)
+
+
+def chat_turns(messages, has_image: bool) -> tuple[list[tuple[str, str]], int]:
+    """(question, answer) pairs of a chat `messages` list and its image-part count."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordInvalid(Kind.NO_CONVERSATIONS, "'messages' is empty or not a list")
+    parsed = [_chat_message(index, message) for index, message in enumerate(messages)]
+    return _paired_turns(parsed, has_image)
+
+
+def _paired_turns(
+    messages: list[tuple[str, str]], has_image: bool
+) -> tuple[list[tuple[str, str]], int]:
+    """Check that (role, text) messages alternate human/assistant; pair them into turns."""
     for index, (role, _) in enumerate(messages):
         expected = HUMAN_ROLES if index % 2 == 0 else ASSISTANT_ROLES
         if role not in expected:
@@ -173,6 +207,38 @@ def _message(index: int, message) -> tuple[str, str]:
             Kind.NO_CONVERSATIONS, f"message {index} is not a {{'from': ..., 'value': ...}} object"
         )
     return str(message["from"]).strip().lower(), _text(message["value"])
+
+
+def _chat_message(index: int, message) -> tuple[str, str]:
+    """(role, text) of one chat message; an image part becomes the `<image>` placeholder."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise RecordInvalid(
+            Kind.NO_CONVERSATIONS,
+            f"message {index} is not a {{'role': ..., 'content': ...}} object",
+        )
+    role = str(message["role"]).strip().lower()
+    if role == "system":
+        raise RecordInvalid(
+            Kind.ROLES_OUT_OF_ORDER,
+            f"message {index} is a system message: LLaVA 1.5's prompt has a fixed system line "
+            "(remove system messages)",
+        )
+    content = message["content"]
+    if not isinstance(content, list):
+        return role, _text(content)
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            parts.append(IMAGE_PLACEHOLDER)
+        elif kind == "text":
+            parts.append(_text(part.get("text")))
+        else:
+            raise RecordInvalid(
+                Kind.NO_CONVERSATIONS,
+                f"message {index}: a content part of type {kind!r}, expected 'text' or 'image'",
+            )
+    return role, "\n".join(parts)
 
 
 def _text(value) -> str:

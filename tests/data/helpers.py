@@ -22,6 +22,12 @@ def llava(record_id: str, image: str | None, question: str = "Is there a lesion?
     return record
 
 
+def chat(role: str, text: str, image: bool = False) -> dict:
+    """One message of a chat-shaped record (TRL / Hugging Face VLM data sets)."""
+    parts = [{"type": "image"}] if image else []
+    return {"role": role, "content": [*parts, {"type": "text", "text": text}]}
+
+
 def write_json(path: Path, records) -> Path:
     path.write_text(json.dumps(records), encoding="utf-8")
     return path

@@ -15,7 +15,7 @@ from lmmtune.data.hf import TableImage
 from lmmtune.data.problems import Kind
 from lmmtune.data.readers import read_data
 from lmmtune.errors import LmmtuneError
-from tests.data.helpers import save_image
+from tests.data.helpers import chat, save_image
 
 datasets = pytest.importorskip("datasets")
 COLUMNS = DataColumns()
@@ -110,6 +110,38 @@ def test_llava_rows_in_parquet(tmp_path):
     assert sample.turns == [("Colour?", "red")]
     assert sample.image_ref.read()[1] == "scan.png"
     assert _colours([sample]) == COLOURS[:1]
+
+
+def test_chat_messages_with_an_images_column_as_trl_vlm_sets(tmp_path):
+    """The layout of e.g. HuggingFaceH4/llava-instruct-mix-vsft: `messages` + `images` (a list)."""
+    messages = [
+        [chat("user", "What colour is it?", image=True), chat("assistant", answer)]
+        for answer in ("red", "green", "blue")
+    ]
+    table = datasets.Dataset.from_dict(
+        {"messages": messages, "images": [[image] for image in _images()]},
+        features=datasets.Features(
+            {
+                "messages": [
+                    {
+                        "role": datasets.Value("string"),
+                        "content": [
+                            {"type": datasets.Value("string"), "text": datasets.Value("string")}
+                        ],
+                    }
+                ],
+                "images": datasets.Sequence(datasets.Image()),
+            }
+        ),
+    )
+    table.save_to_disk(tmp_path / "ds")
+    data = read_data(tmp_path / "ds", COLUMNS)
+    assert data.problems == [] and data.warnings == []
+    assert [s.turns for s in data.samples] == [
+        [("What colour is it?", a)] for a in ("red", "green", "blue")
+    ]
+    assert isinstance(data.samples[0].image_ref, TableImage)
+    assert _colours(data.samples) == COLOURS
 
 
 def test_imagefolder_with_metadata_jsonl(tmp_path):

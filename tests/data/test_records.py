@@ -8,7 +8,7 @@ from lmmtune.config import DataColumns
 from lmmtune.data.problems import Kind
 from lmmtune.data.readers import read_data
 from lmmtune.errors import LmmtuneError
-from tests.data.helpers import kinds, llava, save_image, write_json, write_jsonl
+from tests.data.helpers import chat, kinds, llava, save_image, write_json, write_jsonl
 
 COLUMNS = DataColumns()
 
@@ -21,7 +21,7 @@ BAD_RECORDS = {
     "no conversations": (
         {"id": "bad", "image": "a.png", "caption": "x"},
         Kind.NO_CONVERSATIONS,
-        "no 'conversations' list and no 'question'/'answer' fields",
+        "no 'conversations' or 'messages' list and no 'question'/'answer' fields",
     ),
     "empty conversations": ({"id": "bad", "conversations": []}, Kind.NO_CONVERSATIONS, "empty"),
     "empty answer": (
@@ -60,6 +60,32 @@ BAD_RECORDS = {
         "2 images in one record: LLaVA 1.5 takes one image per sample",
     ),
     "not an object": (["a", "list"], Kind.NOT_A_RECORD, "expected an object, got list"),
+    "chat: system message": (
+        {"id": "bad", "messages": [{"role": "system", "content": "Be brief."}]},
+        Kind.ROLES_OUT_OF_ORDER,
+        "message 0 is a system message",
+    ),
+    "chat: unknown content part": (
+        {
+            "id": "bad",
+            "messages": [
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": "A"},
+            ],
+        },
+        Kind.NO_CONVERSATIONS,
+        "message 0: a content part of type 'video', expected 'text' or 'image'",
+    ),
+    "chat: image part without an image": (
+        {"id": "bad", "messages": [chat("user", "Q", image=True), chat("assistant", "A")]},
+        Kind.PLACEHOLDER_MISMATCH,
+        "1 '<image>' placeholder(s) for 0 image(s)",
+    ),
+    "chat: roles out of order": (
+        {"id": "bad", "messages": [chat("assistant", "A"), chat("user", "Q")]},
+        Kind.ROLES_OUT_OF_ORDER,
+        "message 0 is from 'assistant', expected 'human'",
+    ),
 }
 
 
@@ -87,6 +113,27 @@ def test_multi_turn_and_text_only_records_are_read(tmp_path):
     first, second = read_data(path, COLUMNS).samples
     assert first.turns == [("Q1", "A1"), ("Q2", "A2")] and first.image == "x.png"
     assert second.image is None and second.turns == [("Is there a lesion?", "yes")]
+
+
+def test_chat_messages_records_as_trl_and_hf_vlm_sets_write_them(tmp_path):
+    record = {
+        "id": "c1",
+        "images": ["x.png"],
+        "messages": [
+            chat("user", "What is shown?", image=True),
+            chat("assistant", "A lesion."),
+            {"role": "user", "content": "Where?"},  # plain-string content
+            chat("assistant", "Upper left."),
+        ],
+    }
+    text_only = {"messages": [chat("user", "Hi"), chat("assistant", "Hello")]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [record, text_only])
+    data = read_data(path, COLUMNS)
+    assert data.problems == []
+    first, second = data.samples
+    assert first.turns == [("What is shown?", "A lesion."), ("Where?", "Upper left.")]
+    assert first.image == "x.png" and first.id == "c1"
+    assert second.image is None and second.turns == [("Hi", "Hello")]
 
 
 def test_invalid_json_names_the_line_and_column(tmp_path):
