@@ -14,10 +14,13 @@
 # into /tmp/site first. Results go to $OUT when set (the lent machines' folder that
 # comes back), else outputs/gpu/: JSON and markdown per benchmark, logs, timings.
 # Random checkpoints are written once per machine under ~/.cache/lmmtune/bench/
-# (14 GB for 7B, 26 GB for 13B).
+# (14 GB for 7B, 26 GB for 13B). SESSION_SCALE=tiny runs every part at the tiny
+# scale instead: a rehearsal of the script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-outputs/gpu}
+scale_7b=${SESSION_SCALE:-7b}
+scale_13b=${SESSION_SCALE:-13b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -50,12 +53,12 @@ assert torch.cuda.is_available(), "no CUDA device"
 PY
     ;;
   tests) python3 -m pytest -m gpu -p no:cacheprovider -q --timeout 400 2>&1 | tee "$out/pytest-gpu.log" ;;
-  7b) bench gpu-7b --scale 7b ;;
+  7b) bench gpu-7b --scale "$scale_7b" ;;
   budgets)
-    bench gpu-7b-12gib --scale 7b --gpu-memory-gb 12 --configs lmmtune,usual
-    bench gpu-13b-22gib --scale 13b --gpu-memory-gb 22 --configs lmmtune,usual
+    bench gpu-7b-12gib --scale "$scale_7b" --gpu-memory-gb 12 --configs lmmtune,usual
+    bench gpu-13b-22gib --scale "$scale_13b" --gpu-memory-gb 22 --configs lmmtune,usual
     ;;
-  ablations) bench gpu-7b-ablations --scale 7b --steps 3 --configs "lmmtune,$(python3 -c \
+  ablations) bench gpu-7b-ablations --scale "$scale_7b" --steps 3 --configs "lmmtune,$(python3 -c \
     'from lmmtune.bench.recipes import ABLATION_KEYS; print(",".join(ABLATION_KEYS))')" ;;
   *) echo "unknown part '$1': check, tests, 7b, budgets or ablations" >&2; return 2 ;;
   esac
