@@ -11,11 +11,14 @@ import torch
 from lmmtune.bench.__main__ import _without, build_report, main, parse_args
 from lmmtune.bench.cpu_memory import PeakTensorMemory
 from lmmtune.bench.data import IGNORE_INDEX, SyntheticLlavaData
-from lmmtune.bench.models import IMAGE_TOKEN_ID, llava_config, random_checkpoint
+from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config, random_checkpoint
 from lmmtune.bench.recipes import RECIPES
 from lmmtune.bench.report import markdown, mfu, peak_tflops, ratios
-from lmmtune.config import ModelConfig, QuantConfig
+from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from lmmtune.data.dataset import PaddingCollator
+from lmmtune.model.adapters import apply_lora
 from lmmtune.model.load import load_model
+from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
 from tests.conftest import run_bench
 
 
@@ -161,3 +164,32 @@ def test_a_configuration_past_its_time_limit_is_reported_and_the_rest_still_run(
     assert report["ratios"] == []
     assert json.loads(out.read_text())["results"] == report["results"]
     assert "| (b) usual QLoRA (TRL VLM SFT example) | timeout (1 s) |" in markdown(report)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_checkpointing_variant_asked_for_is_the_one_the_model_runs(tmp_path, reentrant):
+    """(b) asks for reentrant checkpointing; transformers 5.2x ignores the old argument name
+    when it is set after construction, so the variant is checked where it takes effect."""
+    config = llava_config("tiny")
+    path = random_checkpoint("tiny", torch.float32, tmp_path)
+    base = load_model(
+        ModelConfig(path=str(path), dtype="float32"), QuantConfig(compute_dtype="float32")
+    )
+    model = apply_lora(base, PeftConfig(r=4, alpha=8), gradient_checkpointing=True)
+    data = SyntheticLlavaData(
+        2, IMAGE_TOKEN_ID, config.image_seq_length, config.vision_config.image_size, IMAGE_TOKEN_ID
+    )
+    train_cfg = TrainConfig(max_steps=1, batch_size=2, optim="adamw_torch", save_steps=10**6)
+    args = build_training_arguments(train_cfg, tmp_path, 0, "float32", use_reentrant=reentrant)
+    trainer = LlavaTrainer(
+        model=model, args=args, train_dataset=data, data_collator=PaddingCollator(PAD_TOKEN_ID)
+    )
+    trainer.train()
+    checkpointed = [
+        module._gradient_checkpointing_func
+        for module in model.modules()
+        if getattr(module, "gradient_checkpointing", False)
+        and hasattr(module, "_gradient_checkpointing_func")
+    ]
+    assert checkpointed
+    assert {func.keywords["use_reentrant"] for func in checkpointed} == {reentrant}

@@ -164,12 +164,14 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
     model = apply_lora(load_model(model_cfg, quant_cfg), peft_cfg, train_cfg.gradient_checkpointing)
     workers = 2 if cuda and recipe.workers else 0
     args = build_training_arguments(
-        train_cfg, settings.workdir / recipe.key, workers, settings.dtype
+        train_cfg,
+        settings.workdir / recipe.key,
+        workers,
+        settings.dtype,
+        use_reentrant=recipe.checkpointing == "reentrant",
     )
     args.disable_tqdm = True
     args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
-    if recipe.checkpointing == "reentrant":
-        args.gradient_checkpointing_kwargs = {"use_reentrant": True}
     timer = StepTimer(cuda)
     trainer = BenchTrainer(
         model=model,

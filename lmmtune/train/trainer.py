@@ -10,6 +10,7 @@ precision, checkpoints, DDP/FSDP through accelerate, a progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,13 @@ class LlavaTrainingArguments(TrainingArguments):
 
 
 def build_training_arguments(
-    train_cfg: TrainConfig, run_dir: Path, num_workers: int, dtype: str
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    num_workers: int,
+    dtype: str,
+    use_reentrant: bool = False,
 ) -> TrainingArguments:
+    """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline."""
     on_gpu = torch.cuda.is_available()
     if train_cfg.loss_impl not in LOSS_IMPLS:
         raise LmmtuneError(
@@ -56,8 +62,7 @@ def build_training_arguments(
         lr_scheduler_type=train_cfg.scheduler,
         optim=train_cfg.optim,
         max_grad_norm=train_cfg.max_grad_norm,
-        gradient_checkpointing=train_cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(train_cfg.gradient_checkpointing, use_reentrant),
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         logging_steps=train_cfg.logging_steps,
@@ -80,6 +85,22 @@ def build_training_arguments(
         report_to="none",
         disable_tqdm=False,
     )
+
+
+def checkpointing_arguments(enabled: bool, use_reentrant: bool = False) -> dict:
+    """Activation checkpointing under the argument names this transformers reads.
+
+    From 5.2x `activation_checkpointing*` are read and `gradient_checkpointing*` are
+    deprecated aliases, copied over once at construction (set later, they are ignored);
+    5.17 knows only the old names.
+    """
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": use_reentrant}}
 
 
 class LlavaTrainer(AtomicCheckpointMixin, Trainer):
