@@ -3,7 +3,12 @@
 Grayscale pixels go through the modality rescale (slope/intercept) and then the
 file's own window (WindowCenter/WindowWidth, the DICOM linear VOI function), or the
 min/max range when the file has no window. MONOCHROME1 (white is low) is inverted.
-Multi-frame files are refused: LLaVA 1.5 takes one image per sample.
+Colour: RGB, the YCbCr interpretations of JPEG and JPEG 2000 files (ultrasound,
+endoscopy, dermatology and slide scanners write these; pydicom 3 hands them over
+as RGB) and PALETTE COLOR (through the file's lookup tables). Compressed transfer
+syntaxes decode with the extra's pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000) or
+pydicom itself (RLE). Multi-frame files are refused: LLaVA 1.5 takes one image
+per sample.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from PIL import Image
 from lmmtune.data.images import check_pixels, stretch_to_uint8
 from lmmtune.data.problems import Kind, RecordInvalid
 
-INSTALL_HINT = "pip install 'lmmtune[dicom]' (or pip install pydicom)"
+INSTALL_HINT = "pip install 'lmmtune[dicom]' (pydicom and its JPEG/JPEG 2000 decoders)"
+RGB_WHEN_DECODED = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+"""Photometric interpretations whose pixels pydicom 3 returns as RGB (YCbCr converted)."""
 
 
 def decode_dicom(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
@@ -63,17 +70,26 @@ def _to_rgb(dataset, pixels: np.ndarray, name: str) -> Image.Image:
         if photometric == "MONOCHROME1":
             gray = 255 - gray
         return Image.fromarray(gray, "L").convert("RGB")
-    if photometric == "RGB" and pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if pixels.dtype != np.uint8:
-            pixels = stretch_to_uint8(
-                pixels.astype(np.float64), 0, 2 ** int(dataset.BitsStored) - 1
-            )
-        return Image.fromarray(pixels, "RGB")
+    if photometric == "PALETTE COLOR" and pixels.ndim == 2:
+        from pydicom.pixels import apply_color_lut
+
+        bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+        return _rgb_image(apply_color_lut(pixels, dataset), bits)
+    if photometric in RGB_WHEN_DECODED and pixels.ndim == 3 and pixels.shape[-1] == 3:
+        return _rgb_image(pixels, int(dataset.BitsStored))
     raise RecordInvalid(
         Kind.UNSUPPORTED_IMAGE,
         f"{name}: DICOM photometric interpretation {photometric} with pixel shape "
-        f"{pixels.shape} is not supported (MONOCHROME1, MONOCHROME2 and RGB are)",
+        f"{pixels.shape} is not supported (MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, "
+        "YBR_FULL_422, YBR_ICT, YBR_RCT and PALETTE COLOR are)",
     )
+
+
+def _rgb_image(pixels: np.ndarray, bits: int) -> Image.Image:
+    """[rows, columns, 3] samples of `bits` bits to an 8-bit RGB image."""
+    if pixels.dtype != np.uint8:
+        pixels = stretch_to_uint8(pixels.astype(np.float64), 0, 2**bits - 1)
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
 
 def window(dataset, pixels: np.ndarray) -> np.ndarray:

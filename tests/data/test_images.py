@@ -6,6 +6,7 @@ import io
 import struct
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,63 @@ def test_dicom_without_a_window_uses_min_max(tmp_path):
     path = _write_dicom(tmp_path / "x.dcm", np.array([[100, 300], [500, 4095]], dtype=np.uint16))
     image = open_image(path)
     assert [image.getpixel(xy)[0] for xy in ((0, 0), (1, 0), (1, 1))] == [0, 13, 255]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"],  # YBR_FULL, YBR_FULL_422
+)
+def test_jpeg_dicom_in_ycbcr_reads_as_the_same_rgb_picture(name):
+    """Colour JPEG DICOMs (ultrasound, endoscopy) carry YCbCr; pydicom's own test files
+    hold one picture as lossless RGB (RLE) and as lossy JPEG in YCbCr."""
+    testdata = pytest.importorskip("pydicom.data")
+    reference = np.asarray(open_image(Path(testdata.get_testdata_file("SC_rgb_rle.dcm"))))
+    image = open_image(Path(testdata.get_testdata_file(name)))
+    assert image.mode == "RGB"
+    difference = np.abs(np.asarray(image, dtype=float) - reference)
+    assert difference.mean() < 4  # JPEG loss; YCbCr read as RGB would be off by ~100
+    assert image.getpixel((0, 0))[0] > 240 and max(image.getpixel((0, 0))[1:]) < 15  # red
+
+
+def test_jpeg_2000_compressed_dicom_decodes_to_the_uncompressed_pixels(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("openjpeg")
+    from pydicom.uid import JPEG2000Lossless
+
+    stored = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 7) % 4096
+    plain = _write_dicom(tmp_path / "plain.dcm", stored, WindowCenter=2048, WindowWidth=4096)
+    dataset = pydicom.dcmread(plain)
+    dataset.compress(JPEG2000Lossless)
+    dataset.save_as(tmp_path / "j2k.dcm")
+    assert pydicom.dcmread(tmp_path / "j2k.dcm").file_meta.TransferSyntaxUID == JPEG2000Lossless
+    compressed = open_image(tmp_path / "j2k.dcm")
+    assert np.array_equal(np.asarray(compressed), np.asarray(open_image(plain)))
+    assert len(set(np.asarray(compressed)[..., 0].ravel().tolist())) > 100  # not a flat image
+
+
+def test_palette_colour_dicom_goes_through_its_lookup_tables(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    index = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    path = _write_dicom(tmp_path / "palette.dcm", index)  # written as 16-bit, rewritten below
+    dataset = pydicom.dcmread(path)
+    dataset.PhotometricInterpretation = "PALETTE COLOR"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelData = index.tobytes()
+    ramp = np.arange(256, dtype=np.uint16) * 257  # 16-bit table entries
+    tables = {"Red": ramp, "Green": ramp[::-1].copy(), "Blue": np.full(256, 65535, np.uint16)}
+    tag = pydicom.datadict.tag_for_keyword
+    for colour, table in tables.items():
+        dataset.add_new(tag(f"{colour}PaletteColorLookupTableDescriptor"), "US", [256, 0, 16])
+        dataset.add_new(tag(f"{colour}PaletteColorLookupTableData"), "OW", table.tobytes())
+    dataset.save_as(path)
+    image = open_image(path)
+    assert image.mode == "RGB"
+    assert [image.getpixel(xy) for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [
+        (0, 255, 255),
+        (1, 254, 255),
+        (2, 253, 255),
+        (255, 0, 255),
+    ]
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
