@@ -65,7 +65,7 @@ def run_command(command: str, cfg) -> None:
         elif command == "check":
             from lmmtune.check import check
 
-            check(cfg.data, cfg.model)
+            check(cfg)
         elif command == "eval":
             from lmmtune.eval.run import run_eval
 

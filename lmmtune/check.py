@@ -4,6 +4,10 @@ It runs the checks training runs first (`lmmtune.data.splits.inspect_data`), wit
 processor only (tokenizer and image processor, to count tokens): no model is loaded,
 so it takes seconds on a laptop, before any GPU hour is spent. Exits 1 if any
 record is invalid; warnings (duplicate ids, images in train and eval) do not fail it.
+
+With `train.gpu_memory_gb=N` it also runs the memory planner on the longest valid
+sample, as training would (the model's config only): the micro-batch and
+accumulation it picks, or exit 1 when the recipe cannot fit N GiB.
 """
 
 from __future__ import annotations
@@ -11,19 +15,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lmmtune.config import DataConfig, ModelConfig
+from lmmtune.config import Config
 from lmmtune.data.report import DataReport, format_report
 from lmmtune.data.splits import inspect_data
 from lmmtune.errors import LmmtuneError
 
 
-def check(data_cfg: DataConfig, model_cfg: ModelConfig) -> DataReport:
-    """Check the data set, print the report, raise LmmtuneError if any record is invalid."""
+def check(cfg: Config) -> DataReport:
+    """Check the data set (and the memory plan), print the report, raise LmmtuneError
+    if any record is invalid or the recipe cannot fit `train.gpu_memory_gb`."""
     from lmmtune.model.load import load_processor
 
-    processor = load_processor(model_cfg)
+    processor = load_processor(cfg.model)
     with tempfile.TemporaryDirectory(prefix="lmmtune-check-") as work_dir:  # `demo` writes here
-        report = inspect_data(data_cfg, processor, Path(work_dir))
+        report = inspect_data(cfg.data, processor, Path(work_dir))
     print(format_report(report), flush=True)
     if report.problems:
         valid = report.records - report.invalid_records
@@ -31,4 +36,19 @@ def check(data_cfg: DataConfig, model_cfg: ModelConfig) -> DataReport:
             f"{report.invalid_records} invalid record(s) of {report.records}, listed above; "
             f"fix them, or train with data.on_error=skip to use the {valid} valid ones"
         )
+    if cfg.train.gpu_memory_gb is not None:
+        print(memory_plan(cfg, report), flush=True)
     return report
+
+
+def memory_plan(cfg: Config, report: DataReport) -> str:
+    """The planner's choice for the longest sample training will see, as a report line."""
+    from lmmtune.train.memory import fit_to_memory
+
+    longest = max((n for n in report.token_lengths if n <= report.max_length), default=1)
+    planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest)
+    return (
+        f"memory: fits train.gpu_memory_gb={cfg.train.gpu_memory_gb:g} at micro-batch "
+        f"{planned.batch_size} x grad_accum {planned.grad_accum} (samples up to {longest} "
+        "tokens; the modelled breakdown is in the log)"
+    )

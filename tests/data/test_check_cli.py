@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import run_cli
 from tests.data.helpers import llava, save_image, write_json
 
@@ -58,12 +60,31 @@ def test_check_reports_problems_and_exits_1(tmp_path):
 def test_check_passes_a_good_set(good_set, capsys):
     # The same function the CLI's check branch calls, in-process (a subprocess costs ~10 s).
     from lmmtune.check import check
-    from lmmtune.config import DataConfig, ModelConfig
+    from lmmtune.config import Config, DataConfig, ModelConfig
 
-    report = check(DataConfig(train=str(good_set), num_workers=0), ModelConfig(path="tiny"))
+    cfg = Config(
+        data=DataConfig(train=str(good_set), num_workers=0), model=ModelConfig(path="tiny")
+    )
+    report = check(cfg)
 
     printed = capsys.readouterr().out
     assert (report.records, report.invalid_records) == (4, 0)
     assert (len(report.train), len(report.eval)) == (4, 0)  # 5% of 4 rounds to 0 eval records
     assert "records: 4 read, 4 valid, 0 invalid" in printed
     assert "problems (invalid records): none" in printed
+
+
+def test_check_with_a_memory_budget_prints_the_plan_or_fails(good_set, capsys):
+    from lmmtune.check import check
+    from lmmtune.config import Config, DataConfig, ModelConfig, TrainConfig
+    from lmmtune.errors import LmmtuneError
+
+    data, model = DataConfig(train=str(good_set), num_workers=0), ModelConfig(path="tiny")
+    budget = TrainConfig(batch_size=1, grad_accum=8, gpu_memory_gb=8)
+    report = check(Config(data=data, model=model, train=budget))
+    printed = capsys.readouterr().out
+    assert "memory: fits train.gpu_memory_gb=8 at micro-batch 8 x grad_accum 1" in printed
+    assert f"(samples up to {max(report.token_lengths)} tokens" in printed  # the longest sample
+    too_small = TrainConfig(batch_size=1, grad_accum=8, gpu_memory_gb=0.5)
+    with pytest.raises(LmmtuneError, match="does not fit train.gpu_memory_gb=0.5"):
+        check(Config(data=data, model=model, train=too_small))
