@@ -56,7 +56,9 @@ PY
   7b) bench gpu-7b --scale "$scale_7b" ;;
   budgets)
     bench gpu-7b-12gib --scale "$scale_7b" --gpu-memory-gb 12 --configs lmmtune,usual
-    bench gpu-13b-22gib --scale "$scale_13b" --gpu-memory-gb 22 --configs lmmtune,usual
+    local first=$?
+    bench gpu-13b-22gib --scale "$scale_13b" --gpu-memory-gb 22 --configs lmmtune,usual &&
+      return "$first"
     ;;
   ablations) bench gpu-7b-ablations --scale "$scale_7b" --steps 3 --configs "lmmtune,$(python3 -c \
     'from lmmtune.bench.recipes import ABLATION_KEYS; print(",".join(ABLATION_KEYS))')" ;;
