@@ -151,6 +151,9 @@ class TrainConfig:
     whose modelled peak fits, set grad_accum to keep batch_size x grad_accum, fail fast if
     even 1 does not fit. null: use batch_size and grad_accum as given."""
     logging_steps: int = 10
+    eval_steps: int | None = None
+    """Loss on the eval split every N optimizer steps (MLflow `eval/loss`), to watch for
+    overfitting while training; null: only the before/after evaluation."""
     save_steps: int = 200
     save_total_limit: int = 2
     """Finished checkpoints kept (the oldest are deleted)."""

@@ -111,7 +111,10 @@ def train(cfg: Config | DictConfig) -> dict:
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
         callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop]
-        trainer = build_trainer(model, train_set, collator, args, cfg.peft, lengths, callbacks)
+        eval_set = SupervisedDataset(splits.eval, processor, cfg.data.max_length)
+        trainer = build_trainer(
+            model, train_set, collator, args, cfg.peft, lengths, callbacks, eval_set
+        )
         result = run_training(trainer, stop, resume_from, run_dir)
         metrics["train"] = {
             "loss": result.training_loss,

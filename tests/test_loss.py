@@ -21,6 +21,7 @@ from lmmtune.train.loss import (
 from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
 
 TINY = ModelConfig(path="tiny", dtype="float32")
+TINY_PAD_ID = 3
 QLORA = QuantConfig(mode="4bit", compute_dtype="float32")
 
 
@@ -42,7 +43,10 @@ def _model(train_lm_head: bool):
 
 
 def _batch(model, batch_size: int = 3, length: int = 40) -> dict:
-    config = model.get_base_model().config
+    return _batch_for(model.get_base_model().config, batch_size, length)
+
+
+def _batch_for(config, batch_size: int, length: int) -> dict:
     generator = torch.Generator().manual_seed(1)
     vocab = config.text_config.vocab_size
     ids = torch.randint(5, vocab - 5, (batch_size, length), generator=generator)
@@ -186,3 +190,73 @@ def test_chunked_loss_needs_a_fraction_of_the_memory_at_llava_length(tmp_path):
     logits_bytes = batch["input_ids"].numel() * 32064 * 4
     assert peaks["default"] - peaks["chunked"] > logits_bytes  # at least one full fp32 logits
     assert peaks["chunked"] < 0.35 * peaks["default"]
+
+
+def _synthetic(size: int) -> list[dict]:
+    """`size` samples for the tiny model as the collator takes them (random text, 16 image tokens)."""
+    from transformers import AutoConfig
+
+    from lmmtune.model.tiny import tiny_model_dir
+
+    batch = _batch_for(AutoConfig.from_pretrained(tiny_model_dir()), size, 40)
+    return [
+        {
+            "input_ids": batch["input_ids"][i].tolist(),
+            "labels": batch["labels"][i].tolist(),
+            "pixel_values": batch["pixel_values"][i],
+        }
+        for i in range(size)
+    ]
+
+
+def test_eval_loss_through_the_chunked_loss_equals_the_default(models, tmp_path):
+    model = models[False].eval()
+    batch = _batch(model)
+    trainer = _trainer(model, "chunked", tmp_path)
+    chunked, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    trainer.args.loss_impl = "default"
+    default, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    model.train()
+    torch.testing.assert_close(chunked, default, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_steps_log_an_eval_loss_that_falls_to_mlflow(tiny_model_path, tmp_path):
+    """train.eval_steps: the loss on held-out samples every N steps, as `eval/loss` in MLflow.
+    Here the held-out samples are the training samples, so the loss must fall."""
+    from mlflow.tracking import MlflowClient
+
+    from lmmtune.config import TrackingConfig
+    from lmmtune.data.dataset import PaddingCollator
+    from lmmtune.track.mlflow_tracker import TrackerCallback, start_tracker
+    from lmmtune.train.trainer import build_trainer
+
+    model = _model(False)
+    data = _synthetic(4)
+    train_cfg = TrainConfig(
+        max_steps=6, batch_size=2, learning_rate=5e-3, warmup_ratio=0.0, eval_steps=3,
+        logging_steps=1, save_steps=100, optim="adamw_torch",
+    )  # fmt: skip
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="float32")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = start_tracker(TrackingConfig(tracking_uri=uri), "eval-steps", "run", tmp_path)
+    callbacks = [TrackerCallback(tracker)]
+    trainer = build_trainer(
+        model, data, PaddingCollator(TINY_PAD_ID), args, PeftConfig(), None, callbacks, data
+    )
+    trainer.train()
+    tracker.end("FINISHED")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-steps").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "eval/loss")
+    assert [m.step for m in history] == [3, 6]
+    assert history[1].value < history[0].value
+    assert "train/loss" in run.data.metrics and "train/eval_loss" not in run.data.metrics
+
+
+def test_eval_steps_without_an_eval_split_is_a_clear_error(models, tmp_path):
+    from lmmtune.train.trainer import build_trainer
+
+    train_cfg = TrainConfig(eval_steps=5)
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="float32")
+    with pytest.raises(LmmtuneError, match="train.eval_steps needs an eval split"):
+        build_trainer(models[False], _synthetic(4), None, args, PeftConfig(), None, [], [])

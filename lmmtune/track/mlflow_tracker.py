@@ -231,5 +231,10 @@ class TrackerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.tracker.log_metrics(
-                {f"train/{key}": value for key, value in logs.items()}, step=state.global_step
+                {metric_name(key): value for key, value in logs.items()}, step=state.global_step
             )
+
+
+def metric_name(key: str) -> str:
+    """`loss` -> `train/loss`; the Trainer's `eval_loss` (train.eval_steps) -> `eval/loss`."""
+    return f"eval/{key[len('eval_') :]}" if key.startswith("eval_") else f"train/{key}"

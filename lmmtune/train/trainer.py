@@ -66,6 +66,10 @@ def build_training_arguments(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         logging_steps=train_cfg.logging_steps,
+        eval_strategy="steps" if train_cfg.eval_steps else "no",
+        eval_steps=train_cfg.eval_steps,
+        per_device_eval_batch_size=train_cfg.batch_size,
+        prediction_loss_only=True,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",
@@ -129,6 +133,19 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The eval loss (train.eval_steps) through the chunked loss too: no full logits."""
+        chunked = getattr(self.args, "loss_impl", "default") == "chunked"
+        if not (chunked and prediction_loss_only and "labels" in inputs):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = chunked_causal_lm_loss(
+                model, inputs, None, self.args.loss_chunk_size, bypass_head=not sharded
+            )
+        return loss.detach(), None, None
+
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
             return self.optimizer
@@ -171,11 +188,18 @@ def build_trainer(
     peft_cfg: PeftConfig,
     lengths: list[int] | None,
     callbacks: list[TrainerCallback],
+    eval_dataset: Dataset | None = None,
 ) -> LlavaTrainer:
+    if args.eval_strategy != "no" and not eval_dataset:
+        raise LmmtuneError(
+            "train.eval_steps needs an eval split: set data.eval=..., or data.eval_fraction "
+            "so that at least one record is held out"
+        )
     return LlavaTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
         data_collator=collator,
         callbacks=callbacks,
         projector_lr=peft_cfg.projector_lr,
