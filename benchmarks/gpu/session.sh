@@ -2,13 +2,14 @@
 # Issue 5's GPU checks, in parts that each fit a 10-minute call, on a CUDA machine
 # that may have no internet access.
 #
-#   bash benchmarks/gpu/session.sh PART [PART ...]
+#   bash benchmarks/gpu/session.sh PART [PART ...]      (times below: estimates, not yet measured)
 #
 #   check      versions, the GPU, and that lmmtune's GPU path imports       (~0.5 min)
 #   tests      python -m pytest -m gpu                                       (~2 min)
 #   7b         bench, LLaVA-1.5-7B shapes: (a), (b), (c) without a budget    (~6 min)
 #   budgets    bench, 7B under 12 GiB and 13B under 22 GiB: (a) and (b)      (~9 min)
-#   ablations  bench, 7B: (a) with one of its choices undone at a time       (~10 min)
+#   ablations  bench, 7B: (a) with one of its choices undone at a time       (~12 min:
+#              past a 10-minute limit the finished rows remain in the report)
 #
 # Wheels in .whl/ (benchmarks/gpu/fetch_wheels.sh, run where pip works) are installed
 # into /tmp/site first. Results go to $OUT when set (the lent machines' folder that

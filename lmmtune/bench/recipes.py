@@ -56,6 +56,7 @@ RECIPES = {
             LMMTUNE, key="a-no-grouping", label="(a) + no length grouping", group_by_length=False
         ),
         replace(LMMTUNE, key="a-sdpa", label="(a) + sdpa attention", attn="sdpa"),
+        replace(LMMTUNE, key="a-no-workers", label="(a) + no loader workers", workers=False),
     )
 }
 DEFAULT_KEYS = ("lmmtune", "usual", "lora")
