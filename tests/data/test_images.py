@@ -202,6 +202,7 @@ def test_jpeg_dicom_in_ycbcr_reads_as_the_same_rgb_picture(name):
     """Colour JPEG DICOMs (ultrasound, endoscopy) carry YCbCr; pydicom's own test files
     hold one picture as lossless RGB (RLE) and as lossy JPEG in YCbCr."""
     testdata = pytest.importorskip("pydicom.data")
+    pytest.importorskip("libjpeg")  # pylibjpeg-libjpeg, in the dicom extra
     reference = np.asarray(open_image(Path(testdata.get_testdata_file("SC_rgb_rle.dcm"))))
     image = open_image(Path(testdata.get_testdata_file(name)))
     assert image.mode == "RGB"
