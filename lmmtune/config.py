@@ -154,6 +154,9 @@ class TrainConfig:
     eval_steps: int | None = None
     """Loss on the eval split every N optimizer steps (MLflow `eval/loss`), to watch for
     overfitting while training; null: only the before/after evaluation."""
+    keep_best: bool = False
+    """With eval_steps: end with the adapter of the lowest eval loss, not the last one
+    (kept in RUN/best/ while training; its step goes to metrics.json and MLflow)."""
     save_steps: int = 200
     save_total_limit: int = 2
     """Finished checkpoints kept (the oldest are deleted)."""

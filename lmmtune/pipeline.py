@@ -34,6 +34,7 @@ from lmmtune.rundir import prepare_run_dir, save_config
 from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
+from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
@@ -111,6 +112,9 @@ def train(cfg: Config | DictConfig) -> dict:
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
         callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop]
+        keep_best = best_adapter_keeper(train_cfg, run_dir)
+        if keep_best is not None:
+            callbacks.append(keep_best)
         eval_set = SupervisedDataset(splits.eval, processor, cfg.data.max_length)
         trainer = build_trainer(
             model, train_set, collator, args, cfg.peft, lengths, callbacks, eval_set
@@ -121,6 +125,12 @@ def train(cfg: Config | DictConfig) -> dict:
             "steps": result.global_step,
             "loss_history": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         }
+        if keep_best is not None:
+            barrier()  # rank 0 wrote the best weights; every rank loads them
+            best = keep_best.restore(model)
+            if best is not None:
+                metrics["train"]["best"] = best
+                tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
         adapter_dir = run_dir / "adapter"
         if shards_model():
@@ -151,6 +161,18 @@ def train(cfg: Config | DictConfig) -> dict:
             tracker.log_artifact(run_dir / artifact)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:
+    """The train.keep_best callback, or None; refused where no process holds all weights."""
+    if not train_cfg.keep_best:
+        return None
+    if shards_model():
+        raise LmmtuneError(
+            "train.keep_best is not supported under FSDP/DeepSpeed (no process holds all "
+            "trainable weights); use data parallel, or pick a checkpoint by its eval/loss"
+        )
+    return KeepBestAdapter(run_dir)
 
 
 def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, run_dir: Path):

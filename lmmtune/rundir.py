@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 RESULTS = (
     "adapter",
     "checkpoints",
+    "best",  # train.keep_best
+    ".best.staging",
     "metrics.json",
     "eval_before.json",
     "eval_predictions.jsonl",

@@ -260,3 +260,48 @@ def test_eval_steps_without_an_eval_split_is_a_clear_error(models, tmp_path):
     args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="float32")
     with pytest.raises(LmmtuneError, match="train.eval_steps needs an eval split"):
         build_trainer(models[False], _synthetic(4), None, args, PeftConfig(), None, [], [])
+
+
+def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tiny_model_path, tmp_path):
+    """Two training samples, four held out, a high learning rate: the model overfits, so
+    the lowest eval loss comes early and the last weights are not the best ones."""
+    from transformers import TrainerCallback
+
+    from lmmtune.data.dataset import PaddingCollator
+    from lmmtune.train.best import KeepBestAdapter, trainable_state
+    from lmmtune.train.trainer import build_trainer
+
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            snapshots[state.global_step] = (metrics["eval_loss"], trainable_state(model))
+
+    model = _model(False)
+    data = _synthetic(6)
+    train_cfg = TrainConfig(
+        max_steps=8, batch_size=2, learning_rate=0.2, warmup_ratio=0.0, scheduler="constant",
+        eval_steps=2, keep_best=True, save_steps=100, optim="adamw_torch",
+    )  # fmt: skip
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="float32")
+    keep = KeepBestAdapter(tmp_path)
+    callbacks = [keep, Snapshot()]
+    collator = PaddingCollator(TINY_PAD_ID)
+    trainer = build_trainer(
+        model, data[:2], collator, args, PeftConfig(), None, callbacks, data[2:]
+    )
+    trainer.train()
+    last = trainable_state(model)
+
+    best_step = min(snapshots, key=lambda step: snapshots[step][0])
+    assert best_step < max(snapshots)  # the case that matters: the best is not the last
+    assert keep.restore(model) == {"step": best_step, "eval_loss": snapshots[best_step][0]}
+    restored = trainable_state(model)
+    assert all(torch.equal(restored[n], t) for n, t in snapshots[best_step][1].items())
+    assert any(not torch.equal(restored[n], t) for n, t in last.items())
+    assert KeepBestAdapter(tmp_path).best == keep.best  # what a resumed run compares against
+
+
+def test_keep_best_needs_eval_steps(tmp_path):
+    with pytest.raises(LmmtuneError, match="train.keep_best needs train.eval_steps"):
+        build_training_arguments(TrainConfig(keep_best=True), tmp_path, 0, "float32")

@@ -50,6 +50,10 @@ def build_training_arguments(
         raise LmmtuneError(
             f"train.loss_impl must be one of {', '.join(LOSS_IMPLS)}, not '{train_cfg.loss_impl}'"
         )
+    if train_cfg.keep_best and not train_cfg.eval_steps:
+        raise LmmtuneError(
+            "train.keep_best needs train.eval_steps: the eval loss it keeps the best of"
+        )
     return LlavaTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=train_cfg.epochs,
