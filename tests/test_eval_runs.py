@@ -64,3 +64,21 @@ def test_the_run_is_found_from_its_adapter_or_checkpoint(run_dir):
     assert find_adapter(None, run_dir, cfg) == run_dir / "adapter"
     with pytest.raises(LmmtuneError, match="no adapter in .*checkpoint-10"):
         find_adapter(str(checkpoint), run_dir, cfg)
+
+
+def test_eval_data_file_gives_its_valid_records_checked_as_training_checks(
+    tmp_path, tiny_processor
+):
+    from lmmtune.data.problems import DataError
+    from lmmtune.eval.runs import eval_samples
+    from tests.data.helpers import llava, save_image, write_json
+
+    save_image(tmp_path / "img" / "a.png")
+    records = [llava("a", "img/a.png"), llava("b", "img/missing.png"), llava("t", None)]
+    path = write_json(tmp_path / "extra.json", records)
+
+    samples = eval_samples(compose_config(["data.on_error=skip"]), None, tiny_processor, str(path))
+    assert [s.id for s in samples] == ["a", "t"]  # every valid record, none held back
+    assert samples[0].image == str(tmp_path / "img" / "a.png")
+    with pytest.raises(DataError, match="missing.png"):
+        eval_samples(compose_config([]), None, tiny_processor, str(path))

@@ -79,10 +79,16 @@ def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
         raise LmmtuneError(
             f"no valid training records left in {data_cfg.train}; see {run_dir / REPORT_FILE}"
         )
-    evaluation = report.eval
-    if data_cfg.max_eval_samples is not None:
-        evaluation = evaluation[: data_cfg.max_eval_samples]
-    return Splits(report.train, evaluation, report.problems, report.warnings, report)
+    return Splits(
+        report.train, capped_eval(report, data_cfg), report.problems, report.warnings, report
+    )
+
+
+def capped_eval(report: DataReport, data_cfg: DataConfig) -> list[Sample]:
+    """The eval split, cut to `data.max_eval_samples`: what training evaluates on."""
+    if data_cfg.max_eval_samples is None:
+        return report.eval
+    return report.eval[: data_cfg.max_eval_samples]
 
 
 def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:

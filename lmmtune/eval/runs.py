@@ -157,7 +157,7 @@ def eval_samples(
     from lmmtune.data.problems import DataError
 
     if data is not None:
-        samples, problems = _read_file(data, settings.data)
+        samples, problems = _read_file(data, settings.data, processor)
     else:
         samples, problems = _run_split(settings.data, run_dir, processor)
     if problems and settings.data.on_error == "fail":
@@ -169,19 +169,16 @@ def eval_samples(
     return samples
 
 
-def _read_file(path: str, data_cfg) -> tuple[list[Sample], list]:
-    from lmmtune.data.readers import read_data
-    from lmmtune.data.validate import resolve_images
-
-    data = read_data(path, data_cfg.columns)
-    root = Path(data_cfg.image_root) if data_cfg.image_root else data.image_root
-    samples, unresolved = resolve_images(data.samples, root)
-    return samples, data.problems + unresolved
+def _read_file(path: str, data_cfg, processor) -> tuple[list[Sample], list]:
+    """Every valid record of the file at `path`, checked as training checks its data."""
+    file_cfg = OmegaConf.merge(data_cfg, {"train": path, "eval": None, "eval_fraction": 0.0})
+    report = _inspect(file_cfg, processor)
+    return report.train, report.problems
 
 
 def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample], list]:
     """The same eval records training evaluated on (same files, checks, split and cap)."""
-    from lmmtune.data.splits import DEMO, inspect_data
+    from lmmtune.data.splits import DEMO, capped_eval
 
     if data_cfg.train == DEMO:
         demo = (run_dir or Path(".")) / "demo_data"
@@ -195,12 +192,16 @@ def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample],
                 "image_root": None,
             },
         )
+    report = _inspect(data_cfg, processor)
+    return capped_eval(report, data_cfg), report.problems
+
+
+def _inspect(data_cfg, processor):
+    """`inspect_data` with a throwaway work directory (nothing of a run is written)."""
+    from lmmtune.data.splits import inspect_data
+
     with tempfile.TemporaryDirectory(prefix="lmmtune-eval-") as work_dir:
-        report = inspect_data(data_cfg, processor, Path(work_dir))
-    evaluation = report.eval
-    if data_cfg.max_eval_samples is not None:
-        evaluation = evaluation[: data_cfg.max_eval_samples]
-    return evaluation, report.problems
+        return inspect_data(data_cfg, processor, Path(work_dir))
 
 
 def open_tracker(tracking_cfg, experiment: str, run_name: str, required: bool = False):
