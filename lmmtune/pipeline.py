@@ -51,9 +51,7 @@ def train(cfg: Config | DictConfig) -> dict:
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
     train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
-    lengths = [
-        len(train_set.tokenize(sample)[0]) for sample in splits.train
-    ]  # also enforces max_length
+    lengths = splits.report.train_lengths  # counted by the data check, image tokens included
     # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
     train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
     model = load_model(cfg.model, cfg.quant)

@@ -29,6 +29,8 @@ class DataReport:
     eval: list[Sample] = field(default_factory=list)
     token_lengths: list[int] = field(default_factory=list)
     """Tokens per parsed sample, image tokens included (too-long ones too)."""
+    train_lengths: list[int] = field(default_factory=list)
+    """Tokens per sample of `train`, in its order: for length grouping and the memory planner."""
     answer_lengths: list[int] = field(default_factory=list)
     """Tokens per answer (every turn of every parsed sample)."""
     max_length: int = 0

@@ -44,11 +44,11 @@ SKIPPED_FILE = "skipped_records.jsonl"
 class Splits:
     train: list[Sample]
     eval: list[Sample]
+    report: DataReport
     problems: list[RecordProblem] = field(default_factory=list)
     """Invalid records left out (data.on_error=skip); also in `skipped_records.jsonl`."""
     warnings: list[RecordProblem] = field(default_factory=list)
     """Duplicate ids, images in both train and eval: reported, the records still train."""
-    report: DataReport | None = None
 
 
 def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
@@ -79,9 +79,8 @@ def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
         raise LmmtuneError(
             f"no valid training records left in {data_cfg.train}; see {run_dir / REPORT_FILE}"
         )
-    return Splits(
-        report.train, capped_eval(report, data_cfg), report.problems, report.warnings, report
-    )
+    evaluation = capped_eval(report, data_cfg)
+    return Splits(report.train, evaluation, report, report.problems, report.warnings)
 
 
 def capped_eval(report: DataReport, data_cfg: DataConfig) -> list[Sample]:
@@ -124,6 +123,8 @@ def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
         report.train = train
         report.eval = [s for s in evaluation if s.source not in invalid]
         report.eval_from = "the data.eval file"
+    length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
+    report.train_lengths = [length_of[s.source] for s in report.train]
     report.warnings += train_eval_overlap(report.train, report.eval)
     report.problems.sort(key=in_file_order)
     report.warnings.sort(key=in_file_order)

@@ -73,6 +73,23 @@ def test_token_lengths_count_image_tokens_exactly(tmp_path, inspect, tiny_proces
     assert report.answer_lengths == [1, 1, 1, 1]  # yes, yes, yes, left
 
 
+def test_train_lengths_follow_the_train_split_past_bad_and_eval_records(
+    tmp_path, inspect, tiny_processor
+):
+    """What length grouping and the memory planner use, without tokenizing again."""
+    save_image(tmp_path / "a.png")
+    long_text = llava("t", None, "Describe the scan in full detail, please.", "A long answer.")
+    train = write_json(
+        tmp_path / "train.json", [llava("i", "a.png"), llava("bad", "gone.png"), long_text]
+    )
+    evaluation = write_json(tmp_path / "eval.json", [llava("e", "a.png")])
+    report = inspect(train=str(train), eval=str(evaluation))
+    tokenize = TokenizedConversation(tiny_processor, max_length=10_000)
+    assert [s.id for s in report.train] == ["i", "t"]
+    assert report.train_lengths == [len(tokenize(s)[0]) for s in report.train]
+    assert len(report.token_lengths) == 4  # every parsed record, the bad and the eval one too
+
+
 def _long_set(tmp_path):
     save_image(tmp_path / "a.png")
     records = [llava("short", "a.png"), llava("long", "a.png", "Is there a lesion? " * 30)]
