@@ -20,6 +20,7 @@ from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
 from lmmtune.eval.report import metric_items, save_eval_report
 from lmmtune.eval.runs import (
+    command_tags,
     eval_samples,
     find_adapter,
     find_run_dir,
@@ -27,7 +28,6 @@ from lmmtune.eval.runs import (
     load_run_processor,
     open_tracker,
     run_settings,
-    source_run_id,
 )
 from lmmtune.track.mlflow_tracker import tracked_run
 
@@ -52,7 +52,8 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
     tracker = open_tracker(cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval")
     with tracked_run(tracker):
-        tracker.set_tags(_tags(settings, run_dir, adapter, eval_cfg.data))
+        eval_data = eval_cfg.data or "run eval split"
+        tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
         tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
         before, after = evaluate_adapter(model, processor, samples, eval_cfg)
         metrics = {
@@ -82,17 +83,3 @@ def prepare_output_dir(path: Path, overwrite: bool) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _tags(settings: DictConfig, run_dir: Path | None, adapter: Path, data: str | None) -> dict:
-    tags = {
-        "command": "eval",
-        "recipe": settings.name,
-        "base_model": settings.model.path,
-        "adapter": str(adapter.resolve()),
-        "eval_data": data or "run eval split",
-    }
-    run_id = source_run_id(run_dir)
-    if run_id:
-        tags["source_run_id"] = run_id
-    return tags

@@ -126,6 +126,23 @@ def source_run_id(run_dir: Path | None) -> str | None:
         return None
 
 
+def command_tags(
+    command: str, settings: DictConfig, run_dir: Path | None, adapter: Path, **extra: str
+) -> dict:
+    """MLflow tags of an eval/export run: what it ran on, linked to the training run if known."""
+    tags = {
+        "command": command,
+        **extra,
+        "recipe": settings.name,
+        "base_model": settings.model.path,
+        "adapter": str(adapter.resolve()),
+    }
+    run_id = source_run_id(run_dir)
+    if run_id:
+        tags["source_run_id"] = run_id
+    return tags
+
+
 def load_run_processor(adapter_dir: Path, model_cfg):
     """The processor saved with the adapter (what training used), else the base model's."""
     from transformers import AutoProcessor

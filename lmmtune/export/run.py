@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.runs import (
+    command_tags,
     eval_samples,
     find_adapter,
     find_run_dir,
@@ -72,7 +73,8 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         required=bool(export_cfg.register_name),
     )
     with tracked_run(tracker):
-        tracker.set_tags(_tags(settings, run_dir, adapter, export_cfg.format))
+        tags = command_tags("export", settings, run_dir, adapter, export_format=export_cfg.format)
+        tracker.set_tags(tags)
         tracker.log_params({f"export.{k}": v for k, v in export_cfg.items()})
         report = {
             "format": export_cfg.format,
@@ -208,17 +210,3 @@ def log_export(tracker, target: Path, export_cfg) -> dict | None:
     if not export_cfg.log_model:
         return None
     return tracker.log_model(target, export_cfg.register_name)
-
-
-def _tags(settings: DictConfig, run_dir: Path | None, adapter: Path, export_format: str) -> dict:
-    tags = {
-        "command": "export",
-        "export_format": export_format,
-        "recipe": settings.name,
-        "base_model": settings.model.path,
-        "adapter": str(adapter.resolve()),
-    }
-    run_id = source_run_id(run_dir)
-    if run_id:
-        tags["source_run_id"] = run_id
-    return tags
