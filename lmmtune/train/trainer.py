@@ -121,16 +121,22 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
         self.lengths = lengths
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The chunked loss in training (`loss_impl=chunked`), else transformers' own."""
-        chunked = getattr(self.args, "loss_impl", "default") == "chunked"
-        if not chunked or return_outputs or not model.training or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def _chunked(self, inputs) -> bool:
+        """Whether this batch's loss goes through the chunked loss (`loss_impl=chunked`)."""
+        return getattr(self.args, "loss_impl", "default") == "chunked" and "labels" in inputs
+
+    def _chunked_loss(self, model, inputs, num_items_in_batch=None):
         # Sharded weights are gathered only inside the forward: keep the head there.
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        loss = chunked_causal_lm_loss(
+        return chunked_causal_lm_loss(
             model, inputs, num_items_in_batch, self.args.loss_chunk_size, bypass_head=not sharded
         )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The chunked loss in training (`loss_impl=chunked`), else transformers' own."""
+        if not self._chunked(inputs) or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self._chunked_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens.
             scale = self.accelerator.num_processes // self.get_tp_size()
@@ -139,15 +145,11 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The eval loss (train.eval_steps) through the chunked loss too: no full logits."""
-        chunked = getattr(self.args, "loss_impl", "default") == "chunked"
-        if not (chunked and prediction_loss_only and "labels" in inputs):
+        if not (self._chunked(inputs) and prediction_loss_only):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = chunked_causal_lm_loss(
-                model, inputs, None, self.args.loss_chunk_size, bypass_head=not sharded
-            )
+            loss = self._chunked_loss(model, inputs)
         return loss.detach(), None, None
 
     def create_optimizer(self, model=None):
