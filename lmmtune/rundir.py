@@ -24,7 +24,7 @@ RESULTS = (
     "adapter",
     "checkpoints",
     "best",  # train.keep_best
-    ".best.staging",
+    ".best.tmp-*",
     "metrics.json",
     "eval_before.json",
     "eval_predictions.jsonl",

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmmtune.atomic import staged_directory
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.runs import (
     command_tags,
@@ -83,7 +82,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "source_run_id": source_run_id(run_dir),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        with staging(target, export_cfg.overwrite) as tmp:
+        with staged_directory(target, replace=export_cfg.overwrite) as tmp:
             if export_cfg.format == "adapter":
                 shutil.copytree(adapter, tmp)
                 processor.save_pretrained(tmp)  # adds the chat template and padding processor
@@ -128,22 +127,6 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
             f"{target} already exists; pass export.overwrite=true to replace it, "
             "or export.dir=OTHER_DIR"
         )
-
-
-@contextmanager
-def staging(target: Path, overwrite: bool):
-    """A temporary directory next to `target`, renamed to it only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists() and overwrite:
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 def export_merged(

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+
+from lmmtune.atomic import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,10 @@ class KeepBestAdapter(TrainerCallback):
             log.info("new lowest eval loss %.4f at step %d: kept", loss, state.global_step)
 
     def _save(self, weights: dict[str, torch.Tensor]) -> None:
-        staging = self.folder.with_name(f".{BEST_DIR}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file(weights, str(staging / WEIGHTS))
-        (staging / RECORD).write_text(json.dumps(self.best))
-        shutil.rmtree(self.folder, ignore_errors=True)
-        staging.rename(self.folder)
+        with staged_directory(self.folder, replace=True) as staging:
+            staging.mkdir()
+            save_file(weights, str(staging / WEIGHTS))
+            (staging / RECORD).write_text(json.dumps(self.best))
 
     def restore(self, model: torch.nn.Module) -> dict | None:
         """Load the best weights into `model`; the {step, eval_loss} they came from, or None."""
