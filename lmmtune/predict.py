@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.generate import generate_answers
+from lmmtune.eval.report import write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
         for s, a in zip(samples, answers, strict=True)
     ]
     if predict_cfg.output:
-        write_jsonl(rows, Path(predict_cfg.output))
+        write_predictions(rows, Path(predict_cfg.output))
         print(f"wrote {len(rows)} answer(s) to {predict_cfg.output}", flush=True)
     elif predict_cfg.input:
         for row in rows:
@@ -129,10 +130,3 @@ def load_merged(path: Path):
         raise LmmtuneError(f"predict.model={path} is not a model directory (no config.json)")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", device_map=device_map())
     return model, AutoProcessor.from_pretrained(path)
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")

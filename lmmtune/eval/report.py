@@ -57,6 +57,8 @@ def prediction_rows(
 
 
 def write_predictions(rows: list[dict], path: Path) -> Path:
+    """Rows as JSON lines (UTF-8 kept readable): eval predictions and `predict` answers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
