@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from lmmtune.data.images import open_image
+
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "eval_samples.png"
@@ -47,8 +49,7 @@ def grid(tiles: list[Image.Image], columns: int = 4) -> Image.Image:
 
 def _tile(row: dict) -> Image.Image | None:
     try:
-        with Image.open(row["image"]) as source:
-            image = source.convert("RGB")
+        image = open_image(row["image"])  # as training read it: EXIF rotation, DICOM, 16-bit
     except (OSError, ValueError):  # a file gone or unreadable: leave the sample out
         return None
     scale = TILE / max(image.size)  # small scans are enlarged too, to be seen
