@@ -93,14 +93,13 @@ def record_to_sample(record, source: str, columns: DataColumns) -> Sample:
             Kind.PLACEHOLDER_MISMATCH,
             f"{placeholders} '<image>' placeholder(s) for {images} image(s)",
         )
-    record_id = record.get(columns.id)
-    question_type = record.get(columns.question_type)
+    record_id = optional_text(record.get(columns.id))
     is_ref = isinstance(image, ImageRef)
     return Sample(
-        id=source if record_id in (None, "") else str(record_id),
+        id=source if record_id is None else record_id,
         turns=turns,
         image=image.label if is_ref else image,
-        question_type=None if question_type in (None, "") else str(question_type),
+        question_type=optional_text(record.get(columns.question_type)),
         source=source,
         image_ref=image if is_ref else None,
     )
@@ -249,7 +248,10 @@ def _text(value) -> str:
 
 def problem_for(record, source: str, columns: DataColumns, error: RecordInvalid) -> RecordProblem:
     """A RecordProblem for a record that failed, with its id if it has one."""
-    record_id = record.get(columns.id) if isinstance(record, dict) else None
-    return RecordProblem(
-        source, None if record_id in (None, "") else str(record_id), error.reason, error.kind
-    )
+    record_id = optional_text(record.get(columns.id)) if isinstance(record, dict) else None
+    return RecordProblem(source, record_id, error.reason, error.kind)
+
+
+def optional_text(value) -> str | None:
+    """An optional field as text: None when it is missing or empty."""
+    return None if value in (None, "") else str(value)
