@@ -28,6 +28,7 @@ from lmmtune.bench.models import llava_config, random_checkpoint
 from lmmtune.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
 from lmmtune.bench.report import environment, markdown, mfu, peak_tflops, ratios
 from lmmtune.bench.run import BenchSettings, run_recipe
+from lmmtune.model.load import torch_dtype
 from lmmtune.train.memory import GIB, ModelShape
 
 log = logging.getLogger("lmmtune.bench")
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def compute_dtype() -> str:
+    """bf16 on a GPU (the recipe's); fp32 on a CPU, where bf16 autocast is slow."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def settings_from(args: argparse.Namespace, workdir: Path) -> BenchSettings:
     return BenchSettings(
         scale=args.scale,
@@ -100,7 +106,7 @@ def settings_from(args: argparse.Namespace, workdir: Path) -> BenchSettings:
         warmup=args.warmup,
         steps=args.steps,
         lora_r=args.lora_r,
-        dtype="bfloat16" if torch.cuda.is_available() else "float32",
+        dtype=compute_dtype(),
         gpu_memory_gb=args.gpu_memory_gb,
         workdir=workdir,
     )
@@ -154,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cap_gpu_memory(args.gpu_memory_gb)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    checkpoint = random_checkpoint(args.scale, dtype, args.cache_dir)
+    checkpoint = random_checkpoint(args.scale, torch_dtype(compute_dtype()), args.cache_dir)
     command = "python -m lmmtune.bench " + shlex.join(argv)
     out = args.out or default_out(args.scale)
     with tempfile.TemporaryDirectory(prefix="lmmtune-bench-") as tmp:
