@@ -5,7 +5,7 @@ processor only (tokenizer and image processor, to count tokens): no model is loa
 so it takes seconds on a laptop, before any GPU hour is spent. Exits 1 if any
 record is invalid; warnings (duplicate ids, images in train and eval) do not fail it.
 
-With `train.gpu_memory_gb=N` it also runs the memory planner on the longest valid
+With `train.gpu_memory_gb=N` it also runs the memory planner on the longest training
 sample, as training would (the model's config only): the micro-batch and
 accumulation it picks, or exit 1 when the recipe cannot fit N GiB.
 """
@@ -45,7 +45,7 @@ def memory_plan(cfg: Config, report: DataReport) -> str:
     """The planner's choice for the longest sample training will see, as a report line."""
     from lmmtune.train.memory import fit_to_memory
 
-    longest = max((n for n in report.token_lengths if n <= report.max_length), default=1)
+    longest = max(report.train_lengths, default=1)  # what training plans with
     planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest)
     return (
         f"memory: fits train.gpu_memory_gb={cfg.train.gpu_memory_gb:g} at micro-batch "

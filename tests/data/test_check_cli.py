@@ -84,7 +84,7 @@ def test_check_with_a_memory_budget_prints_the_plan_or_fails(good_set, capsys):
     report = check(Config(data=data, model=model, train=budget))
     printed = capsys.readouterr().out
     assert "memory: fits train.gpu_memory_gb=8 at micro-batch 8 x grad_accum 1" in printed
-    assert f"(samples up to {max(report.token_lengths)} tokens" in printed  # the longest sample
+    assert f"(samples up to {max(report.train_lengths)} tokens" in printed  # the longest sample
     too_small = TrainConfig(batch_size=1, grad_accum=8, gpu_memory_gb=0.5)
     with pytest.raises(LmmtuneError, match="does not fit train.gpu_memory_gb=0.5"):
         check(Config(data=data, model=model, train=too_small))
