@@ -1,8 +1,9 @@
 """DICOM (`.dcm`) images to 8-bit RGB, with the optional `pydicom` extra.
 
-Grayscale pixels go through the modality rescale (slope/intercept) and then the
-file's own window (WindowCenter/WindowWidth, the DICOM linear VOI function), or the
-min/max range when the file has no window. MONOCHROME1 (white is low) is inverted.
+Grayscale pixels go through pydicom's `apply_modality_lut` (Modality LUT or
+slope/intercept) and `apply_voi_lut` (the file's VOI LUT table, or its window with the
+LINEAR, LINEAR_EXACT or SIGMOID function), or the min/max range when the file has
+neither. MONOCHROME1 (white is low) is inverted.
 Colour: RGB, the YCbCr interpretations of JPEG and JPEG 2000 files (ultrasound,
 endoscopy, dermatology and slide scanners write these; pydicom 3 hands them over
 as RGB) and PALETTE COLOR (through the file's lookup tables). Compressed transfer
@@ -14,6 +15,7 @@ per sample.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,7 @@ from PIL import Image
 from lmmtune.data.images import check_pixels, stretch_to_uint8
 from lmmtune.data.problems import Kind, RecordInvalid
 
+log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'lmmtune[dicom]' (pydicom and its JPEG/JPEG 2000 decoders)"
 RGB_WHEN_DECODED = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 """Photometric interpretations whose pixels pydicom 3 returns as RGB (YCbCr converted)."""
@@ -93,22 +96,26 @@ def _rgb_image(pixels: np.ndarray, bits: int) -> Image.Image:
 
 
 def window(dataset, pixels: np.ndarray) -> np.ndarray:
-    """Rescale to modality units, then apply the file's window (or min/max) to 8 bits."""
-    values = pixels.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1) + float(
-        dataset.get("RescaleIntercept", 0) or 0
-    )
-    center, width = _first(dataset.get("WindowCenter")), _first(dataset.get("WindowWidth"))
-    if center is None or width is None or width < 1:
-        return stretch_to_uint8(values, values.min(), values.max())
-    # DICOM PS3.3 C.11.2.1.2.1, linear VOI function.
-    scaled = ((values - (center - 0.5)) / (width - 1 if width > 1 else 1) + 0.5) * 255
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    """Grayscale pixels to 8 bits the way the file asks, through pydicom's own LUT functions.
 
+    Modality LUT or rescale first, then the VOI LUT table or window (LINEAR, LINEAR_EXACT,
+    SIGMOID); a file with neither (or with an invalid window) is stretched from min to max.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-def _first(value) -> float | None:
-    """WindowCenter/WindowWidth may hold several windows; the first is the default one."""
-    if value is None:
-        return None
-    if not isinstance(value, int | float | str):
-        value = list(value)[0] if len(value) else None
-    return None if value in (None, "") else float(value)
+    values = apply_modality_lut(pixels, dataset)
+    try:
+        if dataset.get("VOILUTSequence"):
+            bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+            # The table is indexed by integers; a rescale makes modality values floats.
+            shown = apply_voi_lut(np.rint(values).astype(np.int64), dataset, prefer_lut=True)
+            return stretch_to_uint8(shown.astype(np.float64), 0, 2**bits - 1)
+        if "WindowCenter" in dataset and "WindowWidth" in dataset:
+            shown = apply_voi_lut(values, dataset)
+            # The window's output range: pydicom maps values far outside it to its ends.
+            low, high = apply_voi_lut(np.array([-np.inf, np.inf]), dataset)
+            return stretch_to_uint8(shown, low, high)
+    except (ValueError, IndexError, TypeError, AttributeError) as exc:
+        log.warning("ignoring the DICOM file's VOI LUT / window (%s): min/max instead", exc)
+    values = values.astype(np.float64)
+    return stretch_to_uint8(values, values.min(), values.max())

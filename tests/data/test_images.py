@@ -194,6 +194,69 @@ def test_dicom_without_a_window_uses_min_max(tmp_path):
     assert [image.getpixel(xy)[0] for xy in ((0, 0), (1, 0), (1, 1))] == [0, 13, 255]
 
 
+def _hand_written_window(dataset, pixels):
+    """lmmtune's windowing before it used pydicom's LUT functions: the reference to match."""
+    values = pixels.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1)
+    values += float(dataset.get("RescaleIntercept", 0) or 0)
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if center is None:
+        scaled = (values - values.min()) * 255.0 / (values.max() - values.min())
+    else:
+        center = float(center[0] if dataset["WindowCenter"].VM > 1 else center)
+        width = float(width[0] if dataset["WindowWidth"].VM > 1 else width)
+        scaled = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small.dcm", "MR_small_RLE.dcm", "CT_small.dcm", "examples_overlay.dcm"],
+)
+def test_dicom_windowing_through_pydicom_matches_the_hand_written_one(name):
+    pydicom = pytest.importorskip("pydicom")
+    path = pydicom.data.get_testdata_file(name)
+    dataset = pydicom.dcmread(path)
+    expected = _hand_written_window(dataset, dataset.pixel_array)
+    image = np.asarray(open_image(Path(path)))
+    assert np.array_equal(image[..., 0], expected)
+    assert len(np.unique(expected)) > 50  # a real picture, not a flat one
+
+
+def test_dicom_voi_lut_table_is_applied(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    stored = np.array([[0, 1, 2, 3]], dtype=np.uint16)
+    path = _write_dicom(tmp_path / "lut.dcm", stored, WindowCenter=2, WindowWidth=4)
+    dataset = pydicom.dcmread(path)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4, 0, 8])  # LUTDescriptor: 4 entries from 0, 8-bit
+    item.add_new(0x00283006, "US", [255, 0, 51, 102])  # LUTData, not monotonic as no window
+    dataset.VOILUTSequence = [item]
+    dataset.save_as(path)
+    image = open_image(path)
+    assert [image.getpixel((x, 0))[0] for x in range(4)] == [255, 0, 51, 102]
+
+
+def test_dicom_sigmoid_voi_function_is_applied(tmp_path):
+    stored = np.array([[0, 40, 50, 60, 100]], dtype=np.uint16)
+    tags = {"WindowCenter": 50, "WindowWidth": 40, "BitsStored": 8, "HighBit": 7}
+    path = _write_dicom(tmp_path / "sig.dcm", stored, VOILUTFunction="SIGMOID", **tags)
+    image = open_image(path)
+    values = stored[0].astype(float)
+    expected = np.rint(255 / (1 + np.exp(-4 * (values - 50) / 40))).astype(int)
+    assert [image.getpixel((x, 0))[0] for x in range(5)] == expected.tolist()
+    linear = open_image(_write_dicom(tmp_path / "lin.dcm", stored, **tags))
+    assert linear.getpixel((1, 0))[0] != image.getpixel((1, 0))[0]  # 70 against 56
+
+
+def test_dicom_with_an_invalid_window_falls_back_to_min_max(tmp_path):
+    stored = np.array([[100, 300], [500, 4095]], dtype=np.uint16)
+    path = _write_dicom(tmp_path / "x.dcm", stored, WindowCenter=40, WindowWidth=0)
+    image = open_image(path)
+    assert [image.getpixel(xy)[0] for xy in ((0, 0), (1, 0), (1, 1))] == [0, 13, 255]
+
+
 @pytest.mark.parametrize(
     "name",
     ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"],  # YBR_FULL, YBR_FULL_422
