@@ -5,6 +5,9 @@ Every process runs the whole Hydra app and trains its own copy of the QLoRA mode
 data (and writes the demo set), talks to MLflow, saves the adapter, evaluates and
 writes `metrics.json`; the other ranks wait for it or receive its results.
 
+Who is who, barriers and broadcasts go through accelerate's `PartialState` (the state the
+Trainer itself uses); the functions here are thin names for the rest of lmmtune.
+
 When one rank fails, the launcher (torchrun's elastic agent, which `accelerate launch`
 uses too) stops the others, so a rank that waits for rank 0 never hangs on an error.
 """
@@ -29,21 +32,29 @@ T = TypeVar("T")
 WAIT_TIMEOUT = timedelta(hours=2)
 
 
-def world_size() -> int:
+def _state():
+    """accelerate's `PartialState` once `init()` joined the process group; None in one process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+        from accelerate import PartialState
+
+        return PartialState()
+    return None
+
+
+def world_size() -> int:
+    state = _state()
+    return state.num_processes if state else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    state = _state()
+    return state.process_index if state else int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
     """True in a single-process run and on rank 0 of a distributed one."""
-    return rank() == 0
+    state = _state()
+    return state.is_main_process if state else rank() == 0
 
 
 def launched() -> bool:
@@ -106,8 +117,10 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
-    if world_size() > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Wait for every rank (accelerate's `wait_for_everyone`); nothing to wait for in one process."""
+    state = _state()
+    if state is not None:
+        state.wait_for_everyone()
 
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -116,11 +129,13 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     For steps that write (the run directory, the demo data) or that need doing once
     (reading and checking the data). An error on rank 0 stops the whole job.
     """
-    if world_size() == 1:
+    state = _state()
+    if state is None or state.num_processes == 1:
         return fn(*args, **kwargs)
-    payload = [fn(*args, **kwargs) if is_main() else None]
-    torch.distributed.broadcast_object_list(payload, src=0)
-    return payload[0]
+    from accelerate.utils import broadcast_object_list
+
+    payload = [fn(*args, **kwargs) if state.is_main_process else None]
+    return broadcast_object_list(payload, from_process=0)[0]
 
 
 def agree_on_output_dir(output_dir: str) -> str:
