@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lmmtune.data.images import DEFAULT_MAX_PIXELS, mean_colour, open_image, pad_to_square
+from lmmtune.data.images import DEFAULT_MAX_PIXELS, open_image, square_padding_processor
 from lmmtune.data.problems import RecordInvalid
 from lmmtune.data.records import Sample
 from lmmtune.data.template import (
@@ -113,12 +113,11 @@ class ImageLoader:
     """Open a sample's image (a resolved path or in-data bytes), pad it to a square, preprocess it."""
 
     def __init__(self, processor, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.image_processor = processor.image_processor
-        self.fill = mean_colour(self.image_processor)
+        self.image_processor = square_padding_processor(processor.image_processor)
         self.max_pixels = max_pixels
 
     def __call__(self, sample: Sample) -> torch.Tensor:
-        image = pad_to_square(load_sample_image(sample, self.max_pixels), self.fill)
+        image = load_sample_image(sample, self.max_pixels)
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 

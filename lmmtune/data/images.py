@@ -9,8 +9,8 @@ that passes `check` loads in a DataLoader worker. What it handles:
   decompression bomb never allocates its pixels).
 
 The llava-hf processor centre-crops; that cuts off the edges of a wide image, where a
-lesion or a defect may be. Padding with the processor's mean colour first makes the
-crop a no-op.
+lesion or a defect may be. Padding with the processor's mean colour first (transformers'
+`LlavaImageProcessorPil(do_pad=True)`, as the export ships it) makes the crop a no-op.
 """
 
 from __future__ import annotations
@@ -165,21 +165,31 @@ def stretch_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Centre the image on a square canvas of `fill` colour."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+SQUARE_PAD_SETTINGS = (
+    "size",
+    "crop_size",
+    "do_resize",
+    "do_center_crop",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "resample",
+    "do_convert_rgb",
+)
 
 
-def mean_colour(image_processor) -> tuple[int, int, int]:
-    """The padding colour of LLaVA 1.5's expand2square: the processor's mean, truncated.
+def square_padding_processor(image_processor):
+    """The processor's settings in transformers' `LlavaImageProcessorPil(do_pad=True)`.
 
-    LLaVA computes `int(x * 255)`, so CLIP's mean gives (122, 116, 104), not the
-    rounded (123, 117, 104): the pixels the model was trained to read as padding.
+    It pads to a square in LLaVA 1.5's `expand2square` colour, `int(mean * 255)` (CLIP's
+    mean gives (122, 116, 104)), then resizes as before: pixel-identical to the
+    hand-written PIL pad it replaces. The PIL backend, not torchvision's: its resize is
+    the one the model was trained with.
     """
-    return tuple(int(channel * 255) for channel in image_processor.image_mean)
+    from transformers import LlavaImageProcessorPil
+
+    settings = image_processor.to_dict()
+    kept = {key: settings[key] for key in SQUARE_PAD_SETTINGS if key in settings}
+    return LlavaImageProcessorPil(**kept, do_pad=True)

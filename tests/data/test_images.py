@@ -324,3 +324,47 @@ def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
     assert error.value.kind == Kind.DICOM_UNAVAILABLE
     assert f"{path} is a DICOM image and pydicom is not installed" in error.value.reason
     assert "pip install 'lmmtune[dicom]'" in error.value.reason
+
+
+def _hand_written_square(image, fill):
+    """lmmtune's PIL pad before it used LlavaImageProcessorPil(do_pad=True): the reference."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
+def _odd_images():
+    noise = np.random.default_rng(0).integers(0, 256, (64, 70, 4), dtype=np.uint8)
+    yield Image.fromarray(noise[:20, :37, :3], "RGB")
+    yield Image.fromarray(noise[:64, :21, :3], "RGB")
+    yield Image.fromarray(noise[:33, :33, :3], "RGB")
+    yield Image.fromarray(noise[:30, :45, 0], "L")
+    yield Image.fromarray(noise[:31, :50, :3], "RGB").convert("P")
+    yield Image.fromarray(noise[:29, :40], "CMYK")
+    yield Image.fromarray(noise[:25, :70], "RGBA")
+    yield Image.fromarray(noise[:40, :23, :2].copy().view(np.uint16)[..., 0])  # I;16
+    yield Image.fromarray(noise[:1, :3, :3], "RGB")
+
+
+def test_llava_square_padding_is_pixel_identical_to_the_hand_written_pad():
+    from transformers import CLIPImageProcessorPil
+
+    from lmmtune.data.images import square_padding_processor
+
+    clip = CLIPImageProcessorPil(
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    padding = square_padding_processor(clip)
+    for image in _odd_images():
+        buffer = io.BytesIO()
+        image.save(buffer, "TIFF")
+        rgb = open_image(buffer.getvalue(), image.mode)
+        expected = clip(images=[_hand_written_square(rgb, (122, 116, 104))], return_tensors="pt")
+        padded = padding(images=[rgb], return_tensors="pt")
+        assert padded["pixel_values"].equal(expected["pixel_values"]), (image.mode, image.size)
+    wide = padding(images=[Image.new("RGB", (40, 10), (255, 0, 0))], return_tensors="np")
+    assert (wide["pixel_values"][0][:, 0, 0] < 0).all()  # the top edge is padding, not red
