@@ -70,6 +70,8 @@ def open_recall(prediction: str, reference: str) -> float:
     return sum((ref & pred).values()) / sum(ref.values())
 
 
+# Own EM/F1, not torchmetrics' `squad`: it deletes punctuation ("X-ray" -> "xray", EM 0 against
+# "x ray"), we split on it; `evaluate` loads its SQuAD script from the Hub (not offline).
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
