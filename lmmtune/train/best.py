@@ -7,6 +7,11 @@ place, like checkpoints) with the step and loss in `best.json`. After training,
 every process loads them back, so the saved adapter, the after-training evaluation
 and the export all use the best weights. A resumed run reads `best.json` and keeps
 comparing against it.
+
+Own callback, not the Trainer's `load_best_model_at_end`: that one can only go back to a
+full checkpoint (save_steps a multiple of eval_steps) and records the best checkpoint
+under the staging folder our atomic checkpoints are written to, so it silently ends with
+the last weights (or fails on save_total_limit=1).
 """
 
 from __future__ import annotations
