@@ -143,7 +143,8 @@ class TrainConfig:
     loss_impl: str = "chunked"
     """chunked: output head and cross entropy on the labelled positions only, in chunks, so
     the [batch, tokens, vocab] logits (mostly over image tokens) are never built; default:
-    transformers' loss over every position. Same loss and gradients."""
+    transformers' loss over every position. Same loss and gradients. liger (GPU only,
+    `pip install liger-kernel`): Liger's fused linear cross-entropy via the Trainer."""
     loss_chunk_size: int = 1024
     """Labelled positions per chunk of the chunked loss (peak logits: chunk x vocab)."""
     gpu_memory_gb: float | None = None

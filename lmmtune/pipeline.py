@@ -36,6 +36,7 @@ from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
+from lmmtune.train.liger import require_liger
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config | DictConfig) -> dict:
+    require_liger(cfg.train.loss_impl)  # before anything is written or loaded
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
     resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)

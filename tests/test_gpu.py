@@ -1,4 +1,5 @@
-"""On a CUDA GPU: 4-bit loading, training steps, the chunked loss in bf16, merge parity, the benchmark.
+"""On a CUDA GPU: 4-bit loading, training steps, the chunked and Liger losses in bf16, merge parity,
+the benchmark.
 
 Run with `python -m pytest -m gpu`; every test is skipped where CUDA is missing.
 """
@@ -108,6 +109,38 @@ def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
     assert optimizer.is_paged and optimizer.args.optim_bits == 8  # bitsandbytes' paged 8-bit AdamW
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def _train_losses(checkpoint, loss_impl: str, workdir) -> tuple[list[float], object]:
+    from lmmtune.bench.data import SyntheticLlavaData
+    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+    from lmmtune.data.dataset import PaddingCollator
+    from lmmtune.train.trainer import build_trainer, build_training_arguments
+
+    torch.manual_seed(0)  # the same LoRA init for both losses
+    model_cfg = ModelConfig(path=str(checkpoint), dtype="bfloat16")
+    model = apply_lora(load_model(model_cfg, QuantConfig()), PeftConfig(r=16, alpha=32), True)
+    train_cfg = TrainConfig(max_steps=3, batch_size=2, logging_steps=1, loss_impl=loss_impl)
+    args = build_training_arguments(train_cfg, workdir, num_workers=0, dtype="bfloat16")
+    data = SyntheticLlavaData(16, IMAGE_TOKEN_ID, 576, 336, IMAGE_TOKEN_ID)
+    trainer = build_trainer(
+        model, data, PaddingCollator(PAD_TOKEN_ID), args, PeftConfig(), data.lengths, []
+    )
+    trainer.train()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e], model
+
+
+def test_liger_fused_loss_trains_as_the_chunked_loss_on_cuda(tmp_path):
+    """train.loss_impl=liger (Trainer's use_liger_kernel): the same losses, Liger's forward."""
+    pytest.importorskip("liger_kernel")
+    from lmmtune.bench.models import random_checkpoint
+
+    path = random_checkpoint("tiny", torch.bfloat16, tmp_path)
+    chunked, _ = _train_losses(path, "chunked", tmp_path / "chunked")
+    liger, model = _train_losses(path, "liger", tmp_path / "liger")
+    assert len(liger) == len(chunked) == 3
+    assert liger == pytest.approx(chunked, rel=2e-2)  # bf16 kernels, different sums
+    assert model.get_base_model().forward.__func__.__module__.startswith("liger_kernel")
 
 
 def test_merge_parity_on_cuda(tiny_model_path, tmp_path):

@@ -305,3 +305,37 @@ def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tiny_model_path
 def test_keep_best_needs_eval_steps(tmp_path):
     with pytest.raises(LmmtuneError, match="train.keep_best needs train.eval_steps"):
         build_training_arguments(TrainConfig(keep_best=True), tmp_path, 0, "float32")
+
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+
+
+@no_gpu
+def test_liger_loss_without_a_gpu_is_a_clear_error_naming_the_install(tmp_path):
+    with pytest.raises(LmmtuneError, match="need a CUDA GPU .*pip install liger-kernel"):
+        build_training_arguments(TrainConfig(loss_impl="liger"), tmp_path, 0, "float32")
+    with pytest.raises(LmmtuneError, match="chunked, default, liger, not 'fused'"):
+        build_training_arguments(TrainConfig(loss_impl="fused"), tmp_path, 0, "float32")
+
+
+def test_liger_loss_on_a_gpu_without_the_package_names_the_install(monkeypatch):
+    import importlib.util
+
+    from lmmtune.train.liger import liger_arguments
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU case, on any machine
+    with pytest.raises(LmmtuneError, match="needs liger-kernel: pip install liger-kernel"):
+        liger_arguments("liger")
+    assert liger_arguments("chunked") == {}
+
+
+@no_gpu
+def test_train_with_the_liger_loss_on_cpu_stops_before_writing_anything(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli(["recipe=demo", "train.loss_impl=liger", "output_dir=run"], tmp_path)
+    assert result.returncode != 0
+    assert "pip install liger-kernel" in result.stderr and "Traceback" not in result.stderr
+    assert not any((tmp_path / "run").iterdir())  # Hydra made the folder; nothing was written

@@ -4,7 +4,9 @@
 sets it up (reentrant gradient checkpointing, fp32 AdamW, padding to the longest
 sample of randomly drawn batches, the loss over every position, no loader workers),
 (c) the same LoRA on an unquantized bf16 base (the speed reference). The `a-*`
-variants undo one of lmmtune's choices each, to measure what that choice earns.
+variants undo one of lmmtune's choices each, to measure what that choice earns;
+`a-liger-loss` swaps the chunked loss for Liger's fused linear cross-entropy (GPU only,
+`pip install liger-kernel`; elsewhere its row says why it did not run).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ RECIPES = {
         USUAL,
         replace(LMMTUNE, key="lora", label="(c) LoRA, unquantized base", quant="none"),
         replace(LMMTUNE, key="a-default-loss", label="(a) + default loss", loss_impl="default"),
+        replace(LMMTUNE, key="a-liger-loss", label="(a) + Liger fused loss", loss_impl="liger"),
         replace(
             LMMTUNE, key="a-reentrant", label="(a) + reentrant ckpt", checkpointing="reentrant"
         ),

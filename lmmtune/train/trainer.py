@@ -22,9 +22,10 @@ from lmmtune.config import PeftConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR
 from lmmtune.train.checkpoints import AtomicCheckpointMixin
+from lmmtune.train.liger import LIGER, liger_arguments
 from lmmtune.train.loss import chunked_causal_lm_loss
 
-LOSS_IMPLS = ("chunked", "default")
+LOSS_IMPLS = ("chunked", "default", LIGER)
 
 
 @dataclass
@@ -32,7 +33,8 @@ class LlavaTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the loss settings `LlavaTrainer` reads."""
 
     loss_impl: str = "default"
-    """chunked (labelled positions only, never the full logits) or default (transformers' loss)."""
+    """chunked (labelled positions only, never the full logits), default (transformers' loss) or
+    liger (Liger's fused linear cross-entropy, GPU only)."""
     loss_chunk_size: int = 1024
     """Labelled positions per chunk of the chunked loss."""
 
@@ -88,6 +90,7 @@ def build_training_arguments(
         remove_unused_columns=False,
         loss_impl=train_cfg.loss_impl,
         loss_chunk_size=train_cfg.loss_chunk_size,
+        **liger_arguments(train_cfg.loss_impl),
         train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
         length_column_name="length",
         report_to="none",
