@@ -250,6 +250,18 @@ def test_dicom_sigmoid_voi_function_is_applied(tmp_path):
     assert linear.getpixel((1, 0))[0] != image.getpixel((1, 0))[0]  # 70 against 56
 
 
+def test_dicom_linear_exact_voi_function_is_applied(tmp_path):
+    stored = np.array([[0, 40, 50, 60, 100]], dtype=np.uint16)
+    tags = {"WindowCenter": 50, "WindowWidth": 40, "BitsStored": 8, "HighBit": 7}
+    path = _write_dicom(tmp_path / "exact.dcm", stored, VOILUTFunction="LINEAR_EXACT", **tags)
+    image = open_image(path)
+    values = stored[0].astype(float)  # PS3.3 C.11.2.1.3.2: no half-unit shifts
+    expected = np.clip(np.rint(((values - 50) / 40 + 0.5) * 255), 0, 255).astype(int)
+    assert [image.getpixel((x, 0))[0] for x in range(5)] == expected.tolist()
+    linear = open_image(_write_dicom(tmp_path / "lin.dcm", stored, **tags))
+    assert linear.getpixel((1, 0))[0] != image.getpixel((1, 0))[0]  # 65 against 64
+
+
 def test_dicom_with_an_invalid_window_falls_back_to_min_max(tmp_path):
     stored = np.array([[100, 300], [500, 4095]], dtype=np.uint16)
     path = _write_dicom(tmp_path / "x.dcm", stored, WindowCenter=40, WindowWidth=0)
