@@ -77,6 +77,9 @@ def test_open_recall_is_the_share_of_reference_tokens_in_the_prediction():
 def test_exact_match_after_normalisation():
     assert exact_match("The left lung.", "left lung")
     assert not exact_match("left lung mass", "left lung")
+    # Punctuation splits words (SQuAD's scripts delete it: "t2weighted", no match).
+    assert exact_match("T2-weighted MRI", "t2 weighted mri")
+    assert token_f1("X-ray/CT", "x ray ct") == 1.0
 
 
 def test_token_f1_by_hand():
