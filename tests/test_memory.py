@@ -91,7 +91,7 @@ def test_failure_names_the_settings_that_would_help():
         plan_batch(LLAVA_7B, dataclasses.replace(USUAL, quant="none"), 12, 16, SEQ)
     message = str(error.value)
     for lever in (
-        "quant=4bit",
+        "quant.mode=4bit",
         "paged_adamw_8bit",
         "gradient_checkpointing=true",
         "loss_impl=chunked",

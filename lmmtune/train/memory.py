@@ -296,7 +296,7 @@ def _does_not_fit(shape: ModelShape, setup: MemorySetup, budget_gib: float, seq_
     estimate = estimate_memory(shape, setup, 1, seq_len)
     levers = []
     if setup.quant != "4bit":
-        levers.append(f"quant=4bit (now {setup.quant})")
+        levers.append(f"quant.mode=4bit (now {setup.quant})")
     if optimizer_state_bytes(setup.optim) > OPTIMIZER_STATE_BYTES["8bit"]:
         levers.append(f"train.optim=paged_adamw_8bit (now {setup.optim})")
     if not setup.gradient_checkpointing:
