@@ -189,8 +189,8 @@ class TrainConfig:
     """With eval_steps: end with the adapter of the lowest eval loss, not the last one
     (kept in RUN/best/ while training; its step goes to metrics.json and MLflow)."""
     save_steps: int = 200
-    save_total_limit: int = 2
-    """Finished checkpoints kept (the oldest are deleted)."""
+    save_total_limit: int | None = 2
+    """Finished checkpoints kept (the oldest are deleted); null keeps all."""
     resume: str | None = None
     """Continue a run: `auto` (latest finished checkpoint in the run directory, or start) or a checkpoint path."""
     seed: int = 42
@@ -305,6 +305,25 @@ def register_recipe(path: Path, name: str | None = None) -> str:
         group="recipe", name=name, node=OmegaConf.load(path), package="_global_"
     )
     return name
+
+
+def recipe_files_to_names(overrides: list[str]) -> list[str]:
+    """`recipe=PATH.yaml` (a recipe file of the user's, or several for a sweep) registered
+    under its file name; the overrides with `recipe=NAME` in its place."""
+    from lmmtune.errors import LmmtuneError
+
+    result = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "recipe" and value.endswith((".yaml", ".yml")):
+            names = []
+            for path in map(Path, value.split(",")):
+                if not path.is_file():
+                    raise LmmtuneError(f"recipe file not found: {path}")
+                names.append(register_recipe(path.resolve()))
+            item = f"recipe={','.join(names)}"
+        result.append(item)
+    return result
 
 
 def register_configs() -> None:
