@@ -11,13 +11,18 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import logging
+import shutil
 import textwrap
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 RUN_SETTINGS = ("model", "quant", "peft", "data")
 """What eval, export and predict read from the run's config.yaml (the command line still wins)."""
@@ -99,9 +104,30 @@ def train(cfg: DictConfig) -> dict:
     distributed.init()
     try:
         cfg.output_dir = job_output_dir(cfg.output_dir)
-        return train_pipeline(cfg)
+        run_dir = Path(cfg.output_dir)
+        fresh = not run_dir.exists()
+        try:
+            return train_pipeline(cfg)
+        except BaseException:
+            if fresh and distributed.world_size() == 1:
+                remove_failed_start(run_dir)
+            raise
     finally:
         distributed.shutdown()
+
+
+def remove_failed_start(run_dir: Path) -> None:
+    """Remove the run folder this command created when it failed before its first checkpoint.
+
+    Everything in it was written by the failed start (config.yaml, eval_before.json, the
+    data report); left behind, it would make the corrected command refuse the folder as
+    "already holds a run", or resume on the old before-eval.
+    """
+    checkpoints = run_dir / "checkpoints"
+    if not run_dir.is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.warning("removed %s: the run stopped before its first checkpoint", run_dir)
 
 
 def usage() -> str:

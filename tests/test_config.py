@@ -213,3 +213,16 @@ def test_a_recipes_folder_from_the_environment(composer, tmp_path, monkeypatch):
     assert composer(["recipe=ward7"]).name == "mine"
     missing = run_cli(["recipe=ward8", "--cfg", "job"], cwd=tmp_path)
     assert "ward7" in missing.stderr  # listed among the recipes to choose from
+
+
+def test_a_start_that_fails_late_removes_the_folder_it_made_and_nothing_else(tmp_path):
+    """A bad model path is found after config.yaml is written: it once blocked the retry."""
+    bad = ["recipe=demo", "model.path=/nonexistent/model", "tracking=none"]
+    result = run_cli([*bad, "output_dir=run"], cwd=tmp_path)
+    assert result.returncode == 1 and "'/nonexistent/model' is not a directory" in result.stderr
+    assert not (tmp_path / "run").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    result = run_cli([*bad, "output_dir=mine"], cwd=tmp_path)
+    assert result.returncode == 1 and (mine / "notes.txt").read_text() == "the user's"
