@@ -71,6 +71,7 @@ def validate(cfg: DictConfig, command: str = "train") -> None:
     if not problems:  # the checks below read values, which must resolve first
         problems += out_of_range(cfg)
         problems += cross_field(cfg)
+        problems += training_data(cfg) if command in ("train", "check") else []
         problems += trainer_names(cfg) if command in ("train", "check") else []
         problems += output_dir_problems(cfg.output_dir, writes=command == "train")
     if problems:
@@ -115,6 +116,14 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs export.format=merged (a loadable model)"
     if export.register_name and (cfg.tracking.backend == "none" or not export.log_model):
         yield "export.register_name needs tracking on and export.log_model=true"
+
+
+def training_data(cfg: DictConfig) -> Iterator[str]:
+    if cfg.data.train is None:
+        yield (
+            "data.train=null: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
+            "folder) or data.train=demo"
+        )
 
 
 def trainer_names(cfg: DictConfig) -> Iterator[str]:

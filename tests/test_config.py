@@ -139,7 +139,13 @@ def test_eval_fraction_of_one_or_more_is_refused(composer, fraction):
 
 def test_the_demo_and_the_schema_defaults_pass_validation(composer):
     validate(composer(["recipe=demo"]))
-    validate(composer(["recipe=medical"]), "check")
+    validate(composer(["recipe=medical", "data.train=/data/train.json"]), "check")
+
+
+def test_training_and_check_need_training_data(composer):
+    with pytest.raises(LmmtuneError, match="data.train=null: set data.train=PATH"):
+        validate(composer(["recipe=medical"]), "check")
+    validate(composer(["recipe=medical"]), "eval")  # eval reads the run's data settings
 
 
 def test_settings_that_need_each_other(composer):
