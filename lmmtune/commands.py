@@ -24,9 +24,6 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-RUN_SETTINGS = ("model", "quant", "peft", "data")
-"""What eval, export and predict read from the run's config.yaml (the command line still wins)."""
-
 
 @dataclass(frozen=True)
 class Command:
@@ -156,8 +153,10 @@ def command_help(command: Command) -> str:
         f"{command.name}: {command.summary}",
     ]
     if command.name in ("eval", "export", "predict"):
+        from lmmtune.eval.runs import RUN_SECTIONS
+
         lines.append(
-            f"It reads {', '.join(RUN_SETTINGS)} from the run's config.yaml (output_dir=RUN); "
+            f"It reads {', '.join(RUN_SECTIONS)} from the run's config.yaml (output_dir=RUN); "
             "the same keys on the command line win."
         )
     lines += ["", "settings (default, choices; `recipe=NAME` or a YAML path sets many at once):"]
