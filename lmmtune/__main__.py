@@ -1,7 +1,8 @@
 """`python -m lmmtune [COMMAND] [overrides...]`: compose the Hydra config and run a command.
 
-COMMAND is one of train (the default), check, eval, export, predict. Every command
-composes the same config, so `recipe=...` and any override work everywhere.
+The commands are listed in `lmmtune.commands` (train is the default). Every command
+that takes `key=value` overrides composes the same config, so `recipe=...` and any
+override work everywhere; the config is validated before the command runs.
 """
 
 from __future__ import annotations
@@ -10,26 +11,14 @@ import logging
 import os
 import sys
 
-USAGE = """usage: python -m lmmtune [COMMAND] [key=value ...] [--cfg job]
+from lmmtune.commands import COMMANDS, DEFAULT_COMMAND, Command, command_help, usage
 
-commands:
-  train    fine-tune (default when the first word is an override)
-  check    validate the data set and print a report, without loading a model
-  eval     evaluate the base model and an adapter on the eval split
-  export   merge the adapter into the base and save a llava-hf model
-  predict  answer questions about images
-
-examples:
-  python -m lmmtune recipe=demo
-  python -m lmmtune recipe=medical data.train=/data/train.json model.path=/models/llava-1.5-7b-hf
-  python -m lmmtune recipe=demo --cfg job        # print the resolved config
-"""
-COMMANDS = ("train", "check", "eval", "export", "predict")
+HELP = ("-h", "--help")
 
 
-def split_command(argv: list[str]) -> tuple[str, list[str]]:
+def split_command(argv: list[str]) -> tuple[Command, list[str]]:
     if argv and argv[0] in COMMANDS:
-        return argv[0], argv[1:]
+        return COMMANDS[argv[0]], argv[1:]
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
         print(
             f"lmmtune: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}, "
@@ -37,7 +26,7 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    return "train", argv
+    return COMMANDS[DEFAULT_COMMAND], argv
 
 
 def setup_logging() -> None:
@@ -55,63 +44,46 @@ def setup_logging() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
-def run_command(command: str, cfg) -> None:
+def run_command(command: Command, cfg) -> None:
+    """Validate the composed config, then run the command; a LmmtuneError exits in one message."""
+    from lmmtune.config_checks import validate
     from lmmtune.errors import LmmtuneError
 
     setup_logging()
     try:
-        if command == "train":
-            train_command(cfg)
-        elif command == "check":
-            from lmmtune.check import check
-
-            check(cfg)
-        elif command == "eval":
-            from lmmtune.eval.run import run_eval
-
-            run_eval(cfg)
-        elif command == "export":
-            from lmmtune.export.run import run_export
-
-            run_export(cfg)
-        elif command == "predict":
-            from lmmtune.predict import predict
-
-            predict(cfg)
-        else:
-            raise LmmtuneError(f"'{command}' is not implemented yet")
+        validate(cfg, command.name)
+        command.function()(cfg)
     except LmmtuneError as exc:
-        print(f"lmmtune {command}: error: {exc}", file=sys.stderr)
+        print(f"lmmtune {command.name}: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
 
 
-def train_command(cfg) -> None:
-    """Join the process group (torchrun / accelerate launch), settle the run directory, train."""
-    from lmmtune import distributed
-    from lmmtune.pipeline import train
-    from lmmtune.rundir import job_output_dir
-
-    distributed.init()
-    try:
-        cfg.output_dir = job_output_dir(cfg.output_dir)
-        train(cfg)
-    finally:
-        distributed.shutdown()
-
-
 def main() -> None:
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:2]):
-        print(USAGE)
+    argv = sys.argv[1:]
+    if argv[:1] and argv[0] in HELP:
+        print(usage())
         return
-    command, overrides = split_command(sys.argv[1:])
+    command, args = split_command(argv)
+    if not command.composes_config:
+        sys.argv[0] = f"lmmtune {command.name}"  # argparse's usage line
+        command.function()(args)
+        return
+    if any(arg in HELP for arg in args):
+        print(command_help(command))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import hydra
 
-    from lmmtune.config import CONF_DIR, register_configs
+    from lmmtune.config import CONF_DIR, recipe_files_to_names, register_configs
+    from lmmtune.errors import LmmtuneError
 
     register_configs()
-    sys.argv = [sys.argv[0], *overrides]
+    try:
+        sys.argv = [sys.argv[0], *recipe_files_to_names(args)]
+    except LmmtuneError as exc:
+        print(f"lmmtune {command.name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def entry(cfg) -> None:

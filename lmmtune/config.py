@@ -1,30 +1,71 @@
-"""The typed schema of every lmmtune setting: the one source of truth for config keys.
+"""The typed schema of every lmmtune setting: the one source of truth for config keys and defaults.
 
-Hydra composes `conf/config.yaml`, the group files under `conf/` and a recipe from
-`recipes/` on top of this schema, so a misspelled key or a wrong type fails at
-composition time with Hydra's short message instead of deep inside a run.
+Hydra composes `conf/config.yaml`, the alternatives under `conf/<group>/` and a recipe
+from `recipes/` on top of this schema, so a misspelled key, a wrong type or a value
+outside a closed set fails at composition time with Hydra's short message instead of
+deep inside a run. Defaults live here only; `conf/` holds alternatives to them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-RECIPES_DIR = REPO_ROOT / "recipes"
+
+def _shipped(folder: str) -> Path:
+    """`conf/` or `recipes/`: inside the installed package (a wheel), else the checkout's."""
+    package = Path(__file__).resolve().parent
+    installed = package / folder
+    return installed if installed.is_dir() else package.parent / folder
+
+
+CONF_DIR = _shipped("conf")
+RECIPES_DIR = _shipped("recipes")
+RECIPES_PATH_ENV = "LMMTUNE_RECIPES_PATH"
+"""Extra recipe folders (separated like PATH): their `NAME.yaml` files become `recipe=NAME`."""
+
+
+class Choice(str, Enum):
+    """A closed set of setting values. Member names are the values (OmegaConf parses by
+    name); the str mixin keeps `cfg.quant.mode == "4bit"` true, and str()/f-strings give
+    the bare value on every Python version."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def choices(name: str, values: str) -> type[Choice]:
+    """`Choice` subclass `name` with the space-separated `values` (names such as `4bit` are no identifiers)."""
+    return Choice(name, [(value, value) for value in values.split()], module=__name__)
+
+
+Dtype = choices("Dtype", "bfloat16 float16 float32")
+AttnImplementation = choices(
+    "AttnImplementation", "auto sdpa eager flash_attention_2 flash_attention_3 flex_attention"
+)
+QuantMode = choices("QuantMode", "4bit 8bit none")
+QuantType = choices("QuantType", "nf4 fp4")
+OnError = choices("OnError", "fail skip")
+LossImpl = choices("LossImpl", "chunked default")
+TrackingBackend = choices("TrackingBackend", "mlflow none")
+ExportFormat = choices("ExportFormat", "merged adapter")
+
+LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Llama decoder layer: LoRA's default targets."""
 
 
 @dataclass
 class ModelConfig:
     path: str = "llava-hf/llava-1.5-7b-hf"
     """Hub id, local directory, or `tiny` for the built-in tiny LLaVA (offline)."""
-    dtype: str = "bfloat16"
+    dtype: Dtype = Dtype.bfloat16
     """Dtype of the unquantized parts (vision tower, projector): bfloat16, float16 or float32."""
-    attn_implementation: str = "auto"
+    attn_implementation: AttnImplementation = AttnImplementation.auto
     """Attention kernel: auto (flash_attention_2 on a GPU where flash-attn is installed,
     else sdpa), or one passed to transformers as is: sdpa, eager, flash_attention_2."""
     trust_remote_code: bool = False
@@ -35,15 +76,15 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    mode: str = "4bit"
+    mode: QuantMode = QuantMode["4bit"]
     """4bit (QLoRA, NF4), 8bit (LLM.int8) or none."""
-    quant_type: str = "nf4"
+    quant_type: QuantType = QuantType.nf4
     """4-bit data type: nf4 or fp4."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
-    compute_dtype: str = "bfloat16"
+    compute_dtype: Dtype = Dtype.bfloat16
     """Dtype the 4-bit layers compute in."""
-    storage_dtype: str | None = None
+    storage_dtype: Dtype | None = None
     """Dtype the packed 4-bit weights are stored in: null (uint8) or, for FSDP / DeepSpeed
     ZeRO-3, which shard float tensors only, bfloat16 (the same as model.dtype)."""
 
@@ -56,17 +97,7 @@ class PeftConfig:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEARS))
     """Linear layer names inside the language model that get LoRA adapters."""
     train_projector: bool = True
     """Train the vision-to-language MLP projector in full."""
@@ -106,7 +137,7 @@ class DataConfig:
     """Cap on the evaluation records (generation is slow); null keeps all."""
     max_length: int = 2048
     """Longest sample in tokens, image tokens included. Longer samples are never truncated."""
-    on_error: str = "fail"
+    on_error: OnError = OnError.fail
     """What to do with invalid records: fail (stop with a report) or skip (train on the rest)."""
     verify_images: bool = True
     """Decode every image before training (and in `check`) to find broken ones up front."""
@@ -140,7 +171,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
-    loss_impl: str = "chunked"
+    loss_impl: LossImpl = LossImpl.chunked
     """chunked: output head and cross entropy on the labelled positions only, in chunks, so
     the [batch, tokens, vocab] logits (mostly over image tokens) are never built; default:
     transformers' loss over every position. Same loss and gradients. liger (GPU only,
@@ -159,8 +190,8 @@ class TrainConfig:
     """With eval_steps: end with the adapter of the lowest eval loss, not the last one
     (kept in RUN/best/ while training; its step goes to metrics.json and MLflow)."""
     save_steps: int = 200
-    save_total_limit: int = 2
-    """Finished checkpoints kept (the oldest are deleted)."""
+    save_total_limit: int | None = 2
+    """Finished checkpoints kept (the oldest are deleted); null keeps all."""
     resume: str | None = None
     """Continue a run: `auto` (latest finished checkpoint in the run directory, or start) or a checkpoint path."""
     seed: int = 42
@@ -168,7 +199,7 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "mlflow"
+    backend: TrackingBackend = TrackingBackend.mlflow
     """mlflow or none."""
     tracking_uri: str | None = None
     """MLflow tracking URI; null reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
@@ -201,13 +232,13 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    format: str = "merged"
+    format: ExportFormat = ExportFormat.merged
     """merged: a plain llava-hf model (adapter merged into an unquantized base); adapter: the adapter alone."""
     dir: str | None = None
     """Export directory; null: OUTPUT_DIR/export-<format>."""
     adapter: str | None = None
     """The adapter directory; null reads OUTPUT_DIR/adapter."""
-    dtype: str | None = None
+    dtype: Dtype | None = None
     """Dtype of the merged weights: bfloat16, float16 or float32; null: the run's model.dtype."""
     overwrite: bool = False
     """Replace an existing export directory."""
@@ -244,8 +275,8 @@ class PredictConfig:
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
-    output_dir: str = "outputs/custom"
-    """Run directory: resolved config, adapter, checkpoints, metrics."""
+    output_dir: str = "outputs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
+    """Run directory: resolved config, adapter, checkpoints, metrics (default: a new one per run)."""
     overwrite: bool = False
     """Allow reusing a run directory that already holds a finished run."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,15 +290,49 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
+def recipe_files() -> dict[str, Path]:
+    """Every recipe by name: the shipped ones, then those of `LMMTUNE_RECIPES_PATH` (which win)."""
+    folders = [RECIPES_DIR]
+    folders += [
+        Path(p).expanduser() for p in os.environ.get(RECIPES_PATH_ENV, "").split(os.pathsep) if p
+    ]
+    return {path.stem: path for folder in folders for path in sorted(folder.glob("*.yaml"))}
+
+
+def register_recipe(path: Path, name: str | None = None) -> str:
+    """Make the recipe file at `path` selectable as `recipe=NAME` (default: its file name)."""
+    name = name or path.stem
+    ConfigStore.instance().store(
+        group="recipe", name=name, node=OmegaConf.load(path), package="_global_"
+    )
+    return name
+
+
+def recipe_files_to_names(overrides: list[str]) -> list[str]:
+    """`recipe=PATH.yaml` (a recipe file of the user's, or several for a sweep) registered
+    under its file name; the overrides with `recipe=NAME` in its place."""
+    from lmmtune.errors import LmmtuneError
+
+    result = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "recipe" and value.endswith((".yaml", ".yml")):
+            names = []
+            for path in map(Path, value.split(",")):
+                if not path.is_file():
+                    raise LmmtuneError(f"recipe file not found: {path}")
+                names.append(register_recipe(path.resolve()))
+            item = f"recipe={','.join(names)}"
+        result.append(item)
+    return result
+
+
 def register_configs() -> None:
     """Register the schema and every recipe with Hydra's ConfigStore."""
-    store = ConfigStore.instance()
-    store.store(name="lmmtune_schema", node=Config)
-    for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
-        store.store(
-            group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_"
-        )
+    ConfigStore.instance().store(name="lmmtune_schema", node=Config)
+    for name, path in recipe_files().items():
+        register_recipe(path, name)
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return sorted(recipe_files())

@@ -128,5 +128,7 @@ def load_merged(path: Path):
 
     if not (path / "config.json").is_file():
         raise LmmtuneError(f"predict.model={path} is not a model directory (no config.json)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", device_map=device_map())
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype="auto", device_map=device_map(), use_safetensors=True
+    )
     return model, AutoProcessor.from_pretrained(path)

@@ -15,17 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()):
     """The config `python -m lmmtune OVERRIDES` would get: conf/ and recipes/ through Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from lmmtune.api import compose_config as compose
 
-    from lmmtune.config import CONF_DIR, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose(list(overrides))
 
 
 def run_bench(args: list[str], out: Path) -> dict:

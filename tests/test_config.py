@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
 from lmmtune.config import Config, available_recipes
+from lmmtune.config_checks import validate
+from lmmtune.errors import LmmtuneError
 
 from .conftest import compose_config, run_cli
 
@@ -74,3 +78,157 @@ def test_bad_settings_fail_with_a_short_message(tmp_path, args, expected):
         assert text in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) < 15
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.loss_impl=chunky", "expected one of [chunked, default"),
+        ("quant.mode=16bit", "expected one of [4bit, 8bit, none]"),
+        ("tracking.backend=wandb", "expected one of [mlflow, none]"),
+        ("export.format=gguf", "expected one of [merged, adapter]"),
+        ("model.dtype=float8", "expected one of [bfloat16, float16, float32]"),
+        ("data.on_error=ignore", "expected one of [fail, skip]"),
+    ],
+)
+def test_closed_sets_are_refused_at_composition(composer, override, expected):
+    with pytest.raises(Exception, match=f"Error merging override {re.escape(override)}") as error:
+        composer(["recipe=demo", override])
+    assert expected in str(error.value.__cause__)
+
+
+def test_closed_set_values_still_compare_as_strings(composer):
+    cfg = composer(["recipe=demo", "quant=8bit"])
+    assert cfg.quant.mode == "8bit" and f"{cfg.model.dtype}" == "float32"
+    assert OmegaConf.to_yaml(cfg.quant).startswith("mode: 8bit")
+
+
+def test_issue_command_with_four_bad_values_fails_before_doing_anything(tmp_path):
+    args = ["check", "recipe=demo", "train.loss_impl=chunky", "quant.mode=16bit"]
+    result = run_cli([*args, "tracking.backend=wandb", "export.format=gguf"], cwd=tmp_path)
+    assert result.returncode != 0 and "Invalid value 'chunky'" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+BAD_VALUES = {
+    "train.epochs": 0,
+    "train.learning_rate": -1e-4,
+    "train.batch_size": 0,
+    "train.grad_accum": 0,
+    "train.logging_steps": 0,
+    "train.save_total_limit": -1,
+    "peft.r": 0,
+    "data.num_workers": -1,
+    "data.eval_fraction": -0.5,
+}
+
+
+def test_validate_names_every_bad_value_in_one_line_each(composer):
+    cfg = composer(["recipe=demo", *(f"{k}={v}" for k, v in BAD_VALUES.items())])
+    with pytest.raises(LmmtuneError) as error:
+        validate(cfg)
+    lines = str(error.value).splitlines()[1:]
+    assert sorted(line.split("=")[0].strip() for line in lines) == sorted(BAD_VALUES)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5])
+def test_eval_fraction_of_one_or_more_is_refused(composer, fraction):
+    with pytest.raises(LmmtuneError, match=r"data.eval_fraction=.*within \[0, 1\)"):
+        validate(composer(["recipe=demo", f"data.eval_fraction={fraction}"]))
+
+
+def test_the_demo_and_the_schema_defaults_pass_validation(composer):
+    validate(composer(["recipe=demo"]))
+    validate(composer(["recipe=medical", "data.train=/data/train.json"]), "check")
+
+
+def test_training_and_check_need_training_data(composer):
+    with pytest.raises(LmmtuneError, match="data.train=null: set data.train=PATH"):
+        validate(composer(["recipe=medical"]), "check")
+    validate(composer(["recipe=medical"]), "eval")  # eval reads the run's data settings
+
+
+def test_settings_that_need_each_other(composer):
+    with pytest.raises(LmmtuneError, match="train.keep_best=true needs train.eval_steps"):
+        validate(composer(["recipe=demo", "train.keep_best=true"]))
+    validate(composer(["recipe=demo", "train.keep_best=true", "train.eval_steps=5"]))
+    with pytest.raises(LmmtuneError, match="register_name needs export.format=merged"):
+        validate(composer(["export.register_name=m", "export.format=adapter"]), "export")
+    with pytest.raises(LmmtuneError, match="register_name needs tracking on"):
+        validate(composer(["export.register_name=m", "tracking=none"]), "export")
+
+
+def test_transformers_optimizer_and_scheduler_names_are_checked(composer):
+    with pytest.raises(LmmtuneError, match="did you mean adamw_torch"):
+        validate(composer(["recipe=demo", "train.optim=adamw_torh"]))
+    with pytest.raises(LmmtuneError, match="train.scheduler=cosin: did you mean cosine"):
+        validate(composer(["recipe=demo", "train.scheduler=cosin"]))
+
+
+def test_unusable_output_dirs_are_refused(composer, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for output_dir, reason in (
+        (a_file, "is a file"),
+        (a_file / "run", "not writable"),
+        (tmp_path / ("x" * 300), "longer than the file system allows"),
+    ):
+        with pytest.raises(LmmtuneError, match=reason):
+            validate(composer(["recipe=demo", f"output_dir={output_dir}"]))
+
+
+def test_an_unset_environment_variable_is_named(composer, monkeypatch):
+    monkeypatch.delenv("LMMTUNE_TEST_UNSET", raising=False)
+    cfg = composer(["recipe=demo", "tracking.tracking_uri=${oc.env:LMMTUNE_TEST_UNSET}"])
+    with pytest.raises(LmmtuneError, match="tracking.tracking_uri: .*LMMTUNE_TEST_UNSET"):
+        validate(cfg)
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_fixed_command(tmp_path):
+    """keep_best without eval_steps once failed after the model load and left config.yaml."""
+    result = run_cli(["recipe=demo", "train.keep_best=true", "output_dir=run"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "train.keep_best=true needs train.eval_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+MY_RECIPE = """# @package _global_
+defaults:
+  - override /model: tiny
+name: mine
+train:
+  epochs: 3
+"""
+
+
+def test_a_recipe_file_of_ones_own(composer, tmp_path):
+    path = tmp_path / "my_recipe.yaml"
+    path.write_text(MY_RECIPE)
+    cfg = composer([f"recipe={path}"])
+    assert (cfg.name, cfg.train.epochs, cfg.model.path) == ("mine", 3, "tiny")
+    printed = run_cli([f"recipe={path}", "train.epochs=4", "--cfg", "job"], cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert OmegaConf.create(printed.stdout).train.epochs == 4
+
+
+def test_a_recipes_folder_from_the_environment(composer, tmp_path, monkeypatch):
+    (tmp_path / "ward7.yaml").write_text(MY_RECIPE)
+    monkeypatch.setenv("LMMTUNE_RECIPES_PATH", str(tmp_path))
+    assert "ward7" in available_recipes()
+    assert composer(["recipe=ward7"]).name == "mine"
+    missing = run_cli(["recipe=ward8", "--cfg", "job"], cwd=tmp_path)
+    assert "ward7" in missing.stderr  # listed among the recipes to choose from
+
+
+def test_a_start_that_fails_late_removes_the_folder_it_made_and_nothing_else(tmp_path):
+    """A bad model path is found after config.yaml is written: it once blocked the retry."""
+    bad = ["recipe=demo", "model.path=/nonexistent/model", "tracking=none"]
+    result = run_cli([*bad, "output_dir=run"], cwd=tmp_path)
+    assert result.returncode == 1 and "'/nonexistent/model' is not a directory" in result.stderr
+    assert not (tmp_path / "run").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    result = run_cli([*bad, "output_dir=mine"], cwd=tmp_path)
+    assert result.returncode == 1 and (mine / "notes.txt").read_text() == "the user's"

@@ -128,12 +128,20 @@ def test_export_is_logged_and_registered_in_mlflow(merged_export, demo_run, monk
         model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/1")
     finally:
         mlflow.set_tracking_uri(previous)
-    image = sorted((demo_run["run_dir"] / "demo_data" / "images").glob("*.png"))[0]
+    data_dir = demo_run["run_dir"] / "demo_data"
+    question = "Is there a lesion in this scan?"
+    records = [
+        r
+        for name in ("train.json", "eval.json")
+        for r in json.loads((data_dir / name).read_text())
+        if question in r["conversations"][0]["value"]
+    ][:4]
     answers = model.predict(
-        pd.DataFrame([{"image": str(image), "question": "Is there a lesion in this scan?"}]),
+        pd.DataFrame([{"image": str(data_dir / r["image"]), "question": question} for r in records]),
         params={"max_new_tokens": 4},
     )
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    # The demo learns its data (eval accuracy ~1.0): the served model answers as trained.
+    assert [a.strip().lower() for a in answers] == [r["conversations"][1]["value"] for r in records]
 
 
 def test_existing_export_is_not_overwritten(demo_run, merged_export):

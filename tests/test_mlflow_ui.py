@@ -21,7 +21,8 @@ from .conftest import run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-LEAD_SCREENSHOT = Path("/tmp/mlflow_run_page.png")
+SCREENSHOTS_ENV = "LMMTUNE_SCREENSHOTS"
+"""A folder to copy the run page's screenshot to, for a person to look at (unset: none)."""
 
 
 def demo_mlflow_run(demo_run):
@@ -204,7 +205,8 @@ def test_mlflow_ui_shows_the_run_its_metrics_and_predictions(demo_run, chromium,
         assert f"{run.data.metrics['eval_after/accuracy']:g}"[:4] in page
         shot = tmp_path / "mlflow_run_page.png"
         chromium.save_screenshot(str(shot))
-        shutil.copy(shot, LEAD_SCREENSHOT)
+        if os.environ.get(SCREENSHOTS_ENV):
+            shutil.copy(shot, Path(os.environ[SCREENSHOTS_ENV]) / shot.name)
 
         chromium.get(f"{url}/{run_page}/artifacts/eval/predictions.json{view}")
         table = wait_for_text(chromium, ["View as table", "reference", "after", "0000-presence"])

@@ -8,14 +8,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from lmmtune.config import ModelConfig, PeftConfig, QuantConfig
+from lmmtune.config import LLM_LINEARS, ModelConfig, PeftConfig, QuantConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, resolve_attention, resolve_model_path
 
 TINY = ModelConfig(path="tiny", dtype="float32")
 QLORA = QuantConfig(mode="4bit", compute_dtype="float32")
-LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _linears(model, part: str) -> dict[str, torch.nn.Module]:

@@ -87,8 +87,9 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
     assert steps >= set(range(1, 13))
-    losses_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]["loss"]
-    assert losses_a > 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]
+    assert len(straight["loss_history"]) == 12  # logging_steps=1: every step's loss
+    assert straight["loss"] == pytest.approx(sum(straight["loss_history"]) / 12, rel=1e-4)
 
 
 def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(tmp_path):

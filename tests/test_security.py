@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import json
-import re
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from lmmtune.config import Config
+from lmmtune.config import Config, ModelConfig
 from lmmtune.track.redact import redact, redact_value
 
 from .conftest import run_cli
@@ -18,9 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmmtune"
 
 
 def test_remote_code_is_off_by_default_and_not_run(tmp_path, tiny_model_path):
+    """A checkpoint's own processor code (auto_map) runs only with model.trust_remote_code=true."""
     import shutil
 
-    from transformers import AutoProcessor
+    from lmmtune.model.load import load_processor
 
     assert Config().model.trust_remote_code is False
     model_dir = tmp_path / "model"
@@ -32,22 +33,55 @@ def test_remote_code_is_off_by_default_and_not_run(tmp_path, tiny_model_path):
     processor_config = json.loads((model_dir / "processor_config.json").read_text())
     processor_config["auto_map"] = {"AutoProcessor": "evil.EvilProcessor"}
     (model_dir / "processor_config.json").write_text(json.dumps(processor_config))
-    with contextlib.suppress(Exception):  # refusing is fine too; running the code is not
-        AutoProcessor.from_pretrained(model_dir, trust_remote_code=Config().model.trust_remote_code)
-    assert not marker.exists()
+
+    processor = load_processor(ModelConfig(path=str(model_dir)))
+    assert type(processor).__name__ == "LlavaProcessor" and not marker.exists()
+    with pytest.raises(AttributeError):  # the stub class is no processor, but its file ran
+        load_processor(ModelConfig(path=str(model_dir), trust_remote_code=True))
+    assert marker.exists()
 
 
-def test_weights_load_from_safetensors_and_pickles_only_with_weights_only():
-    sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
-    loaders = [
-        path
-        for path, text in sources.items()
-        if "from_pretrained(" in text and "LlavaForConditionalGeneration" in text
-    ]
-    assert any("use_safetensors=True" in sources[path] for path in loaders)
-    for path, text in sources.items():
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
-            assert "weights_only=True" in call, f"{path}: {call}"
+MODEL_CLASSES = ("AutoModelForImageTextToText", "LlavaForConditionalGeneration", "AutoModel")
+
+
+def from_pretrained_calls() -> list[tuple[str, ast.Call]]:
+    """Every `<model class>.from_pretrained(...)` call in the package, with its file and line."""
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in MODEL_CLASSES
+            ):
+                calls.append((f"{path.relative_to(PACKAGE)}:{node.lineno}", node))
+    return calls
+
+
+def test_every_model_load_asks_for_safetensors():
+    calls = from_pretrained_calls()
+    files = {where.split(":")[0] for where, _ in calls}
+    # training's loader, the export's reload, predict on an export, the MLflow pyfunc model
+    assert {"model/load.py", "export/merge.py", "predict.py", "export/pyfunc_model.py"} <= files
+    for where, call in calls:
+        safe = [k for k in call.keywords if k.arg == "use_safetensors"]
+        assert safe and ast.literal_eval(safe[0].value) is True, f"{where}: no use_safetensors=True"
+
+
+def test_no_pickle_loading_without_weights_only():
+    """torch.load unpickles arbitrary objects unless weights_only=True; pickle itself always does."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            where = f"{path.relative_to(PACKAGE)}:{node.lineno}"
+            assert (owner, node.func.attr) not in {("pickle", "load"), ("pickle", "loads")}, where
+            if (owner, node.func.attr) == ("torch", "load"):
+                flags = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+                assert flags.get("weights_only") is True, where
 
 
 def test_redaction_of_secret_keys_uri_passwords_and_env_values(monkeypatch):

@@ -12,8 +12,8 @@
 #              past a 10-minute limit the finished rows remain in the report)
 #
 # Wheels in .whl/ (benchmarks/gpu/fetch_wheels.sh, run where pip works) are installed
-# into /tmp/site first. Results go to $OUT when set (the lent machines' folder that
-# comes back), else outputs/gpu/: JSON and markdown per benchmark, logs, timings.
+# into /tmp/site first. Results go to $OUT when set (a folder the
+# GPU host copies back), else outputs/gpu/: JSON and markdown per benchmark, logs, timings.
 # Random checkpoints are written once per machine under ~/.cache/lmmtune/bench/
 # (14 GB for 7B, 26 GB for 13B). SESSION_SCALE=tiny runs every part at the tiny
 # scale instead: a rehearsal of the script on a CPU.

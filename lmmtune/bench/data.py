@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from lmmtune.data.template import IGNORE_INDEX
+
 TEXT_TOKENS = (30, 200)
 
 

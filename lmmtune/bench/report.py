@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-# Dense bf16 FLOP/s. H100: measured on the lent machines (REFERENCE.md); the others
-# are the vendors' dense figures. --peak-tflops overrides.
+# Dense bf16 FLOP/s. H100: a measured large-matmul throughput (below the datasheet's
+# 989); the others are the vendors' dense figures. --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {
     "H100": 790.0,
     "H200": 790.0,  # the H100's compute with more memory

@@ -120,5 +120,5 @@ def load_exported(path: Path, dtype: str):
     from lmmtune.model.load import device_map, torch_dtype
 
     return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(dtype), device_map=device_map()
+        path, dtype=torch_dtype(dtype), device_map=device_map(), use_safetensors=True
     )

@@ -16,7 +16,9 @@ class LlavaAnswerer(PythonModel):
 
         path = context.artifacts["model"]
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype="auto", use_safetensors=True
+        )
         self.model.eval()
 
     def predict(self, context, model_input, params=None):

@@ -33,7 +33,6 @@ NF4_BITS = {True: 4.127, False: 4.5}
 """Bits per 4-bit weight with (True) or without double-quantized block constants."""
 OPTIMIZER_STATE_BYTES = {"8bit": 2.0, "32bit": 8.0, "sgd": 0.0, "adafactor": 0.5}
 """Optimizer state bytes per trainable parameter (AdamW: two moments)."""
-LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -103,24 +102,31 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemorySetup:
-    """The recipe settings memory depends on (read from the config groups)."""
+    """The recipe settings memory depends on, read from the config (`from_configs`, `defaults`)."""
 
-    quant: str = "4bit"
-    double_quant: bool = True
-    weight_bytes: int = 2
+    quant: str
+    double_quant: bool
+    weight_bytes: int
     """Bytes per unquantized weight (model.dtype)."""
-    act_bytes: int = 2
+    act_bytes: int
     """Bytes per activation: 2 under bf16/fp16 mixed precision, 4 in fp32."""
-    lora_r: int = 128
-    lora_targets: tuple[str, ...] = LLM_LINEARS
-    lora_dropout: float = 0.05
-    train_projector: bool = True
-    train_lm_head: bool = False
-    optim: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
-    loss_impl: str = "chunked"
-    loss_chunk_size: int = 1024
-    attn_implementation: str = "auto"
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
+    train_projector: bool
+    train_lm_head: bool
+    optim: str
+    gradient_checkpointing: bool
+    loss_impl: str
+    loss_chunk_size: int
+    attn_implementation: str
+
+    @classmethod
+    def defaults(cls) -> MemorySetup:
+        """lmmtune's defaults (`lmmtune.config`): 4-bit, r=128 on every LLM linear, paged 8-bit AdamW."""
+        from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+
+        return cls.from_configs(ModelConfig(), QuantConfig(), PeftConfig(), TrainConfig())
 
     @classmethod
     def from_configs(cls, model_cfg, quant_cfg, peft_cfg, train_cfg) -> MemorySetup:
@@ -296,7 +302,7 @@ def _does_not_fit(shape: ModelShape, setup: MemorySetup, budget_gib: float, seq_
     estimate = estimate_memory(shape, setup, 1, seq_len)
     levers = []
     if setup.quant != "4bit":
-        levers.append(f"quant=4bit (now {setup.quant})")
+        levers.append(f"quant.mode=4bit (now {setup.quant})")
     if optimizer_state_bytes(setup.optim) > OPTIMIZER_STATE_BYTES["8bit"]:
         levers.append(f"train.optim=paged_adamw_8bit (now {setup.optim})")
     if not setup.gradient_checkpointing:

@@ -1,0 +1,68 @@
+"""What a notebook needs: compose a config as the command line does, then run a command on it.
+
+    import lmmtune
+    cfg = lmmtune.compose_config(["recipe=demo", "output_dir=runs/demo"])
+    metrics = lmmtune.finetune(cfg)
+    lmmtune.evaluate(cfg)
+    lmmtune.export_model(cfg)
+
+Each function validates the config first, as `python -m lmmtune COMMAND` does. (The
+names differ from the commands' because `lmmtune.train`, `.export`, `.check` and
+`.predict` are the modules that implement them.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python -m lmmtune OVERRIDES` gets (`recipe=NAME` or `recipe=PATH.yaml` included)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmmtune.config import CONF_DIR, recipe_files_to_names, register_configs
+
+    register_configs()
+    overrides = recipe_files_to_names(list(overrides))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose("config", overrides)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def _run(command: str, cfg: DictConfig):
+    from lmmtune.commands import COMMANDS
+    from lmmtune.config_checks import validate
+
+    validate(cfg, command)
+    return COMMANDS[command].function()(cfg)
+
+
+def finetune(cfg: DictConfig) -> dict:
+    """Fine-tune as configured; the metrics also written to OUTPUT_DIR/metrics.json."""
+    return _run("train", cfg)
+
+
+def check_data(cfg: DictConfig):
+    """Check the data (and the memory plan); the data report."""
+    return _run("check", cfg)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate the run's base model and adapter again (`eval.*`); the metrics."""
+    return _run("eval", cfg)
+
+
+def export_model(cfg: DictConfig) -> dict:
+    """Export the run's adapter (`export.*`); the export report."""
+    return _run("export", cfg)
+
+
+def predict_answers(cfg: DictConfig) -> list[dict]:
+    """Answer `predict.question` or the questions of `predict.input`; the answers."""
+    return _run("predict", cfg)

@@ -1,0 +1,221 @@
+"""Every `python -m lmmtune COMMAND`: one registry that the command line and `--help` read.
+
+A command either composes the Hydra config (`key=value` overrides, validated before it
+runs) or takes its own arguments (`bench`, `import`). Implementations stay in their
+modules and are imported only when their command runs, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import logging
+import shutil
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    target: str
+    """`module:function`: called with the composed config, or with the argument list."""
+    keys: tuple[str, ...] = ()
+    """Config sections and keys its `--help` lists."""
+    composes_config: bool = True
+
+    def function(self) -> Callable:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "train",
+            "fine-tune (the default when the first word is an override)",
+            "lmmtune.commands:train",
+            ("name", "output_dir", "overwrite", "model", "quant", "peft", "data", "train")
+            + ("tracking", "eval.before", "eval.after", "eval.max_new_tokens", "eval.batch_size")
+            + ("eval.table_images",),
+        ),
+        Command(
+            "check",
+            "validate the data set and print a report, without loading a model",
+            "lmmtune.check:check",
+            ("model.path", "data", "train.gpu_memory_gb"),
+        ),
+        Command(
+            "eval",
+            "evaluate the base model and an adapter on the eval split",
+            "lmmtune.eval.run:run_eval",
+            ("output_dir", "eval", "tracking", "data.max_eval_samples"),
+        ),
+        Command(
+            "export",
+            "merge the adapter into the base and save a llava-hf model",
+            "lmmtune.export.run:run_export",
+            ("output_dir", "export", "tracking"),
+        ),
+        Command(
+            "predict",
+            "answer questions about images",
+            "lmmtune.predict:predict",
+            ("output_dir", "predict"),
+        ),
+        Command(
+            "import",
+            "import a run's local tracking record into MLflow: import RUN_DIR [--tracking-uri URI]",
+            "lmmtune.track.record:main",
+            composes_config=False,
+        ),
+        Command(
+            "bench",
+            "time lmmtune's recipe against the usual QLoRA pipeline (see bench --help)",
+            "lmmtune.bench.__main__:main",
+            composes_config=False,
+        ),
+    )
+}
+DEFAULT_COMMAND = "train"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Join the process group (torchrun / accelerate launch), settle the run directory, train."""
+    from lmmtune import distributed
+    from lmmtune.pipeline import train as train_pipeline
+    from lmmtune.rundir import job_output_dir
+
+    distributed.init()
+    try:
+        cfg.output_dir = job_output_dir(cfg.output_dir)
+        run_dir = Path(cfg.output_dir)
+        fresh = not run_dir.exists()
+        try:
+            return train_pipeline(cfg)
+        except BaseException:
+            if fresh and distributed.world_size() == 1:
+                remove_failed_start(run_dir)
+            raise
+    finally:
+        distributed.shutdown()
+
+
+def remove_failed_start(run_dir: Path) -> None:
+    """Remove the run folder this command created when it failed before its first checkpoint.
+
+    Everything in it was written by the failed start (config.yaml, eval_before.json, the
+    data report); left behind, it would make the corrected command refuse the folder as
+    "already holds a run", or resume on the old before-eval.
+    """
+    checkpoints = run_dir / "checkpoints"
+    if not run_dir.is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.warning("removed %s: the run stopped before its first checkpoint", run_dir)
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    listing = "\n".join(f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS.values())
+    return f"""usage: python -m lmmtune [COMMAND] [key=value ...] [--cfg job]
+
+commands:
+{listing}
+
+  python -m lmmtune COMMAND --help   lists the settings a command reads
+
+examples:
+  python -m lmmtune recipe=demo
+  python -m lmmtune recipe=medical data.train=/data/train.json model.path=/models/llava-1.5-7b-hf
+  python -m lmmtune recipe=my_recipe.yaml     # a recipe file of your own
+  python -m lmmtune recipe=demo --cfg job     # print the composed config
+"""
+
+
+def command_help(command: Command) -> str:
+    """`python -m lmmtune COMMAND --help`: what it does and every key it reads, with its docs."""
+    lines = [
+        f"usage: python -m lmmtune {command.name} [key=value ...]",
+        "",
+        f"{command.name}: {command.summary}",
+    ]
+    if command.name in ("eval", "export", "predict"):
+        from lmmtune.eval.runs import RUN_SECTIONS
+
+        lines.append(
+            f"It reads {', '.join(RUN_SECTIONS)} from the run's config.yaml (output_dir=RUN); "
+            "the same keys on the command line win."
+        )
+    lines += ["", "settings (default, choices; `recipe=NAME` or a YAML path sets many at once):"]
+    for key in command.keys:
+        for leaf, default, kind, doc in describe(key):
+            choices = f"  {{{', '.join(m.value for m in kind)}}}" if _is_choice(kind) else ""
+            lines.append(f"  {leaf} = {_show(default)}{choices}")
+            if doc:
+                lines += textwrap.wrap(doc, 88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def describe(key: str) -> list[tuple[str, object, type, str]]:
+    """(key, default, type, docstring) of `key`, or of every key under a section."""
+    from lmmtune.config import Config
+
+    owner, value, kind = Config, Config(), Config
+    for part in key.split("."):
+        owner, kind = kind, _field_types(kind)[part]
+        value = getattr(value, part)
+    if dataclasses.is_dataclass(kind):
+        return [row for f in dataclasses.fields(kind) for row in describe(f"{key}.{f.name}")]
+    return [(key, value, kind, field_docs(owner).get(key.rsplit(".", 1)[-1], ""))]
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {name: _unwrap_optional(hint) for name, hint in hints.items()}
+
+
+def _unwrap_optional(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+
+
+def _is_choice(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Enum)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under a dataclass's fields (Python keeps none of them at run time)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for field_node, doc_node in zip(body, body[1:], strict=False):
+        if (
+            isinstance(field_node, ast.AnnAssign)
+            and isinstance(field_node.target, ast.Name)
+            and isinstance(doc_node, ast.Expr)
+            and isinstance(doc_node.value, ast.Constant)
+            and isinstance(doc_node.value.value, str)
+        ):
+            docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
