@@ -51,7 +51,7 @@ AttnImplementation = choices(
 QuantMode = choices("QuantMode", "4bit 8bit none")
 QuantType = choices("QuantType", "nf4 fp4")
 OnError = choices("OnError", "fail skip")
-LossImpl = choices("LossImpl", "chunked default")
+LossImpl = choices("LossImpl", "chunked default liger")
 TrackingBackend = choices("TrackingBackend", "mlflow none")
 ExportFormat = choices("ExportFormat", "merged adapter")
 

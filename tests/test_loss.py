@@ -302,9 +302,13 @@ def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tiny_model_path
     assert KeepBestAdapter(tmp_path).best == keep.best  # what a resumed run compares against
 
 
-def test_keep_best_needs_eval_steps(tmp_path):
-    with pytest.raises(LmmtuneError, match="train.keep_best needs train.eval_steps"):
-        build_training_arguments(TrainConfig(keep_best=True), tmp_path, 0, "float32")
+def test_keep_best_needs_eval_steps():
+    from lmmtune.config_checks import validate
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["recipe=demo", "train.keep_best=true"])
+    with pytest.raises(LmmtuneError, match="train.keep_best=true needs train.eval_steps"):
+        validate(cfg)
 
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
@@ -314,8 +318,13 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-on
 def test_liger_loss_without_a_gpu_is_a_clear_error_naming_the_install(tmp_path):
     with pytest.raises(LmmtuneError, match="need a CUDA GPU .*pip install liger-kernel"):
         build_training_arguments(TrainConfig(loss_impl="liger"), tmp_path, 0, "float32")
-    with pytest.raises(LmmtuneError, match="chunked, default, liger, not 'fused'"):
-        build_training_arguments(TrainConfig(loss_impl="fused"), tmp_path, 0, "float32")
+    from hydra.errors import ConfigCompositionException
+
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigCompositionException) as refused:
+        compose_config(["train.loss_impl=fused"])
+    assert "expected one of [chunked, default, liger]" in str(refused.value.__cause__)
 
 
 def test_liger_loss_on_a_gpu_without_the_package_names_the_install(monkeypatch):

@@ -22,10 +22,8 @@ from lmmtune.config import PeftConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR
 from lmmtune.train.checkpoints import AtomicCheckpointMixin
-from lmmtune.train.liger import LIGER, liger_arguments
+from lmmtune.train.liger import liger_arguments
 from lmmtune.train.loss import chunked_causal_lm_loss
-
-LOSS_IMPLS = ("chunked", "default", LIGER)
 
 
 @dataclass
@@ -48,14 +46,6 @@ def build_training_arguments(
 ) -> TrainingArguments:
     """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline."""
     on_gpu = torch.cuda.is_available()
-    if train_cfg.loss_impl not in LOSS_IMPLS:
-        raise LmmtuneError(
-            f"train.loss_impl must be one of {', '.join(LOSS_IMPLS)}, not '{train_cfg.loss_impl}'"
-        )
-    if train_cfg.keep_best and not train_cfg.eval_steps:
-        raise LmmtuneError(
-            "train.keep_best needs train.eval_steps: the eval loss it keeps the best of"
-        )
     return LlavaTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=train_cfg.epochs,
