@@ -137,7 +137,9 @@ def test_export_is_logged_and_registered_in_mlflow(merged_export, demo_run, monk
         if question in r["conversations"][0]["value"]
     ][:4]
     answers = model.predict(
-        pd.DataFrame([{"image": str(data_dir / r["image"]), "question": question} for r in records]),
+        pd.DataFrame(
+            [{"image": str(data_dir / r["image"]), "question": question} for r in records]
+        ),
         params={"max_new_tokens": 4},
     )
     # The demo learns its data (eval accuracy ~1.0): the served model answers as trained.

@@ -2,9 +2,10 @@
 
 The demo (tiny LLaVA, synthetic scans, 4-bit base, LoRA + projector + head, 8 epochs)
 is run once per session by the `demo_run` fixture through the command line; its
-`metrics.json` loss history must match the pinned one to rtol 1e-5. It is
-bit-identical from run to run on one machine. After a deliberate change to training,
-data or the demo, regenerate it:
+`metrics.json` loss history must match the pinned one to rtol 1e-5 (atol 1e-6 for the
+late losses near 0.01). Measured: bit-identical from run to run at one thread count;
+1 vs 2 CPU threads differ by at most 2.9e-7 (1.1e-5 relative). After a deliberate
+change to training, data or the demo, regenerate it:
 
     LMMTUNE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
 """
@@ -28,5 +29,5 @@ def test_demo_loss_history_matches_the_pinned_one(demo_run):
         GOLDEN.write_text(json.dumps({**pinned, "loss_history": got}, indent=1) + "\n")
         pytest.skip(f"rewrote {GOLDEN}")
     assert len(got) == len(pinned["loss_history"])
-    np.testing.assert_allclose(got, pinned["loss_history"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, pinned["loss_history"], rtol=1e-5, atol=1e-6)
     assert got[-1] < got[0] / 100  # and it is a loss that falls
