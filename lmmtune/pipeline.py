@@ -28,6 +28,7 @@ from lmmtune.distributed import (
 from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import metric_items, save_eval_report
+from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.rundir import prepare_run_dir, save_config
@@ -137,7 +138,7 @@ def train(cfg: Config | DictConfig) -> dict:
             return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
         if not shards_model():
             model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
+        save_standalone_processor(processor, adapter_dir)  # loads alone: padding, chat template
         (adapter_dir / "lmmtune_base.json").write_text(
             json.dumps({"base_model": resolve_model_path(cfg.model)})
         )
@@ -154,6 +155,7 @@ def train(cfg: Config | DictConfig) -> dict:
             log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
 
         describe_run(tracker, cfg, train_cfg, metrics, report)
+        write_model_card(adapter_dir, cfg, train_cfg, metrics, report)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for artifact in ("config.yaml", "metrics.json", "adapter"):
             tracker.log_artifact(run_dir / artifact)
