@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -62,6 +63,6 @@ def test_in_table_images_get_thumbnails_and_sample_tiles(tmp_path, monkeypatch):
 
     client = MlflowClient(uri)
     local = client.download_artifacts(tracker.run_id, "eval/predictions.json", str(tmp_path))
-    logged = json.loads(open(local).read())
+    logged = json.loads(Path(local).read_text())
     column = logged["columns"].index("image")
     assert all(row[column]["type"] == "image" for row in logged["data"])  # thumbnails
