@@ -20,26 +20,29 @@ HEADLINE = ("accuracy", "open_recall", "exact_match", "token_f1")
 _UNSAFE_METRIC_CHARS = re.compile(r"[^\w\-. /]")
 
 
-COUNTS = ("samples", "closed_samples", "open_samples")
-"""Sample counts: per-run numbers, not scores; kept in metrics.json, not charted in MLflow."""
-
-
 def metric_items(prefix: str, metrics: dict, separator: str = "/") -> dict[str, float]:
     """`{"by_type": {"closed": {"accuracy": 1}}}` -> `{"PREFIX/by_type.closed.accuracy": 1}`.
 
     Question types come from the data, so characters MLflow refuses in names become `_`.
-    Sample counts are left out (each would be one more single-bar chart in MLflow).
     """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
-        if key in COUNTS:
-            continue
         name = f"{prefix}{separator}{_UNSAFE_METRIC_CHARS.sub('_', str(key))}"
         if isinstance(value, dict):
             flat.update(metric_items(name, value, separator="."))
         elif isinstance(value, int | float):
             flat[name] = float(value)
     return flat
+
+
+def scalar_tags(prefix: str, metrics: dict) -> dict[str, str]:
+    """The eval numbers as MLflow tags (`eval_after/accuracy` -> "0.96875"), not metrics: one
+    value per run would be one single-bar chart each, ahead of the loss curves."""
+    return {name: _exact(value) for name, value in metric_items(prefix, metrics).items()}
+
+
+def _exact(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def prediction_rows(

@@ -31,12 +31,16 @@ def silence_harmless_notices() -> None:
     warnings.filterwarnings("ignore", message=CHECKPOINTING_NOTICE, category=FutureWarning)
 
 
-BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
-"""Read by huggingface_hub (and so transformers' "Loading weights" bar) and datasets at import."""
+BAR_SWITCHES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' "Loading weights"
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+"""Environment switches the libraries read for their bars."""
 
 
 def library_bars_off_terminal() -> None:
     """When stderr is a file or a pipe, switch the libraries' bars off (unless the user set them)."""
     if not sys.stderr.isatty():
-        for switch in BAR_SWITCHES:
-            os.environ.setdefault(switch, "1")
+        for switch, off in BAR_SWITCHES.items():
+            os.environ.setdefault(switch, off)
