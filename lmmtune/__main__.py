@@ -42,6 +42,10 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A failing store logs a traceback per call; lmmtune's tracker reports the failure in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    from lmmtune.track.notices import library_bars_off_terminal, silence_harmless_notices
+
+    silence_harmless_notices()
+    library_bars_off_terminal()
 
 
 def run_command(command: Command, cfg) -> None:

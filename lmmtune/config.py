@@ -130,7 +130,7 @@ class DataConfig:
     """Held-out data in the same formats; null splits `eval_fraction` off the training set."""
     image_root: str | None = None
     """Directory image paths are relative to; defaults to the data file's directory (or the
-    dataset folder). Paths that lead outside it are refused."""
+    dataset folder). Relative paths that climb out of it are refused; absolute ones are kept."""
     eval_fraction: float = 0.05
     """Share of the training records held out for evaluation when `eval` is null."""
     max_eval_samples: int | None = 200

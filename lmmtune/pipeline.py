@@ -27,12 +27,20 @@ from lmmtune.distributed import (
 )
 from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.eval.evaluate import EvalResult, evaluate, summary
-from lmmtune.eval.report import metric_items, save_eval_report
+from lmmtune.eval.report import save_eval_report, scalar_tags
+from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.rundir import prepare_run_dir, save_config
+from lmmtune.track.datasets import log_datasets
 from lmmtune.track.description import describe_run
-from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
+from lmmtune.track.mlflow_tracker import (
+    TrackerCallback,
+    flatten,
+    start_tracker,
+    tracked_run,
+    trainer_summary,
+)
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
@@ -74,6 +82,7 @@ def train(cfg: Config | DictConfig) -> dict:
                         "memory_plan.grad_accum": train_cfg.grad_accum,
                     }
                 )
+            log_datasets(tracker, splits)
         metrics = {
             "data": {
                 "train_samples": len(splits.train),
@@ -93,7 +102,7 @@ def train(cfg: Config | DictConfig) -> dict:
             before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
             metrics["eval_before"] = before.metrics
             log.info("eval before training: %s", summary(before.metrics))
-            tracker.log_metrics(metric_items("eval_before", before.metrics))
+            tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
             before_file.write_text(json.dumps(metrics["eval_before"]))
         barrier()
 
@@ -124,6 +133,7 @@ def train(cfg: Config | DictConfig) -> dict:
             "loss": result.training_loss,
             "steps": result.global_step,
             "loss_history": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "summary": trainer_summary(trainer.state.log_history),  # no chart of one point each
         }
         if keep_best is not None:
             barrier()  # rank 0 wrote the best weights; every rank loads them
@@ -139,7 +149,7 @@ def train(cfg: Config | DictConfig) -> dict:
             return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
         if not shards_model():
             model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
+        save_standalone_processor(processor, adapter_dir)  # loads alone: padding, chat template
         (adapter_dir / "lmmtune_base.json").write_text(
             json.dumps({"base_model": resolve_model_path(cfg.model)})
         )
@@ -148,7 +158,7 @@ def train(cfg: Config | DictConfig) -> dict:
             after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
             metrics["eval_after"] = after.metrics
             log.info("eval after training: %s", summary(after.metrics))
-            tracker.log_metrics(metric_items("eval_after", after.metrics))
+            tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
         if before is not None or after is not None:  # predictions table and chart
             save_eval_report(
                 run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
@@ -156,9 +166,11 @@ def train(cfg: Config | DictConfig) -> dict:
             log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
 
         describe_run(tracker, cfg, train_cfg, metrics, report)
+        write_model_card(adapter_dir, cfg, train_cfg, metrics, report)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for artifact in ("config.yaml", "metrics.json", "adapter"):
             tracker.log_artifact(run_dir / artifact)
+        tracker.log_adapter_model(adapter_dir)  # the run's model in MLflow, loadable as pyfunc
     log.info("run finished: %s", run_dir)
     return metrics
 

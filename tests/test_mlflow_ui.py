@@ -4,7 +4,9 @@ children, and (marked `browser`) the real MLflow UI in headless Chromium."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +50,61 @@ def test_demo_run_shows_sample_images_with_answers(demo_run):
     assert "eval/eval_samples.png" in logged
     with Image.open(demo_run["run_dir"] / "eval_samples.png") as sheet:
         assert sheet.width >= 400 and sheet.height >= 290  # a grid of annotated tiles
+
+
+def test_demo_run_charts_curves_and_keeps_per_run_numbers_as_tags(demo_run):
+    _, _, run = demo_mlflow_run(demo_run)
+    charted = set(run.data.metrics)
+    assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= charted
+    single_values = [k for k in charted if k.startswith(("eval_before/", "eval_after/"))]
+    assert single_values == [] and "train/train_runtime" not in charted
+    assert "train/total_flos" not in charted
+    metrics = json.loads((demo_run["run_dir"] / "metrics.json").read_text())
+    tags = run.data.tags
+    assert float(tags["eval_after/accuracy"]) == metrics["eval_after"]["accuracy"]
+    assert tags["eval_after/samples"] == "128"  # no number lost, counts too
+    assert float(tags["train/train_runtime"]) == metrics["train"]["summary"]["train_runtime"]
+    assert metrics["train"]["summary"]["total_flos"] > 0
+
+
+def test_demo_run_lists_its_data_as_dataset_inputs(demo_run):
+    _, _, run = demo_mlflow_run(demo_run)
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["eval", "train"]
+    train = inputs["train"]
+    assert json.loads(train.dataset.source)["uri"] == str(
+        (demo_run["run_dir"] / "demo_data" / "train.json").resolve()
+    )
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "training"
+    assert {t.key: t.value for t in train.tags}["samples"] == "401"
+    assert len(train.dataset.digest) == 16 and train.dataset.digest != inputs["eval"].dataset.digest
+
+
+def test_demo_run_has_system_metrics(demo_run):
+    _, _, run = demo_mlflow_run(demo_run)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+
+
+def test_demo_adapter_is_a_logged_model_that_answers(demo_run):
+    import mlflow
+    import pandas as pd
+
+    client, experiment, run = demo_mlflow_run(demo_run)
+    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert model.name == "adapter" and model.source_run_id == run.info.run_id
+    mlflow.set_tracking_uri(demo_run["tracking_uri"])
+    answerer = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    data_dir = demo_run["run_dir"] / "demo_data"
+    records = json.loads((data_dir / "eval.json").read_text())[:4]
+    questions = pd.DataFrame(
+        {
+            "question": [r["conversations"][0]["value"].split("\n", 1)[1] for r in records],
+            "image": [str(data_dir / r["image"]) for r in records],
+        }
+    )
+    answers = answerer.predict(questions, params={"max_new_tokens": 8})
+    assert answers == [r["conversations"][1]["value"] for r in records]
 
 
 def test_sweep_description_names_the_swept_values():
@@ -199,14 +256,23 @@ def test_mlflow_ui_shows_the_run_its_metrics_and_predictions(demo_run, chromium,
         )[0]
         click_all(chromium, "//button[@aria-label='Close']")  # the assistant panel
         click_all(chromium, "//button[normalize-space()='Show more']")  # the whole description
-        search.send_keys("eval_after/accuracy")  # as a person looks a metric up
-        page = wait_for_text(chromium, [run.info.run_id, "Finished", "eval_after/accuracy"])
+        search.send_keys("train/loss")  # as a person looks a metric up
+        page = wait_for_text(chromium, [run.info.run_id, "Finished", "train/loss"])
         assert "QLoRA fine-tune of tiny" in page  # the run description
-        assert f"{run.data.metrics['eval_after/accuracy']:g}"[:4] in page
+        digest = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+        page = wait_for_text(chromium, [f"train ({digest['train']})", "Logged models (1)"])
+        assert "adapter" in page.split("Logged models (1)")[1]  # the run's model
         shot = tmp_path / "mlflow_run_page.png"
         chromium.save_screenshot(str(shot))
         if os.environ.get(SCREENSHOTS_ENV):
             shutil.copy(shot, Path(os.environ[SCREENSHOTS_ENV]) / shot.name)
+
+        chromium.get(f"{url}/{run_page}/model-metrics{view}")
+        charts = wait_for_text(chromium, ["train", "loss", "grad_norm", "learning_rate"])
+        sections = re.findall(r"^(\S+)\n\((\d+)\)$", charts, flags=re.M)
+        assert sections[0] == ("train", "4")  # the loss curves open the tab
+        assert "eval_after" not in charts  # no single-bar charts
+        chromium.save_screenshot(str(tmp_path / "mlflow_model_metrics.png"))
 
         chromium.get(f"{url}/{run_page}/artifacts/eval/predictions.json{view}")
         table = wait_for_text(chromium, ["View as table", "reference", "after", "0000-presence"])

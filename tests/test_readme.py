@@ -25,3 +25,13 @@ def test_ci_runs_the_readme_test_command():
     _, tests = _readme_commands()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert tests in ci_lines
+
+
+def test_readme_predict_example_asks_a_demo_question_about_a_demo_image():
+    from lmmtune.data.demo import PRESENCE_QUESTION, SIDE_QUESTION
+
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"python -m lmmtune predict output_dir=RUN.+?\n.+?\n", readme)
+    question = re.search(r'predict\.question="([^"]+)"', example).group(1)
+    assert question in (PRESENCE_QUESTION, SIDE_QUESTION)
+    assert "predict.image=RUN/demo_data/images/" in example

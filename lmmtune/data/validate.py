@@ -43,10 +43,12 @@ def resolve_images(samples: list[Sample], image_root: Path) -> list[RecordProble
 
 
 def resolve_image_path(image: str, image_root: Path) -> Path:
-    """`image_root / image`, refusing paths that lead outside the root and missing files.
+    """An absolute path as written; a relative one under `image_root`, refused if it climbs out.
 
-    The escape test is on the written path (`..`, absolute paths), not on symlinks: a
-    symlinked image folder inside the root is the user's own choice and stays allowed.
+    An absolute path is the data author's explicit choice (`datasets`' `to_parquet()` of an
+    imagefolder writes them). A relative path is confined to the root, so a shared data file
+    cannot reach `../../secrets` by its own. The test is on the written path, not on
+    symlinks: a symlinked image folder inside the root stays allowed.
     """
     if "://" in image:
         raise RecordInvalid(
@@ -55,7 +57,7 @@ def resolve_image_path(image: str, image_root: Path) -> Path:
         )
     root = Path(os.path.abspath(image_root))
     path = Path(os.path.abspath(root / image))
-    if not path.is_relative_to(root):
+    if not Path(image).is_absolute() and not path.is_relative_to(root):
         raise RecordInvalid(
             Kind.PATH_ESCAPES_ROOT,
             f"image path '{image}' leads outside data.image_root {root} (refused)",

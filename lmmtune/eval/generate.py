@@ -46,7 +46,8 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers: list[str] = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+    bars = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=None)
+    for start in bars:  # disable=None: a bar on a terminal, none in a file or pipe
         items = []
         for sample in samples[start : start + batch_size]:
             item = {"input_ids": tokenize.prompt_ids(sample)}

@@ -35,6 +35,16 @@ def metric_items(prefix: str, metrics: dict, separator: str = "/") -> dict[str, 
     return flat
 
 
+def scalar_tags(prefix: str, metrics: dict) -> dict[str, str]:
+    """The eval numbers as MLflow tags (`eval_after/accuracy` -> "0.96875"), not metrics: one
+    value per run would be one single-bar chart each, ahead of the loss curves."""
+    return {name: _exact(value) for name, value in metric_items(prefix, metrics).items()}
+
+
+def _exact(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def prediction_rows(
     samples: list[Sample], before: EvalResult | None, after: EvalResult | None
 ) -> list[dict]:
@@ -54,6 +64,30 @@ def prediction_rows(
                 row[f"correct_{name}"] = result.scores[index].correct
         rows.append(row)
     return rows
+
+
+IMAGE_FILE = "image_file"
+"""Row key of an in-table image's PNG copy (parquet bytes have no file to show)."""
+
+
+def write_table_images(samples: list[Sample], rows: list[dict], folder: Path, side: int = 336):
+    """Save images held inside a data table (no file of their own) as small PNGs in `folder`,
+    so that MLflow's thumbnails and the sample grid show them as they show files."""
+    from lmmtune.data.dataset import load_sample_image
+
+    for index, (sample, row) in enumerate(zip(samples, rows, strict=True)):
+        if sample.image_ref is None:
+            continue
+        image = load_sample_image(sample)
+        image.thumbnail((side, side))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{index:05d}.png"
+        image.save(path)
+        row[IMAGE_FILE] = str(path)
+
+
+def without_file(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != IMAGE_FILE}
 
 
 def write_predictions(rows: list[dict], path: Path) -> Path:
@@ -122,6 +156,7 @@ def save_eval_report(
 ) -> dict[str, Path]:
     """Write `PREFIXpredictions.jsonl` and `PREFIXbefore_after.png` to `out_dir`, log both to MLflow."""
     rows = prediction_rows(samples, before, after)
+    write_table_images(samples, rows, out_dir / f"{prefix}images")
     files = {
         "predictions": write_predictions(rows, out_dir / f"{prefix}predictions.jsonl"),
         "chart": plot_before_after(
@@ -130,7 +165,10 @@ def save_eval_report(
             out_dir / f"{prefix}before_after.png",
         ),
     }
-    tracker.log_table(rows, "eval/predictions.json", image_column="image" if table_images else None)
+    shown = [{**without_file(row), "image": row.get(IMAGE_FILE, row["image"])} for row in rows]
+    tracker.log_table(
+        shown, "eval/predictions.json", image_column="image" if table_images else None
+    )
     tracker.log_artifact(files["chart"], "eval")
     tracker.log_artifact(files["predictions"], "eval")
     return files

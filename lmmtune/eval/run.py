@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
-from lmmtune.eval.report import metric_items, save_eval_report
+from lmmtune.eval.report import save_eval_report, scalar_tags
 from lmmtune.eval.runs import (
     command_tags,
     eval_samples,
@@ -64,7 +64,7 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         for name, result in (("eval_before", before), ("eval_after", after)):
             if result is not None:
                 metrics[name] = result.metrics
-                tracker.log_metrics(metric_items(name, result.metrics))
+                tracker.set_tags(scalar_tags(name, result.metrics))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_eval_report(out_dir, "", samples, before, after, tracker, eval_cfg.table_images)
         tracker.log_artifact(out_dir / "metrics.json", "eval")

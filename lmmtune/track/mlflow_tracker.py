@@ -62,6 +62,16 @@ class NullTracker:
         """Log an exported model directory as an MLflow pyfunc model; register it if named."""
         return None
 
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """Log a JSON-able dict as an artifact (per-run numbers that are no curve)."""
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str, samples: int) -> None:
+        """Record a data set the run used (MLflow's Datasets: name, source, digest, context)."""
+
+    def log_adapter_model(self, adapter_dir: Path) -> str | None:
+        """Log the run's adapter as an MLflow model of this run; its model URI."""
+        return None
+
 
 def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
     """tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
@@ -82,6 +92,13 @@ def mark_training_experiment(experiment, client=None) -> None:
         )
 
 
+def system_metrics_wanted() -> bool:
+    """CPU, memory, disk (GPU with nvidia-ml-py) under `system/`, unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false; they need psutil."""
+    setting = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    return setting.strip().lower() not in ("false", "0", "no")
+
+
 class MlflowTracker(NullTracker):
     def __init__(
         self,
@@ -100,12 +117,15 @@ class MlflowTracker(NullTracker):
         uri = resolve_tracking_uri(tracking_cfg)
         mlflow.set_tracking_uri(uri)
         if resume_run_id is not None:
-            self.run = mlflow.start_run(run_id=resume_run_id)
+            self.run = mlflow.start_run(
+                run_id=resume_run_id, log_system_metrics=system_metrics_wanted()
+            )
         else:
             mark_training_experiment(mlflow.set_experiment(tracking_cfg.experiment or experiment))
             self.run = mlflow.start_run(
                 run_name=redact_value(tracking_cfg.run_name or run_name),
                 parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep
+                log_system_metrics=system_metrics_wanted(),
             )
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, redact_value(uri))
@@ -150,6 +170,33 @@ class MlflowTracker(NullTracker):
         from lmmtune.export.registry import log_pyfunc_model
 
         return log_pyfunc_model(Path(model_dir), registered_name)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.mlflow.log_dict(data, artifact_file)
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str, samples: int) -> None:
+        from lmmtune.track.datasets import dataset_input
+
+        with _extra("the dataset input"):
+            dataset = dataset_input(name, source, digest)
+            self.mlflow.log_input(dataset, context=context, tags={"samples": str(samples)})
+
+    def log_adapter_model(self, adapter_dir: Path) -> str | None:
+        from lmmtune.export.adapter_model import log_adapter_model
+
+        with _extra("the adapter as a logged model"):
+            return log_adapter_model(Path(adapter_dir))
+        return None
+
+
+@contextlib.contextmanager
+def _extra(what: str):
+    """An extra that fails (an odd data source, a model-logging error) costs a warning, not the
+    tracking: raised through, it would switch the run to its local record."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("MLflow: %s was not logged (%s: %s)", what, type(exc).__name__, exc)
 
 
 def _thumbnails(paths: list, size: int = 128) -> list | None:
@@ -222,6 +269,12 @@ def tracked_run(tracker):
     tracker.end("FINISHED")
 
 
+RUN_SUMMARY = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+RUN_SUMMARY += ("total_flos", "train_loss")
+"""The Trainer's closing numbers: one value per run, tags (`train/train_runtime`) and
+metrics.json (`train.summary`) instead of one single-point chart each."""
+
+
 class TrackerCallback(TrainerCallback):
     """Forward the Trainer's logs (loss, learning rate, grad norm) to the tracker per logging step."""
 
@@ -230,9 +283,19 @@ class TrackerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.tracker.log_metrics(
-                {metric_name(key): value for key, value in logs.items()}, step=state.global_step
-            )
+            curves = {
+                metric_name(key): value for key, value in logs.items() if key not in RUN_SUMMARY
+            }
+            self.tracker.log_metrics(curves, step=state.global_step)
+            closing = {f"train/{key}": str(logs[key]) for key in RUN_SUMMARY if key in logs}
+            if closing:
+                self.tracker.set_tags(closing)
+
+
+def trainer_summary(log_history: list[dict]) -> dict:
+    """The Trainer's closing numbers (runtime, samples per second, FLOs, mean loss)."""
+    closing = [entry for entry in log_history if "train_runtime" in entry]
+    return {key: closing[-1][key] for key in RUN_SUMMARY if closing and key in closing[-1]}
 
 
 def metric_name(key: str) -> str:

@@ -49,7 +49,8 @@ def grid(tiles: list[Image.Image], columns: int = 4) -> Image.Image:
 
 def _tile(row: dict) -> Image.Image | None:
     try:
-        image = open_image(row["image"])  # as training read it: EXIF rotation, DICOM, 16-bit
+        # as training read it (EXIF rotation, DICOM, 16-bit); an in-table image from its copy
+        image = open_image(row.get("image_file") or row["image"])
     except (OSError, ValueError):  # a file gone or unreadable: leave the sample out
         return None
     scale = TILE / max(image.size)  # small scans are enlarged too, to be seen

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from lmmtune.config import PeftConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR
+from lmmtune.track.console import progress_bars, use_step_lines
 from lmmtune.train.checkpoints import AtomicCheckpointMixin
 from lmmtune.train.liger import liger_arguments
 from lmmtune.train.loss import chunked_causal_lm_loss
@@ -84,7 +85,7 @@ def build_training_arguments(
         train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
         length_column_name="length",
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=not progress_bars(),  # in a file or pipe: one line per logging step
     )
 
 
@@ -194,7 +195,7 @@ def build_trainer(
             "train.eval_steps needs an eval split: set data.eval=..., or data.eval_fraction "
             "so that at least one record is held out"
         )
-    return LlavaTrainer(
+    trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -204,3 +205,5 @@ def build_trainer(
         projector_lr=peft_cfg.projector_lr,
         lengths=lengths,
     )
+    use_step_lines(trainer)
+    return trainer

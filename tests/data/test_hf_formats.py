@@ -158,6 +158,22 @@ def test_imagefolder_with_metadata_jsonl(tmp_path):
     assert [s.image for s in data.samples] == ["0.jpg", "1.jpg", "2.jpg"]
 
 
+def test_parquet_of_an_imagefolder_by_datasets_to_parquet_holds_absolute_paths(tmp_path, inspect):
+    folder = tmp_path / "folder"
+    for index, colour in enumerate(COLOURS):
+        save_image(folder / f"{index}.png", colour=colour)
+    rows = [{"file_name": f"{i}.png", "question": "Colour?", "answer": "c"} for i in range(3)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "hf_cache")
+    )
+    loaded.to_parquet(tmp_path / "elsewhere" / "train.parquet")  # paths, not bytes, inside
+    report = inspect(train=str(tmp_path / "elsewhere" / "train.parquet"), eval_fraction=0.0)
+    assert report.problems == []
+    assert sorted(s.image for s in report.train) == [str(folder / f"{i}.png") for i in range(3)]
+    assert sorted(_colours(report.train)) == sorted(COLOURS)
+
+
 def test_bad_image_bytes_in_a_table_are_named_by_row(tmp_path, inspect):
     table = _table([{"bytes": b"not an image at all", "path": "x.png"}], id=["broken"])
     table.save_to_disk(tmp_path / "ds")

@@ -132,21 +132,27 @@ def test_skip_trains_on_the_rest_and_writes_the_skipped_records(tmp_path, tiny_p
     )
 
 
-def test_image_paths_resolve_against_image_root_and_may_not_escape_it(tmp_path, inspect):
+def test_relative_image_paths_may_not_climb_out_of_image_root_absolute_ones_are_kept(
+    tmp_path, inspect
+):
     save_image(tmp_path / "images" / "a.png")
     save_image(tmp_path / "outside.png")
     records = [
         llava("in", "a.png"),
         llava("up", "../outside.png"),
-        llava("abs", str(tmp_path / "outside.png")),
+        llava("abs", str(tmp_path / "outside.png")),  # written so by the data's author
+        llava("sneaky", "sub/../../outside.png"),
     ]
     (tmp_path / "data").mkdir()
     path = write_json(tmp_path / "data" / "train.json", records)
     report = inspect(train=str(path), image_root=str(tmp_path / "images"), eval_fraction=0.0)
-    assert [s.image for s in report.train] == [str(tmp_path / "images" / "a.png")]
+    assert [s.image for s in report.train] == [
+        str(tmp_path / "images" / "a.png"),
+        str(tmp_path / "outside.png"),
+    ]
     assert [(p.kind, p.record_id) for p in report.problems] == [
         (Kind.PATH_ESCAPES_ROOT, "up"),
-        (Kind.PATH_ESCAPES_ROOT, "abs"),
+        (Kind.PATH_ESCAPES_ROOT, "sneaky"),
     ]
     assert report.problems[0].reason == (
         f"image path '../outside.png' leads outside data.image_root {tmp_path / 'images'} (refused)"
