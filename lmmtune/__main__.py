@@ -18,13 +18,14 @@ commands:
   eval     evaluate the base model and an adapter on the eval split
   export   merge the adapter into the base and save a llava-hf model
   predict  answer questions about images
+  chat     try the model in the browser (Gradio), base and adapted side by side
 
 examples:
   python -m lmmtune recipe=demo
   python -m lmmtune recipe=medical data.train=/data/train.json model.path=/models/llava-1.5-7b-hf
   python -m lmmtune recipe=demo --cfg job        # print the resolved config
 """
-COMMANDS = ("train", "check", "eval", "export", "predict")
+COMMANDS = ("train", "check", "eval", "export", "predict", "chat")
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
@@ -78,6 +79,10 @@ def run_command(command: str, cfg) -> None:
             from lmmtune.predict import predict
 
             predict(cfg)
+        elif command == "chat":
+            from lmmtune.chat.run import run_chat
+
+            run_chat(cfg)
         else:
             raise LmmtuneError(f"'{command}' is not implemented yet")
     except LmmtuneError as exc:
