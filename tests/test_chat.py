@@ -45,6 +45,7 @@ def chat_server(demo_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("chat") / "chat.log"
     command = [sys.executable, "-m", "lmmtune", "chat", "output_dir=run", f"chat.port={port}"]
     command.append(f"chat.max_new_tokens={eval_max_new_tokens(demo_run)}")  # eval's answers
+    command.append("chat.queue_size=1")  # one request may wait: a third is turned away
     env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"], "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     with log.open("w") as out:
@@ -133,6 +134,35 @@ def test_api_streams_the_answer(chat_server, demo_run):
     assert any(base and base != final[0] for base, _ in partial)  # the base answer grew
 
 
+def test_requests_queue_one_at_a_time_and_a_full_queue_says_so(chat_server, demo_run):
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import QueueError, Status
+
+    row = eval_rows(demo_run)[0]
+    client = Client(chat_server["url"], verbose=False)
+    image = handle_file(row["image"])
+    long = client.submit(image, row["question"], 400, 0, 1, api_name="/answer")  # a few seconds
+    wait_for_status(long, lambda s: s.code in (Status.PROCESSING, Status.ITERATING))
+    waiting = client.submit(image, row["question"], api_name="/answer")
+    status = wait_for_status(waiting, lambda s: s.code == Status.IN_QUEUE and s.rank is not None)
+    assert (status.rank, status.queue_size) == (0, 1)  # what Gradio shows the waiting tab
+    with pytest.raises(QueueError, match="Queue is full"):
+        client.submit(image, row["question"], api_name="/answer").result()
+    assert long.result()[1] == row["after"]
+    assert waiting.result() == (row["before"], row["after"])
+
+
+def wait_for_status(job, reached, timeout: float = 60):
+    """The job's status once `reached(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job.status()
+        if reached(status):
+            return status
+        time.sleep(0.05)
+    pytest.fail(f"the job never got there: {job.status()}")
+
+
 @pytest.mark.browser
 def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, chromium, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
@@ -208,6 +238,12 @@ def test_registered_model_is_one_merged_answer(demo_run):
     sample = conversation(row["image"], [], row["question"], chat_model.max_length)
     *_, answer = answerer.stream(answerer.inputs(sample), Settings(eval_max_new_tokens(demo_run)))
     assert answer == row["after"]
+
+    started = time.monotonic()
+    sampled = answerer.stream(answerer.inputs(sample), Settings(2000, temperature=1.5, top_p=0.9))
+    next(sampled)
+    sampled.close()  # a closed tab: generation stops at the next token, the model is free
+    assert not answerer.lock.locked() and time.monotonic() - started < 10  # not 2000 tokens
 
 
 def test_unknown_model_source_says_what_to_pass(tmp_path):

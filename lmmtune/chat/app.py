@@ -113,7 +113,8 @@ def build_app(chat_model: ChatModel, chat_cfg) -> gr.Blocks:
             concurrency_limit=1,
             api_visibility="private",
         )
-        clear_button.click(
+        gr.on(  # the Chatbots' own bin icons forget the conversation too
+            [clear_button.click, chats["base"].clear, chats["adapted"].clear],
             lambda path: ([], [], new_state(path), "", ""),
             inputs=image,
             outputs=[chats["base"], chats["adapted"], state, status, question],

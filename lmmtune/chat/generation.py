@@ -69,6 +69,7 @@ class Answerer:
         self.tokenize = TokenizedConversation(processor, max_length=chat_model.max_length)
         self.load_image = ImageLoader(processor, chat_model.max_image_pixels)
         self.collate = PaddingCollator(self.tokenizer.pad_token_id, padding_side="left")
+        self.lock = threading.Lock()
 
     def inputs(self, sample: Sample) -> dict:
         """Model inputs for the sample's last question; a readable error for a bad image or length."""
@@ -85,21 +86,27 @@ class Answerer:
         return to_model(self.chat_model.model, self.collate([item]))
 
     def stream(self, inputs: dict, settings: Settings, adapter: bool = True) -> Iterator[str]:
-        """The answer so far, growing token by token; the last item is the whole answer."""
+        """The answer so far, growing token by token; the last item is the whole answer.
+
+        Stopping the iteration (a closed tab) stops the generation at the next token, and
+        one generation runs at a time: the adapter switch is the model's, not the thread's.
+        """
         from transformers import TextIteratorStreamer
 
         model = self.chat_model.model
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
         result: dict = {}
 
         def work() -> None:
             switch = contextlib.nullcontext() if adapter else model.disable_adapter()
             try:
-                with switch:
+                with self.lock, switch:
                     result["ids"] = model.generate(
                         **inputs,
                         **settings.generate_kwargs(),
                         streamer=streamer,
+                        stopping_criteria=[StopWhenSet(stop)],
                         pad_token_id=self.tokenizer.pad_token_id,
                         eos_token_id=self.tokenizer.eos_token_id,
                     )
@@ -110,11 +117,26 @@ class Answerer:
         thread = threading.Thread(target=work, name="lmmtune-chat-generate", daemon=True)
         thread.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield text
-        thread.join()
+        try:
+            for piece in streamer:
+                text += piece
+                yield text
+        finally:
+            stop.set()  # a no-op once generation has ended
+            thread.join()
         if "error" in result:
             raise result["error"]
         new_tokens = result["ids"][:, inputs["input_ids"].shape[1] :]
         yield self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
+class StopWhenSet:
+    """A stopping criterion for `generate`: stop every sequence once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
