@@ -165,6 +165,8 @@ def wait_for_status(job, reached, timeout: float = 60):
 
 @pytest.mark.browser
 def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, chromium, tmp_path):  # noqa: F811
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -177,7 +179,13 @@ def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, ch
     chromium.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(row["image"])
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))  # uploaded, decoded
     question.send_keys(row["question"])
+    script = Client(chat_server["url"], verbose=False)  # someone else's long request first
+    busy = script.submit(handle_file(row["image"]), row["question"], 400, api_name="/answer")
+    wait_for_status(busy, lambda s: s.code in (Status.PROCESSING, Status.ITERATING))
     chromium.find_element(By.ID, "ask").click()
+    trackers = "#adapted-answers [data-testid=status-tracker]"
+    wait.until(lambda d: "queue: 1/1" in d.find_element(By.CSS_SELECTOR, trackers).text)
+    busy.result()
 
     def answers(d, count=1):
         found = {

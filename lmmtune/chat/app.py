@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from functools import partial
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -30,120 +32,139 @@ IMAGE_TYPES = "PNG, JPEG, TIFF (16-bit too), DICOM"
 
 def build_app(chat_model: ChatModel, chat_cfg) -> gr.Blocks:
     """The Blocks app for `chat_model`; `chat_cfg` gives the generation settings' start values."""
-    answerer = Answerer(chat_model)
-    columns = ("base", "adapted") if chat_model.has_base else ("adapted",)
     with gr.Blocks(title="lmmtune chat") as app:
-        gr.Markdown(header(chat_model))
-        state = gr.State(new_state(None))
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.File(label=f"Image ({IMAGE_TYPES})", type="filepath", elem_id="image")
-                preview = gr.Image(
-                    label="What the model sees", interactive=False, height=240, elem_id="preview"
-                )
-                with gr.Accordion("Generation", open=False):
-                    max_new_tokens = gr.Slider(
-                        1, 1024, value=chat_cfg.max_new_tokens, step=1, label="Max new tokens"
-                    )
-                    temperature = gr.Slider(
-                        0, 2, value=chat_cfg.temperature, step=0.05,
-                        label="Temperature (0: greedy, as eval)",
-                    )  # fmt: skip
-                    top_p = gr.Slider(0.05, 1, value=chat_cfg.top_p, step=0.05, label="Top-p")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    chats = {
-                        "base": gr.Chatbot(
-                            label="Base model (adapter off)",
-                            elem_id="base-answers",
-                            visible=chat_model.has_base,
-                        ),
-                        "adapted": gr.Chatbot(
-                            label="Adapted model" if chat_model.has_base else "Model",
-                            elem_id="adapted-answers",
-                        ),
-                    }
-                question = gr.Textbox(label="Question", elem_id="question", lines=2)
-                reference = gr.Textbox(
-                    label="Reference answer (eval split)",
-                    interactive=False,
-                    visible=bool(chat_model.examples),
-                    elem_id="reference",
-                )
-                with gr.Row():
-                    ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
-                    clear_button = gr.Button("Clear conversation", elem_id="clear")
-                status = gr.Markdown(elem_id="status")
-        if chat_model.examples:
-            gr.Examples(
-                [[s.image, s.turns[-1][0], s.turns[-1][1]] for s in chat_model.examples],
-                inputs=[image, question, reference],
-                label="Examples from the run's eval split",
-            )
-        settings = [max_new_tokens, temperature, top_p]
-
-        def ask(path, text, conv, tokens, temp, p) -> Iterator[tuple]:
-            started = time.monotonic()
-            conv = conv if conv["image"] == path else new_state(path)  # new image: new chat
-            shown = {name: messages(conv[name]) for name in columns}
-            for name, answer_so_far in chat_answers(
-                answerer, columns, path, conv, text, settings_of(tokens, temp, p)
-            ):
-                shown[name] = [*messages(conv[name]), *turn(text, answer_so_far)]
-                yield shown.get("base", []), shown["adapted"], conv, "answering…"
-            for name in columns:
-                conv[name] = [*conv[name], (text.strip(), shown[name][-1]["content"])]
-            done = f"answered in {time.monotonic() - started:.1f} s"
-            yield shown.get("base", []), shown["adapted"], conv, done
-
-        def answer(path, text, tokens, temp, p) -> Iterator[tuple[str, str]]:
-            latest = {"base": "", "adapted": ""}
-            for name, text_so_far in chat_answers(
-                answerer, columns, path, new_state(path), text, settings_of(tokens, temp, p)
-            ):
-                latest[name] = text_so_far
-                yield latest["base"], latest["adapted"]
-
-        gr.on(
-            [ask_button.click, question.submit],
-            ask,
-            inputs=[image, question, state, *settings],
-            outputs=[chats["base"], chats["adapted"], state, status],
-            concurrency_id=QUEUE,
-            concurrency_limit=1,
-            api_visibility="private",
-        )
-        gr.on(  # the Chatbots' own bin icons forget the conversation too
-            [clear_button.click, chats["base"].clear, chats["adapted"].clear],
-            lambda path: ([], [], new_state(path), "", ""),
-            inputs=image,
-            outputs=[chats["base"], chats["adapted"], state, status, question],
-            queue=False,
-            api_visibility="private",
-        )
-        image.change(
-            lambda path: show_image(path, chat_model),
-            inputs=image,
-            outputs=[preview, status],
-            concurrency_limit=None,
-            api_visibility="private",
-        )
-        api_outputs = [gr.Textbox(visible=False), gr.Textbox(visible=False)]
-        gr.Button(visible=False).click(
-            answer,
-            inputs=[image, question, *settings],
-            outputs=api_outputs,
-            api_name="answer",
-            api_description="One question about one image: (base answer, adapted answer); "
-            "the base answer is empty for a merged model.",
-            concurrency_id=QUEUE,
-            concurrency_limit=1,
-        )
+        ui = layout(chat_model, chat_cfg)
+        connect(ui, Answerer(chat_model))
     return app
 
 
+def layout(chat_model: ChatModel, chat_cfg) -> SimpleNamespace:
+    """The components: image and settings on the left, the two conversations on the right."""
+    ui = SimpleNamespace()
+    gr.Markdown(header(chat_model))
+    ui.state = gr.State(new_state(None))
+    with gr.Row():
+        with gr.Column(scale=1):
+            ui.image = gr.File(label=f"Image ({IMAGE_TYPES})", type="filepath", elem_id="image")
+            ui.preview = gr.Image(
+                label="What the model sees", interactive=False, height=240, elem_id="preview"
+            )
+            with gr.Accordion("Generation", open=False):
+                ui.settings = [
+                    gr.Slider(1, 1024, chat_cfg.max_new_tokens, step=1, label="Max new tokens"),
+                    gr.Slider(
+                        0,
+                        2,
+                        chat_cfg.temperature,
+                        step=0.05,
+                        label="Temperature (0: greedy, as eval)",
+                    ),
+                    gr.Slider(0.05, 1, chat_cfg.top_p, step=0.05, label="Top-p"),
+                ]
+        with gr.Column(scale=2):
+            with gr.Row():
+                ui.base = gr.Chatbot(
+                    label="Base model (adapter off)",
+                    elem_id="base-answers",
+                    visible=chat_model.has_base,
+                )
+                ui.adapted = gr.Chatbot(
+                    label="Adapted model" if chat_model.has_base else "Model",
+                    elem_id="adapted-answers",
+                )
+            ui.question = gr.Textbox(label="Question", elem_id="question", lines=2)
+            ui.reference = gr.Textbox(
+                label="Reference answer (eval split)",
+                interactive=False,
+                visible=bool(chat_model.examples),
+                elem_id="reference",
+            )
+            with gr.Row():
+                ui.ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                ui.clear = gr.Button("Clear conversation", elem_id="clear")
+            ui.status = gr.Markdown(elem_id="status")
+    if chat_model.examples:
+        gr.Examples(
+            [[s.image, s.turns[-1][0], s.turns[-1][1]] for s in chat_model.examples],
+            inputs=[ui.image, ui.question, ui.reference],
+            label="Examples from the run's eval split",
+        )
+    return ui
+
+
+def connect(ui: SimpleNamespace, answerer: Answerer) -> None:
+    """The events: ask (the chat), clear, image preview, and `/answer` for scripts."""
+    gr.on(
+        [ui.ask.click, ui.question.submit],
+        partial(ask, answerer),
+        inputs=[ui.image, ui.question, ui.state, *ui.settings],
+        outputs=[ui.base, ui.adapted, ui.state, ui.status],
+        concurrency_id=QUEUE,
+        concurrency_limit=1,
+        api_visibility="private",
+    )
+    gr.on(  # the Chatbots' own bin icons forget the conversation too
+        [ui.clear.click, ui.base.clear, ui.adapted.clear],
+        lambda path: ([], [], new_state(path), "", ""),
+        inputs=ui.image,
+        outputs=[ui.base, ui.adapted, ui.state, ui.status, ui.question],
+        queue=False,
+        api_visibility="private",
+    )
+    ui.image.change(
+        partial(show_image, chat_model=answerer.chat_model),
+        inputs=ui.image,
+        outputs=[ui.preview, ui.status],
+        concurrency_limit=None,
+        api_visibility="private",
+    )
+    gr.Button(visible=False).click(
+        partial(answer, answerer),
+        inputs=[ui.image, ui.question, *ui.settings],
+        outputs=[gr.Textbox(visible=False), gr.Textbox(visible=False)],
+        api_name="answer",
+        api_description="One question about one image: (base answer, adapted answer); "
+        "the base answer is empty for a merged model.",
+        concurrency_id=QUEUE,
+        concurrency_limit=1,
+    )
+
+
+def ask(answerer: Answerer, path, text, conv, tokens, temp, top_p) -> Iterator[tuple]:
+    """The chat turn: both conversations with the new answers streaming in, the state, a status."""
+    started = time.monotonic()
+    conv = conv if conv["image"] == path else new_state(path)  # a new image: a new chat
+    columns = columns_of(answerer)
+    shown = {name: messages(conv[name]) for name in columns}
+    for name, so_far in chat_answers(answerer, path, conv, text, settings_of(tokens, temp, top_p)):
+        shown[name] = [*messages(conv[name]), *turn(text, so_far)]
+        yield shown.get("base", []), shown["adapted"], conv, "answering…"
+    for name in columns:
+        conv[name] = [*conv[name], (text.strip(), shown[name][-1]["content"])]
+    yield (
+        shown.get("base", []),
+        shown["adapted"],
+        conv,
+        f"answered in {time.monotonic() - started:.1f} s",
+    )
+
+
+def answer(answerer: Answerer, path, text, tokens, temp, top_p) -> Iterator[tuple[str, str]]:
+    """`/answer`: one question, no history; (base, adapted) as they grow."""
+    latest = {"base": "", "adapted": ""}
+    for name, so_far in chat_answers(
+        answerer, path, new_state(path), text, settings_of(tokens, temp, top_p)
+    ):
+        latest[name] = so_far
+        yield latest["base"], latest["adapted"]
+
+
+def columns_of(answerer: Answerer) -> tuple[str, ...]:
+    return ("base", "adapted") if answerer.chat_model.has_base else ("adapted",)
+
+
 def chat_answers(
-    answerer: Answerer, columns, path: str | None, conv: dict, text: str, settings: Settings
+    answerer: Answerer, path: str | None, conv: dict, text: str, settings: Settings
 ) -> Iterator[tuple[str, str]]:
     """(column, answer so far) as each column's answer streams; bad input becomes a gr.Error.
 
@@ -151,6 +172,7 @@ def chat_answers(
     question is reported at once and nothing is half answered.
     """
     max_length = answerer.chat_model.max_length
+    columns = columns_of(answerer)
     try:
         inputs = {
             name: answerer.inputs(conversation(path, conv[name], text, max_length))

@@ -89,9 +89,8 @@ def _load_merged(cfg: DictConfig, model_dir: Path, overrides) -> ChatModel:
             f"chat.model={model_dir} is not a model directory (no config.json): pass an export "
             "directory, models:/NAME/VERSION, or leave chat.model unset for OUTPUT_DIR's adapter"
         )
-    run_dir = (
-        find_run_dir(cfg, str(model_dir)) if not cfg.chat.model.startswith("models:/") else None
-    )
+    registered = cfg.chat.model.startswith(REGISTRY_PREFIX)
+    run_dir = None if registered else find_run_dir(cfg, str(model_dir))
     settings = run_settings(cfg, run_dir, None, overrides)
     model, processor = load_merged(model_dir)
     model.eval()
