@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -131,61 +132,69 @@ def connect(ui: SimpleNamespace, answerer: Answerer) -> None:
 
 
 def ask(answerer: Answerer, path, text, conv, tokens, temp, top_p) -> Iterator[tuple]:
-    """The chat turn: both conversations with the new answers streaming in, the state, a status."""
+    """The chat turn: both conversations with the new answers streaming in, the state, a status.
+
+    Bad input leaves the conversations as they were and says what is wrong in the status.
+    """
     started = time.monotonic()
     conv = conv if conv["image"] == path else new_state(path)  # a new image: a new chat
-    columns = columns_of(answerer)
-    shown = {name: messages(conv[name]) for name in columns}
-    for name, so_far in chat_answers(answerer, path, conv, text, settings_of(tokens, temp, top_p)):
+    try:
+        inputs = checked_inputs(answerer, path, conv, text)
+    except LmmtuneError as exc:
+        yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot answer:** {exc}"
+        return
+    shown = {name: messages(conv[name]) for name in inputs}
+    for name, so_far in streamed(answerer, inputs, settings_of(tokens, temp, top_p)):
         shown[name] = [*messages(conv[name]), *turn(text, so_far)]
         yield shown.get("base", []), shown["adapted"], conv, "answering…"
-    for name in columns:
+    for name in inputs:
         conv[name] = [*conv[name], (text.strip(), shown[name][-1]["content"])]
-    yield (
-        shown.get("base", []),
-        shown["adapted"],
-        conv,
-        f"answered in {time.monotonic() - started:.1f} s",
-    )
+    done = f"answered in {time.monotonic() - started:.1f} s"
+    yield shown.get("base", []), shown["adapted"], conv, done
 
 
 def answer(answerer: Answerer, path, text, tokens, temp, top_p) -> Iterator[tuple[str, str]]:
-    """`/answer`: one question, no history; (base, adapted) as they grow."""
+    """`/answer`: one question, no history; (base, adapted) as they grow. Bad input: an error."""
+    try:
+        inputs = checked_inputs(answerer, path, new_state(path), text)
+    except LmmtuneError as exc:
+        raise gr.Error(str(exc), title="Cannot answer", print_exception=False) from None
     latest = {"base": "", "adapted": ""}
-    for name, so_far in chat_answers(
-        answerer, path, new_state(path), text, settings_of(tokens, temp, top_p)
-    ):
+    for name, so_far in streamed(answerer, inputs, settings_of(tokens, temp, top_p)):
         latest[name] = so_far
         yield latest["base"], latest["adapted"]
 
 
-def columns_of(answerer: Answerer) -> tuple[str, ...]:
-    return ("base", "adapted") if answerer.chat_model.has_base else ("adapted",)
+def checked_inputs(answerer: Answerer, path: str | None, conv: dict, text: str) -> dict:
+    """Each column's model inputs, all checked before any generation starts.
 
-
-def chat_answers(
-    answerer: Answerer, path: str | None, conv: dict, text: str, settings: Settings
-) -> Iterator[tuple[str, str]]:
-    """(column, answer so far) as each column's answer streams; bad input becomes a gr.Error.
-
-    Every column's input is checked before any generation, so a bad image or an overlong
-    question is reported at once and nothing is half answered.
+    A bad image or an overlong question raises LmmtuneError naming the upload by its
+    file name (not the server's temporary path).
     """
+    columns = ("base", "adapted") if answerer.chat_model.has_base else ("adapted",)
     max_length = answerer.chat_model.max_length
-    columns = columns_of(answerer)
     try:
-        inputs = {
+        return {
             name: answerer.inputs(conversation(path, conv[name], text, max_length))
             for name in columns
         }
-        for name in columns:
-            for so_far in answerer.stream(inputs[name], settings, adapter=name == "adapted"):
-                yield name, so_far
     except LmmtuneError as exc:
-        raise gr.Error(str(exc), title="Cannot answer", print_exception=False) from None
+        raise LmmtuneError(without_upload_dir(str(exc), path)) from None
+
+
+def streamed(answerer: Answerer, inputs: dict, settings: Settings) -> Iterator[tuple[str, str]]:
+    """(column, answer so far) as each column's answer streams, the base (adapter off) first."""
+    try:
+        for name, column_inputs in inputs.items():
+            for so_far in answerer.stream(column_inputs, settings, adapter=name == "adapted"):
+                yield name, so_far
     except Exception as exc:  # out of memory, a kernel error: say so, keep serving
         log.exception("generation failed")
         raise gr.Error(f"the model failed: {exc}", title="Generation failed") from None
+
+
+def without_upload_dir(message: str, path: str | None) -> str:
+    return message.replace(path, Path(path).name) if path else message
 
 
 def show_image(path: str | None, chat_model: ChatModel) -> tuple:
@@ -195,7 +204,7 @@ def show_image(path: str | None, chat_model: ChatModel) -> tuple:
     try:
         image = open_image(path, max_pixels=chat_model.max_image_pixels)
     except RecordInvalid as exc:
-        return None, f"**Cannot use this file:** {exc.reason}"
+        return None, f"**Cannot use this file:** {without_upload_dir(exc.reason, path)}"
     return pad_to_square(image, mean_colour(chat_model.processor.image_processor)), ""
 
 

@@ -56,7 +56,7 @@ def conversation(
             f"trained on (data.max_length={max_length} tokens); shorten it"
         )
     name = image.rsplit("/", 1)[-1] if image else "none"
-    return Sample(id=name, turns=[*history, (question, "")], image=image, source="uploaded file")
+    return Sample(id="upload", turns=[*history, (question, "")], image=image, source=name)
 
 
 class Answerer:
