@@ -76,6 +76,12 @@ COMMANDS: dict[str, Command] = {
             ("output_dir", "predict"),
         ),
         Command(
+            "chat",
+            "try the model in the browser (Gradio): base and adapted answers side by side",
+            "lmmtune.chat.run:run_chat",
+            ("output_dir", "chat", "data.max_length"),
+        ),
+        Command(
             "import",
             "import a run's local tracking record into MLflow: import RUN_DIR [--tracking-uri URI]",
             "lmmtune.track.record:main",

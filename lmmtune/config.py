@@ -272,6 +272,34 @@ class PredictConfig:
 
 
 @dataclass
+class ChatConfig:
+    """`python -m lmmtune chat`: the browser app (Gradio) for trying a model."""
+
+    model: str | None = None
+    """An exported merged directory or `models:/NAME/VERSION` (MLflow registry); null: the
+    run's base model with OUTPUT_DIR/adapter (base and adapted answers side by side)."""
+    adapter: str | None = None
+    """The adapter directory (without `model`); null reads OUTPUT_DIR/adapter."""
+    host: str = "127.0.0.1"
+    """Interface the server listens on; 0.0.0.0 opens it to the network."""
+    port: int = 7860
+    share: bool = False
+    """Ask Gradio for a public share link (off: the app stays on this machine)."""
+    max_new_tokens: int = 128
+    """Longest answer (the app's slider starts here)."""
+    temperature: float = 0.0
+    """0 decodes greedily, as eval does; above 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling cut-off (with temperature > 0)."""
+    examples: int = 6
+    """Images and questions from the run's eval split offered as examples (0: none)."""
+    queue_size: int = 16
+    """Requests that may wait (the model answers one at a time); more are turned away."""
+    max_upload_mb: int = 200
+    """Largest file the app accepts."""
+
+
+@dataclass
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
@@ -288,6 +316,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 def recipe_files() -> dict[str, Path]:

@@ -61,6 +61,13 @@ RULES: tuple[Rule, ...] = (
     ("export.parity_tolerance", lambda v: v is None or v > 0, "must be > 0 or null"),
     ("predict.max_new_tokens", lambda v: v >= 1, "must be >= 1"),
     ("predict.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("chat.port", lambda v: 0 <= v <= 65535, "must be a port number in [0, 65535]"),
+    ("chat.max_new_tokens", lambda v: v >= 1, "must be >= 1"),
+    ("chat.temperature", lambda v: v >= 0, "must be >= 0 (0: greedy)"),
+    ("chat.top_p", lambda v: 0 < v <= 1, "must be within (0, 1]"),
+    ("chat.examples", lambda v: v >= 0, "must be >= 0"),
+    ("chat.queue_size", lambda v: v >= 1, "must be >= 1"),
+    ("chat.max_upload_mb", lambda v: v >= 1, "must be >= 1"),
 )
 """Numeric ranges: (key, test, what the value must be)."""
 

@@ -1,0 +1,1 @@
+"""`python -m lmmtune chat`: try a model in the browser, base and adapted side by side."""

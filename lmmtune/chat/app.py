@@ -1,0 +1,241 @@
+"""The Gradio app: upload an image, ask, read the base and adapted answers side by side.
+
+Two events reach the model, both through one queue slot (`concurrency_id="model"`,
+limit 1), so tabs wait their turn instead of running the GPU out of memory; Gradio shows
+each waiting tab its place in the queue, and turns requests away once `chat.queue_size`
+wait. `ask` is the chat (multi-turn, streamed into two Chatbots); `answer` is the same
+single-turn question for scripts (`gradio_client`), returning (base, adapted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from lmmtune.chat.generation import Answerer, Settings, conversation
+from lmmtune.chat.model import ChatModel
+from lmmtune.data.images import mean_colour, open_image, pad_to_square
+from lmmtune.data.problems import RecordInvalid
+from lmmtune.errors import LmmtuneError
+
+log = logging.getLogger(__name__)
+
+QUEUE = "model"
+"""The one concurrency group every model call joins."""
+IMAGE_TYPES = "PNG, JPEG, TIFF (16-bit too), DICOM"
+
+
+def build_app(chat_model: ChatModel, chat_cfg) -> gr.Blocks:
+    """The Blocks app for `chat_model`; `chat_cfg` gives the generation settings' start values."""
+    with gr.Blocks(title="lmmtune chat") as app:
+        ui = layout(chat_model, chat_cfg)
+        connect(ui, Answerer(chat_model))
+    return app
+
+
+def layout(chat_model: ChatModel, chat_cfg) -> SimpleNamespace:
+    """The components: image and settings on the left, the two conversations on the right."""
+    ui = SimpleNamespace()
+    gr.Markdown(header(chat_model))
+    ui.state = gr.State(new_state(None))
+    with gr.Row():
+        with gr.Column(scale=1):
+            ui.image = gr.File(label=f"Image ({IMAGE_TYPES})", type="filepath", elem_id="image")
+            ui.preview = gr.Image(
+                label="What the model sees", interactive=False, height=240, elem_id="preview"
+            )
+            with gr.Accordion("Generation", open=False):
+                ui.settings = [
+                    gr.Slider(1, 1024, chat_cfg.max_new_tokens, step=1, label="Max new tokens"),
+                    gr.Slider(
+                        0,
+                        2,
+                        chat_cfg.temperature,
+                        step=0.05,
+                        label="Temperature (0: greedy, as eval)",
+                    ),
+                    gr.Slider(0.05, 1, chat_cfg.top_p, step=0.05, label="Top-p"),
+                ]
+        with gr.Column(scale=2):
+            with gr.Row():
+                ui.base = gr.Chatbot(
+                    label="Base model (adapter off)",
+                    elem_id="base-answers",
+                    visible=chat_model.has_base,
+                )
+                ui.adapted = gr.Chatbot(
+                    label="Adapted model" if chat_model.has_base else "Model",
+                    elem_id="adapted-answers",
+                )
+            ui.question = gr.Textbox(label="Question", elem_id="question", lines=2)
+            ui.reference = gr.Textbox(
+                label="Reference answer (eval split)",
+                interactive=False,
+                visible=bool(chat_model.examples),
+                elem_id="reference",
+            )
+            with gr.Row():
+                ui.ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                ui.clear = gr.Button("Clear conversation", elem_id="clear")
+            ui.status = gr.Markdown(elem_id="status")
+    if chat_model.examples:
+        gr.Examples(
+            [[s.image, s.turns[-1][0], s.turns[-1][1]] for s in chat_model.examples],
+            inputs=[ui.image, ui.question, ui.reference],
+            label="Examples from the run's eval split",
+        )
+    return ui
+
+
+def connect(ui: SimpleNamespace, answerer: Answerer) -> None:
+    """The events: ask (the chat), clear, image preview, and `/answer` for scripts."""
+    gr.on(
+        [ui.ask.click, ui.question.submit],
+        partial(ask, answerer),
+        inputs=[ui.image, ui.question, ui.state, *ui.settings],
+        outputs=[ui.base, ui.adapted, ui.state, ui.status],
+        concurrency_id=QUEUE,
+        concurrency_limit=1,
+        api_visibility="private",
+    )
+    gr.on(  # the Chatbots' own bin icons forget the conversation too
+        [ui.clear.click, ui.base.clear, ui.adapted.clear],
+        lambda path: ([], [], new_state(path), "", ""),
+        inputs=ui.image,
+        outputs=[ui.base, ui.adapted, ui.state, ui.status, ui.question],
+        queue=False,
+        api_visibility="private",
+    )
+    ui.image.change(
+        partial(show_image, chat_model=answerer.chat_model),
+        inputs=ui.image,
+        outputs=[ui.preview, ui.status],
+        concurrency_limit=None,
+        api_visibility="private",
+    )
+    gr.Button(visible=False).click(
+        partial(answer, answerer),
+        inputs=[ui.image, ui.question, *ui.settings],
+        outputs=[gr.Textbox(visible=False), gr.Textbox(visible=False)],
+        api_name="answer",
+        api_description="One question about one image: (base answer, adapted answer); "
+        "the base answer is empty for a merged model.",
+        concurrency_id=QUEUE,
+        concurrency_limit=1,
+    )
+
+
+def ask(answerer: Answerer, path, text, conv, tokens, temp, top_p) -> Iterator[tuple]:
+    """The chat turn: both conversations with the new answers streaming in, the state, a status.
+
+    Bad input leaves the conversations as they were and says what is wrong in the status.
+    """
+    started = time.monotonic()
+    conv = conv if conv["image"] == path else new_state(path)  # a new image: a new chat
+    try:
+        inputs = checked_inputs(answerer, path, conv, text)
+    except LmmtuneError as exc:
+        yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot answer:** {exc}"
+        return
+    shown = {name: messages(conv[name]) for name in inputs}
+    for name, so_far in streamed(answerer, inputs, settings_of(tokens, temp, top_p)):
+        shown[name] = [*messages(conv[name]), *turn(text, so_far)]
+        yield shown.get("base", []), shown["adapted"], conv, "answering…"
+    for name in inputs:
+        conv[name] = [*conv[name], (text.strip(), shown[name][-1]["content"])]
+    done = f"answered in {time.monotonic() - started:.1f} s"
+    yield shown.get("base", []), shown["adapted"], conv, done
+
+
+def answer(answerer: Answerer, path, text, tokens, temp, top_p) -> Iterator[tuple[str, str]]:
+    """`/answer`: one question, no history; (base, adapted) as they grow. Bad input: an error."""
+    try:
+        inputs = checked_inputs(answerer, path, new_state(path), text)
+    except LmmtuneError as exc:
+        raise gr.Error(str(exc), title="Cannot answer", print_exception=False) from None
+    latest = {"base": "", "adapted": ""}
+    for name, so_far in streamed(answerer, inputs, settings_of(tokens, temp, top_p)):
+        latest[name] = so_far
+        yield latest["base"], latest["adapted"]
+
+
+def checked_inputs(answerer: Answerer, path: str | None, conv: dict, text: str) -> dict:
+    """Each column's model inputs, all checked before any generation starts.
+
+    A bad image or an overlong question raises LmmtuneError naming the upload by its
+    file name (not the server's temporary path).
+    """
+    columns = ("base", "adapted") if answerer.chat_model.has_base else ("adapted",)
+    max_length = answerer.chat_model.max_length
+    try:
+        return {
+            name: answerer.inputs(conversation(path, conv[name], text, max_length))
+            for name in columns
+        }
+    except LmmtuneError as exc:
+        raise LmmtuneError(without_upload_dir(str(exc), path)) from None
+
+
+def streamed(answerer: Answerer, inputs: dict, settings: Settings) -> Iterator[tuple[str, str]]:
+    """(column, answer so far) as each column's answer streams, the base (adapter off) first."""
+    try:
+        for name, column_inputs in inputs.items():
+            for so_far in answerer.stream(column_inputs, settings, adapter=name == "adapted"):
+                yield name, so_far
+    except Exception as exc:  # out of memory, a kernel error: say so, keep serving
+        log.exception("generation failed")
+        raise gr.Error(f"the model failed: {exc}", title="Generation failed") from None
+
+
+def without_upload_dir(message: str, path: str | None) -> str:
+    return message.replace(path, Path(path).name) if path else message
+
+
+def show_image(path: str | None, chat_model: ChatModel) -> tuple:
+    """The uploaded image padded to a square, as the model gets it; a message if it cannot be read."""
+    if not path:
+        return None, ""
+    try:
+        image = open_image(path, max_pixels=chat_model.max_image_pixels)
+    except RecordInvalid as exc:
+        return None, f"**Cannot use this file:** {without_upload_dir(exc.reason, path)}"
+    return pad_to_square(image, mean_colour(chat_model.processor.image_processor)), ""
+
+
+def settings_of(max_new_tokens, temperature, top_p) -> Settings:
+    return Settings(int(max_new_tokens), float(temperature), float(top_p))
+
+
+def new_state(image: str | None) -> dict:
+    """One conversation per column: (question, answer) turns about `image`."""
+    return {"image": image, "base": [], "adapted": []}
+
+
+def turn(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer}]
+
+
+def messages(turns: list[tuple[str, str]]) -> list[dict]:
+    return [message for question, answer in turns for message in turn(question, answer)]
+
+
+def header(chat_model: ChatModel) -> str:
+    lines = ["## lmmtune chat", f"Model: {chat_model.description}."]
+    if chat_model.has_base:
+        lines.append(
+            "Each question is answered twice by the same model in memory: with the adapter "
+            "switched off (the base, left) and on (right), so you see what training changed."
+        )
+    else:
+        lines.append("A merged model has no base/adapter split: one answer per question.")
+    lines.append(
+        f"Prompts and image padding are the ones training used (at most {chat_model.max_length} "
+        "tokens, image included). A new image starts a new conversation."
+    )
+    return "\n\n".join(lines)
