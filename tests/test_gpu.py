@@ -182,3 +182,31 @@ def test_benchmark_on_cuda_reports_memory_and_mfu(tmp_path):
         assert row["device_used_gib"] > 0 and row["mfu"] is not None
         assert row["tokens_per_s"] > 0
     assert {r["pair"] for r in report["ratios"]} == {"lmmtune/usual", "lmmtune/lora"}
+
+
+@pytest.mark.parametrize("loss_impl", ["chunked", "default"])
+def test_medical_dtypes_train_without_autocast_on_cuda(tiny_model_path, loss_impl):
+    """bf16 base and compute, fp32 LoRA and projector, the loss outside any autocast (as
+    transformers 5's Trainer computes it): finite gradients that agree between the losses."""
+    from lmmtune.train.loss import chunked_causal_lm_loss
+
+    model = apply_lora(
+        load_model(TINY_BF16, QuantConfig(compute_dtype="bfloat16")),
+        PeftConfig(r=8, alpha=16),
+        True,
+    ).train()
+    _perturb(model)
+    batch = {k: v.cuda() for k, v in _tiny_batch(model.get_base_model()).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    default = model(**batch).loss
+    default_grads = torch.autograd.grad(default, params)
+    if loss_impl == "chunked":
+        loss = chunked_causal_lm_loss(model, batch, chunk_size=16)
+        grads = torch.autograd.grad(loss, params)
+        torch.testing.assert_close(loss, default, rtol=2e-2, atol=2e-2)
+    else:
+        grads = default_grads
+    flat = torch.cat([g.flatten().float() for g in default_grads])
+    other = torch.cat([g.flatten().float() for g in grads])
+    assert torch.isfinite(other).all() and other.abs().max() > 0
+    assert torch.nn.functional.cosine_similarity(flat, other, dim=0) > 0.99

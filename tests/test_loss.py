@@ -131,10 +131,11 @@ def test_output_head_is_restored_even_after_an_error(models):
         assert isinstance(find_head_owner(model).lm_head, KeepRows)
         raise RuntimeError("forward failed")
     assert find_head_owner(model).lm_head is head
+    hooks = len(head._forward_pre_hooks)  # the trained head's own dtype cast
     with pytest.raises(RuntimeError), head_fed_rows(model, torch.ones(1, 1, dtype=torch.bool)):
-        assert len(head._forward_pre_hooks) == 1
+        assert len(head._forward_pre_hooks) == hooks + 1
         raise RuntimeError("forward failed")
-    assert not head._forward_pre_hooks
+    assert len(head._forward_pre_hooks) == hooks
 
 
 def _trainer(model, loss_impl: str, tmp_path) -> LlavaTrainer:
@@ -350,3 +351,60 @@ def test_train_with_the_liger_loss_on_cpu_stops_before_writing_anything(tmp_path
     with pytest.raises(LmmtuneError, match="pip install liger-kernel"):
         train(cfg)
     assert not run_dir.exists()  # no run directory, no model loaded
+
+
+def _model_16bit(dtype: str):
+    """The tiny QLoRA model in bf16/fp16 (base and compute), LoRA and projector trained."""
+    torch.manual_seed(0)
+    quant = QuantConfig(mode="4bit", compute_dtype=dtype)
+    peft_cfg = PeftConfig(r=4, alpha=8, dropout=0.0)
+    model = apply_lora(load_model(ModelConfig(path="tiny", dtype=dtype), quant), peft_cfg, True)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_model_trains_with_either_loss_without_autocast(tiny_model_path, dtype):
+    """The medical recipe's dtypes: nothing may rely on autocast (the Trainer autocasts only
+    the forward and hands its outputs back in fp32; generation runs without it)."""
+    model = _model_16bit(dtype)
+    projector = model.get_base_model().model.multi_modal_projector
+    assert projector.modules_to_save["default"].linear_1.weight.dtype == torch.float32
+    batch = _batch(model)
+    default, default_grads = _loss_and_grads(model, lambda: model(**batch).loss)
+    chunked, chunked_grads = _loss_and_grads(
+        model, lambda: chunked_causal_lm_loss(model, batch, chunk_size=16)
+    )
+    torch.testing.assert_close(chunked, default, rtol=2e-2, atol=2e-2)
+    flat = torch.cat([g.flatten().float() for g in default_grads])
+    other = torch.cat([g.flatten().float() for g in chunked_grads])
+    assert torch.isfinite(flat).all() and flat.abs().max() > 0
+    assert torch.nn.functional.cosine_similarity(flat, other, dim=0) > 0.99
+    with torch.no_grad():  # generation after training, as eval runs it: no autocast either
+        prompt = {k: v[:1, :20] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        out = model.generate(**prompt, pixel_values=batch["pixel_values"][:1], max_new_tokens=2)
+    assert out.shape == (1, 22)
+
+
+def test_trainer_steps_in_bf16_with_either_loss(tmp_path):
+    """Trainer.training_step as training runs it (bf16=True: accelerate's autocast and fp32
+    outputs), both losses: the same gradients."""
+    model = _model_16bit("bfloat16")
+    batch = _batch(model)
+    train_cfg = TrainConfig(batch_size=3, grad_accum=1, optim="adamw_torch")
+    args = build_training_arguments(train_cfg, tmp_path, num_workers=0, dtype="bfloat16")
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=[{}])
+    grads = {}
+    n = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    for impl in ("default", "chunked"):
+        trainer.args.loss_impl = impl
+        trainer.training_step(model, dict(batch), num_items_in_batch=n)
+        grads[impl] = torch.cat(
+            [p.grad.flatten().float() for p in model.parameters() if p.requires_grad]
+        )
+        model.zero_grad(set_to_none=True)
+    assert torch.isfinite(grads["default"]).all()
+    cosine = torch.nn.functional.cosine_similarity(grads["default"], grads["chunked"], dim=0)
+    assert cosine > 0.99

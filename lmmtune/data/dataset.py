@@ -20,6 +20,7 @@ from lmmtune.data.template import (
     render_conversation,
     render_prompt,
 )
+from lmmtune.data.tokens import chunk_tokenizer
 from lmmtune.errors import LmmtuneError
 
 
@@ -34,38 +35,49 @@ def image_token_count(processor) -> int:
 
 
 class TokenizedConversation:
-    """Tokenize a sample's text (image tokens expanded) and mark which tokens carry labels."""
+    """Tokenize a sample as LLaVA 1.5 did (see `lmmtune.data.tokens`) and mark the labelled tokens."""
 
     def __init__(self, processor, max_length: int):
         self.tokenizer = processor.tokenizer
-        self.image_tokens = IMAGE_PLACEHOLDER * image_token_count(processor)
+        self.chunks = chunk_tokenizer(self.tokenizer)
+        self.image_id = self.chunks.special_ids[IMAGE_PLACEHOLDER]
+        self.image_tokens = image_token_count(processor)
         self.eos = self.tokenizer.eos_token or "</s>"
         self.max_length = max_length
 
     def __call__(self, sample: Sample) -> tuple[list[int], list[int]]:
         rendered = render_conversation(
-            sample.turns, sample.image is not None, self.image_tokens, self.eos
+            sample.turns, sample.image is not None, IMAGE_PLACEHOLDER, self.eos
         )
-        encoded = self.tokenizer(
-            rendered.text, return_offsets_mapping=True, add_special_tokens=True
-        )
-        input_ids = encoded["input_ids"]
+        input_ids, offsets = self.chunks.encode(rendered.text)
+        mask = label_mask(offsets, rendered.answer_spans)
+        labels = [
+            token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)
+        ]
+        input_ids, labels = self._expand_image(input_ids, labels)
         if len(input_ids) > self.max_length:
             raise LmmtuneError(
                 f"{sample.source}: {len(input_ids)} tokens (image tokens included) exceed "
                 f"data.max_length={self.max_length}; samples are never truncated"
             )
-        mask = label_mask(encoded["offset_mapping"], rendered.answer_spans)
-        labels = [
-            token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)
-        ]
         return input_ids, labels
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """Token ids of the generation prompt for the sample's last question."""
         *history, (question, _) = sample.turns
-        text = render_prompt(question, sample.image is not None, self.image_tokens, history)
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        text = render_prompt(question, sample.image is not None, IMAGE_PLACEHOLDER, history)
+        ids = self.chunks.encode(text)[0]
+        return self._expand_image(ids, ids)[0]
+
+    def _expand_image(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """The one `<image>` id repeated to the image's token count, its labels -100."""
+        if self.image_id not in ids:
+            return ids, labels
+        at = ids.index(self.image_id)
+        image = [self.image_id] * self.image_tokens
+        return ids[:at] + image + ids[at + 1 :], labels[:at] + [IGNORE_INDEX] * len(image) + labels[
+            at + 1 :
+        ]
 
 
 def token_lengths(
@@ -73,11 +85,12 @@ def token_lengths(
 ) -> tuple[list[int], list[int]]:
     """Tokens per sample (image tokens included) and per answer, without expanding images.
 
-    Equal to `len(TokenizedConversation(...)(sample)[0])`: `<image>` is an added token, so
-    one placeholder tokenizes to one id and the expansion adds `image_token_count - 1`.
-    Expanding LLaVA 1.5's 576 image tokens first tokenizes about 5x slower (measured).
+    Equal to `len(TokenizedConversation(...)(sample)[0])`: the one `<image>` placeholder
+    counts one id, its expansion adds `image_token_count - 1`. Expanding LLaVA 1.5's 576
+    image tokens first tokenizes about 5x slower (measured).
     """
     tokenizer = processor.tokenizer
+    chunks = chunk_tokenizer(tokenizer)
     eos = tokenizer.eos_token or "</s>"
     extra = image_token_count(processor) - 1
     lengths: list[int] = []
@@ -88,9 +101,9 @@ def token_lengths(
             render_conversation(s.turns, s.image is not None, IMAGE_PLACEHOLDER, eos).text
             for s in chunk
         ]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
         lengths += [
-            len(i) + (extra if s.image is not None else 0) for i, s in zip(ids, chunk, strict=True)
+            count + (extra if s.image is not None else 0)
+            for count, s in zip(chunks.count(texts), chunk, strict=True)
         ]
         answer_texts = [answer for s in chunk for _, answer in s.turns]
         answers += [len(i) for i in tokenizer(answer_texts, add_special_tokens=False)["input_ids"]]

@@ -171,6 +171,12 @@ def _paired_turns(
             raise RecordInvalid(
                 Kind.PLACEHOLDER_MISMATCH, f"'<image>' in an answer (message {index + 1})"
             )
+        if index > 0 and IMAGE_PLACEHOLDER in question:
+            raise RecordInvalid(
+                Kind.PLACEHOLDER_MISMATCH,
+                f"'<image>' in a later question (message {index}): LLaVA 1.5 sees the image "
+                "before the first question only (move the placeholder to message 0)",
+            )
         placeholders += question.count(IMAGE_PLACEHOLDER)
         where = (f"question (message {index})", f"answer (message {index + 1})")
         turns.append(_turn(question, answer, where, image_first=has_image and index == 0))

@@ -29,6 +29,7 @@ from lmmtune.data.validate import (
     duplicate_ids,
     image_key,
     resolve_images,
+    special_token_text,
     train_eval_overlap,
 )
 from lmmtune.errors import LmmtuneError
@@ -108,6 +109,7 @@ def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
         everything, processor, data_cfg.max_length
     )
     report.problems += too_long
+    report.problems += special_token_text(everything, processor.tokenizer)
     report.warnings += duplicate_ids(everything)
     invalid = {p.source for p in report.problems}
     train = [s for s in train if s.source not in invalid]

@@ -18,6 +18,7 @@ from lmmtune.data.dataset import token_lengths
 from lmmtune.data.images import inspect_image
 from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
 from lmmtune.data.records import Sample
+from lmmtune.data.template import IMAGE_PLACEHOLDER
 
 DIGEST = "image_sha1"
 """Key in `Sample.extra` of the image's content digest, set by `check_images`."""
@@ -118,6 +119,37 @@ def check_lengths(
         if length > max_length
     ]
     return problems, lengths, answers
+
+
+SPECIAL_TOKEN_TEXT = "special-token text in a message"
+
+
+def special_token_text(samples: list[Sample], tokenizer) -> list[RecordProblem]:
+    """Records whose text holds a special token's text (`</s>`, `<s>`, `<unk>`, `<pad>`, `<image>`).
+
+    The tokenizer reads such text as the special token itself: a literal `</s>` in an
+    answer would be trained as a real end of sequence, teaching the model to stop there.
+    """
+    specials = sorted({*tokenizer.all_special_tokens, IMAGE_PLACEHOLDER}, key=len, reverse=True)
+    problems = []
+    for sample in samples:
+        reason = _special_text_reason(sample, specials)
+        if reason is not None:
+            problems.append(problem(sample, SPECIAL_TOKEN_TEXT, reason))
+    return problems
+
+
+def _special_text_reason(sample: Sample, specials: list[str]) -> str | None:
+    """Why the sample's first message that holds a special token's text is bad, or None."""
+    for number, (question, answer) in enumerate(sample.turns, start=1):
+        for role, text in (("question", question), ("answer", answer)):
+            found = next((token for token in specials if token in text), None)
+            if found is not None:
+                return (
+                    f"the {role} of turn {number} contains {found!r}, the text of a special "
+                    "token: it would be trained as that token (remove or rewrite it)"
+                )
+    return None
 
 
 def duplicate_ids(samples: list[Sample]) -> list[RecordProblem]:

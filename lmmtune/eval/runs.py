@@ -145,12 +145,11 @@ def command_tags(
 
 def load_run_processor(adapter_dir: Path, model_cfg):
     """The processor saved with the adapter (what training used), else the base model's."""
-    from transformers import AutoProcessor
 
     from lmmtune.model.load import load_processor
 
     if (adapter_dir / "processor_config.json").is_file():
-        return AutoProcessor.from_pretrained(adapter_dir)
+        return load_processor(model_cfg, source=adapter_dir)
     return load_processor(model_cfg)
 
 

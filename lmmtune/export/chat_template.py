@@ -4,17 +4,29 @@ The llava-hf chat template differs from what LLaVA 1.5 (and lmmtune) trains on: 
 system line, no `</s>` after answers. The template below renders exactly
 `lmmtune.data.template.render_conversation`:
 
-    <s>SYSTEM USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
+    <s> SYSTEM USER: <image> \\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 
 and the image processor pads to a square with the mean colour before resizing
 (`do_pad`), as lmmtune's training does, instead of centre-cropping the edges away.
+
+Token ids, not only text, must equal training's (`lmmtune.data.tokens`): a `▁` after
+`<s>` and after `<image>`, none after `</s>`. The exported tokenizer is therefore set
+to add no `▁` after special tokens (`legacy=false`; Metaspace `prepend_scheme=first`),
+and the template writes that `▁` as a space: `<s> A chat ...`, `<image> \n...`. So the
+ids are the same whatever `legacy` the base model's tokenizer had; `export_processor`
+checks it on a probe conversation.
 """
 
 from __future__ import annotations
 
+import copy
+
+from tokenizers import pre_tokenizers
 from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-from lmmtune.data.template import SYSTEM_PROMPT
+from lmmtune.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, render_prompt
+from lmmtune.data.tokens import chunk_tokenizer
+from lmmtune.errors import LmmtuneError
 
 _TEXT = "selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')"
 _SYSTEM = SYSTEM_PROMPT.replace("'", "\\'")
@@ -22,7 +34,7 @@ _SYSTEM = SYSTEM_PROMPT.replace("'", "\\'")
 # Literal text is written as {{- '...' -}} so that the whitespace control of the tags
 # around it never eats a space the prompt needs.
 VICUNA_V1_CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{{- bos_token + ' ' -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set content = messages[0]['content'] -%}"
     "{{- content if content is string else content | " + _TEXT + " -}}"
@@ -37,7 +49,7 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{{- ' ' if loop.first else '' -}}{{- 'USER: ' -}}"
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}"
-    "{%- for item in content if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{%- for item in content if item['type'] == 'image' -%}{{- '<image> \\n' -}}{%- endfor -%}"
     "{{- content | " + _TEXT + " -}}"
     "{%- endif -%}"
     "{%- elif message['role'] == 'assistant' -%}"
@@ -71,11 +83,53 @@ def export_processor(processor) -> LlavaProcessor:
     image_processor = LlavaImageProcessorPil(
         **{key: settings[key] for key in _IMAGE_SETTINGS if key in settings}, do_pad=True
     )
-    return LlavaProcessor(
+    exported = LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=processor.tokenizer,
+        tokenizer=no_prefix_after_specials(processor.tokenizer),
         patch_size=processor.patch_size,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
         num_additional_image_tokens=processor.num_additional_image_tokens,
         chat_template=VICUNA_V1_CHAT_TEMPLATE,
     )
+    check_prompt_ids(exported, processor)
+    return exported
+
+
+def no_prefix_after_specials(tokenizer):
+    """A copy of `tokenizer` that puts no `▁` after special tokens (the template writes it)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    if hasattr(tokenizer, "legacy"):  # transformers rebuilds Llama's pre-tokenizer from it
+        tokenizer.legacy = False
+        tokenizer.init_kwargs["legacy"] = False
+    backend = tokenizer.backend_tokenizer
+    if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=backend.pre_tokenizer.replacement,
+            prepend_scheme="first",
+            split=backend.pre_tokenizer.split,
+        )
+    return tokenizer
+
+
+PROBE = [("Is there a lesion?", "yes"), ("Which side, 1 or 2?", "left")]
+
+
+def check_prompt_ids(exported: LlavaProcessor, processor) -> None:
+    """Raise if the exported template's ids differ from training's on a probe conversation."""
+    chunks = chunk_tokenizer(processor.tokenizer)
+    for has_image in (True, False):
+        history, (question, _) = PROBE[:1], PROBE[1]
+        training = chunks.encode(render_prompt(question, has_image, IMAGE_PLACEHOLDER, history))[0]
+        first = [{"type": "text", "text": PROBE[0][0]}]
+        messages = [
+            {"role": "user", "content": ([{"type": "image"}] if has_image else []) + first},
+            {"role": "assistant", "content": PROBE[0][1]},
+            {"role": "user", "content": question},
+        ]
+        text = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = exported.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids != training:
+            raise LmmtuneError(
+                "the exported chat template does not reproduce the training prompt's token ids "
+                f"with this tokenizer ({type(processor.tokenizer).__name__}): {ids} != {training}"
+            )

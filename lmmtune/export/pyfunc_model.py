@@ -1,9 +1,11 @@
 """MLflow pyfunc model of an lmmtune export, logged as code ("models from code").
 
-MLflow copies this file next to the model; loading it needs transformers, torch and
-PIL only, never lmmtune. Input: a DataFrame with a `question` column and an optional
-`image` column (file paths); output: one answer per row. The exported processor
-carries the training prompt (chat template) and the pad-to-square image processing.
+MLflow copies this file next to the model, and lmmtune's package with it (`code_paths`),
+so images open exactly as training opened them: `open_image` (EXIF rotation, 16-bit and
+DICOM scaling, transparency on white) and `pad_to_square` in LLaVA's padding colour.
+Input: a DataFrame with a `question` column and an optional `image` column (file
+paths); output: one answer per row. The exported processor carries the training
+prompt (chat template, the same token ids as training).
 """
 
 import mlflow
@@ -23,22 +25,11 @@ class LlavaAnswerer(PythonModel):
 
     def predict(self, context, model_input, params=None):
         import torch
-        from PIL import Image
 
         max_new_tokens = int((params or {}).get("max_new_tokens", 64))
         answers = []
         for row in model_input.to_dict("records"):
-            content = [{"type": "text", "text": str(row["question"])}]
-            image = row.get("image")
-            if isinstance(image, str) and image:
-                content.insert(0, {"type": "image", "image": Image.open(image).convert("RGB")})
-            inputs = self.processor.apply_chat_template(
-                [{"role": "user", "content": content}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-            ).to(self.model.device)
+            inputs = self.model_inputs(row).to(self.model.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             with torch.no_grad():
@@ -48,6 +39,23 @@ class LlavaAnswerer(PythonModel):
             new_tokens = output[0, inputs["input_ids"].shape[1] :]
             answers.append(self.processor.decode(new_tokens, skip_special_tokens=True).strip())
         return answers
+
+    def model_inputs(self, row: dict):
+        """The prompt ids and pixels of one row, as training built them."""
+        from lmmtune.data.images import mean_colour, open_image, pad_to_square
+
+        content = [{"type": "text", "text": str(row["question"])}]
+        image = row.get("image")
+        if isinstance(image, str) and image:
+            fill = mean_colour(self.processor.image_processor)
+            content.insert(0, {"type": "image", "image": pad_to_square(open_image(image), fill)})
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
 
 
 mlflow.models.set_model(LlavaAnswerer())

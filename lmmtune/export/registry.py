@@ -14,6 +14,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).parent.parent
+"""lmmtune itself, shipped with the model: the pyfunc opens images with its `open_image`."""
 MODEL_NAME = "model"
 
 
@@ -29,6 +31,7 @@ def requirements() -> list[str]:
         f"transformers=={transformers.__version__}",
         f"torch=={torch.__version__.split('+')[0]}",
         f"pillow=={PIL.__version__}",
+        "numpy",
         "safetensors",
     ]
 
@@ -52,6 +55,7 @@ def log_pyfunc_model(model_dir: Path, registered_name: str | None = None) -> dic
         name=MODEL_NAME,
         python_model=str(PYFUNC_CODE),
         artifacts={"model": str(model_dir)},
+        code_paths=[str(PACKAGE_DIR)],
         signature=signature(),
         pip_requirements=requirements(),
         registered_model_name=registered_name,

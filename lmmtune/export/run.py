@@ -180,7 +180,9 @@ def parity_failure(parity: dict) -> str:
         f"parity check failed: the merged model's logits differ from the adapter's by "
         f"{parity['max_abs_diff']:.3g} ({parity['relative_diff']:.2g} of the logit scale "
         f"{parity['logit_scale']:.3g}; tolerance {parity['tolerance']:.2g}), argmax agreement "
-        f"{parity['argmax_agreement']:.3f}. Nothing was written."
+        f"{parity['argmax_agreement']:.3f}. Nothing was written. A bf16/fp16 merge rounds "
+        "LoRA updates smaller than the weights' resolution away (short runs): try "
+        "export.dtype=float32."
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 
 from lmmtune.config import PeftConfig
 
@@ -54,7 +55,40 @@ def apply_lora(
     for parameter in peft_model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+    match_dtypes_at_trained_modules(peft_model)
     return peft_model
+
+
+def match_dtypes_at_trained_modules(model: torch.nn.Module) -> None:
+    """Let the fp32 projector and head sit in a bf16/fp16 model without autocast.
+
+    Their inputs are cast to their weights' dtype; the projector's output is cast back
+    to its input's dtype, the language model's. Autocast cannot be relied on: the
+    Trainer autocasts only the forward, and generation after training runs without it.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name.endswith((PROJECTOR, LM_HEAD)):
+            module.register_forward_pre_hook(_cast_input_to_weights)
+            if name.endswith(PROJECTOR):
+                module.register_forward_hook(_cast_output_to_input)
+
+
+def _cast_input_to_weights(module: torch.nn.Module, args: tuple) -> tuple:
+    module.lmmtune_input_dtype = next((a.dtype for a in args if torch.is_tensor(a)), None)
+    dtype = _trained_dtype(module)
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output_to_input(module: torch.nn.Module, args: tuple, output):
+    dtype = getattr(module, "lmmtune_input_dtype", None)
+    return output.to(dtype) if dtype is not None and torch.is_tensor(output) else output
+
+
+def _trained_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the trained copy (peft registers it after the frozen original)."""
+    parameters = list(module.parameters())
+    trained = [p for p in parameters if p.requires_grad]
+    return (trained or parameters[-1:])[0].dtype
 
 
 @dataclass

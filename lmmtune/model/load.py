@@ -14,7 +14,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    LlavaForConditionalGeneration,
+)
 
 from lmmtune import distributed
 from lmmtune.config import ModelConfig, QuantConfig
@@ -153,14 +158,55 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForCondit
     return model
 
 
-def load_processor(model_cfg: ModelConfig):
+def load_processor(model_cfg: ModelConfig, source: str | Path | None = None):
+    """The processor of `source` (default: the model's directory), its image-token count set
+    from the model's vision config (see `match_vision_config`)."""
     path = resolve_model_path(model_cfg)
     try:
-        return AutoProcessor.from_pretrained(
+        processor = AutoProcessor.from_pretrained(
+            source or path,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=None if source else model_cfg.revision,
+        )
+        config = AutoConfig.from_pretrained(
             path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
         )
     except OSError as exc:
-        raise LmmtuneError(f"could not load the processor from {path}: {exc}") from None
+        raise LmmtuneError(f"could not load the processor from {source or path}: {exc}") from None
+    return match_vision_config(processor, config)
+
+
+def image_tokens_of(config) -> int:
+    """Image tokens the model's vision tower yields: one per patch, +1 CLS, -1 under "default"."""
+    vision = config.vision_config
+    count = (vision.image_size // vision.patch_size) ** 2 + _class_tokens(vision)
+    return count - (1 if config.vision_feature_select_strategy == "default" else 0)
+
+
+def _class_tokens(vision_config) -> int:
+    return 1 if "clip" in vision_config.model_type else 0  # CLIP has a CLS token, SigLIP none
+
+
+def match_vision_config(processor, config):
+    """Set the processor's patch size, strategy and extra tokens from the model's config.
+
+    Older llava-hf snapshots lack `num_additional_image_tokens` in processor_config.json;
+    transformers then expands `<image>` to 575 tokens where the tower yields 576 features
+    ("Image features and image tokens do not match"). The vision config is the truth.
+    """
+    if not hasattr(config, "vision_config") or not hasattr(processor, "patch_size"):
+        return processor
+    vision = config.vision_config
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    if crop.get("height", vision.image_size) != vision.image_size:
+        raise LmmtuneError(
+            f"the image processor crops to {crop['height']} px but the vision tower takes "
+            f"{vision.image_size} px: the processor does not belong to this model"
+        )
+    processor.patch_size = vision.patch_size
+    processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    processor.num_additional_image_tokens = _class_tokens(vision)
+    return processor
 
 
 def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:

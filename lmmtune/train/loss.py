@@ -102,8 +102,12 @@ def chunked_cross_entropy(
     """Sum of the cross entropy of `head(hidden)` against `targets`, `chunk_size` rows at a time.
 
     Each chunk is checkpointed: its logits are freed after the forward and rebuilt in
-    the backward, so the full [rows, vocab] tensor never exists.
+    the backward, so the full [rows, vocab] tensor never exists. The hidden states are
+    cast to the head's dtype: this runs after the forward, outside any autocast (the
+    Trainer hands the forward's outputs back in fp32), and a bf16 head refuses fp32 rows.
     """
+    head_dtype = next((p.dtype for p in head.parameters()), hidden.dtype)
+    hidden = hidden.to(head_dtype)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_cli
-from tests.data.helpers import llava, save_image, write_json
+from tests.data.helpers import chat, llava, save_image, write_json
 
 
 def test_check_reports_problems_and_exits_1(tmp_path):
@@ -42,7 +42,7 @@ def test_check_reports_problems_and_exits_1(tmp_path):
         f"  train: {data} (6 records)",
         "records: 6 read, 3 valid, 3 invalid",
         "  kinds: 2 with image, 1 text-only, 2 single-turn, 1 multi-turn",
-        "tokens per sample (16 per image included): min 41 / median 52 / max 59; "
+        "tokens per sample (16 per image included): min 41 / median 52 / max 60; "
         "0 over data.max_length=2048",
         "tokens per answer: min 1 / median 1 / max 6",
         "problems (invalid records): 3",
@@ -88,3 +88,50 @@ def test_check_with_a_memory_budget_prints_the_plan_or_fails(good_set, capsys):
     too_small = TrainConfig(batch_size=1, grad_accum=8, gpu_memory_gb=0.5)
     with pytest.raises(LmmtuneError, match="does not fit train.gpu_memory_gb=0.5"):
         check(Config(data=data, model=model, train=too_small))
+
+
+def test_check_names_records_that_would_teach_the_wrong_thing(tmp_path):
+    """Special-token text in a message, an image placeholder in a later turn: invalid, named."""
+    save_image(tmp_path / "img" / "a.png")
+    later_image = llava("later", "img/a.png")
+    later_image["conversations"][0]["value"] = "Is there a lesion?"
+    later_image["conversations"] += [
+        {"from": "human", "value": "<image>\nAnd here?"},
+        {"from": "gpt", "value": "no"},
+    ]
+    later_chat = {
+        "id": "chat",
+        "images": ["img/a.png"],
+        "messages": [
+            chat("user", "Hello?"),
+            chat("assistant", "Hi."),
+            chat("user", "What is this?", image=True),
+            chat("assistant", "A scan."),
+        ],
+    }
+    records = [
+        llava("ok", "img/a.png"),
+        llava("eos", "img/a.png", answer="yes</s> and more"),
+        llava("bos", None, "Say hi.", "<s>hi"),
+        llava("pad", "img/a.png", answer="none<pad>"),
+        llava("unk", None, "What is <unk>?", "unknown"),
+        later_image,
+        later_chat,
+    ]
+    data = write_json(tmp_path / "train.json", records)
+    result = run_cli(
+        ["check", "model=tiny", f"data.train={data}", "data.eval_fraction=0"], cwd=tmp_path
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    report = result.stdout
+    special = "the text of a special token: it would be trained as that token"
+    for line in [
+        f"{data}[1] (id eos): the answer of turn 1 contains '</s>', {special}",
+        f"{data}[2] (id bos): the answer of turn 1 contains '<s>', {special}",
+        f"{data}[3] (id pad): the answer of turn 1 contains '<pad>', {special}",
+        f"{data}[4] (id unk): the question of turn 1 contains '<unk>', {special}",
+        f"{data}[5] (id later): '<image>' in a later question (message 2)",
+        f"{data}[6] (id chat): '<image>' in a later question (message 2)",
+        "records: 7 read, 1 valid, 6 invalid",
+    ]:
+        assert line in report, f"{line!r} not in\n{report}"

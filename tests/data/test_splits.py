@@ -183,7 +183,8 @@ def test_report_numbers(tmp_path, inspect):
     report = inspect(train=str(path), eval_fraction=0.0, max_length=60)
     text = format_report(report)
     # a, b (long answer), text-only, multi, broken: every parsed record is counted.
-    assert report.token_lengths == [52, 68, 47, 59, 52]
+    # (multi: its second turn starts with "USER" without "▁" after "</s>", as in LLaVA)
+    assert report.token_lengths == [52, 68, 47, 60, 52]
     assert (report.records, report.invalid_records, report.over_max_length) == (5, 2, 1)
     assert report.kinds() == {"with image": 2, "text-only": 1, "single-turn": 2, "multi-turn": 1}
     expected = [
