@@ -30,7 +30,13 @@ from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import metric_items, save_eval_report
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
-from lmmtune.rundir import prepare_run_dir, save_config
+from lmmtune.rundir import (
+    RecordRunFiles,
+    RunDir,
+    prepare_run_dir,
+    record_run_files,
+    save_config,
+)
 from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
@@ -46,6 +52,16 @@ def train(cfg: Config | DictConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
     resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
+    try:
+        return train_in(cfg, run_dir, resume_from)
+    finally:
+        if is_main():
+            record_run_files(run_dir)  # what overwrite=true may clear later
+
+
+def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) -> dict:
+    """The run, in a run directory already prepared."""
+    run = RunDir(run_dir)
     on_main(save_config, cfg, run_dir)
 
     processor = load_processor(cfg.model)
@@ -81,7 +97,7 @@ def train(cfg: Config | DictConfig) -> dict:
         }
 
         evaluates = bool(splits.eval) and generates_here()  # rank 0; the others wait at barrier()
-        before_file = run_dir / "eval_before.json"
+        before_file = run.eval_before
         before = after = None
         if cfg.eval.before and evaluates and before_file.exists():
             # measured before the crash (its predictions are not kept)
@@ -109,7 +125,7 @@ def train(cfg: Config | DictConfig) -> dict:
         )
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
-        callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop]
+        callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop, RecordRunFiles(run_dir)]
         keep_best = best_adapter_keeper(train_cfg, run_dir)
         if keep_best is not None:
             callbacks.append(keep_best)
@@ -130,7 +146,7 @@ def train(cfg: Config | DictConfig) -> dict:
                 metrics["train"]["best"] = best
                 tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
-        adapter_dir = run_dir / "adapter"
+        adapter_dir = run.adapter
         if shards_model():
             trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
         if not is_main():
@@ -151,12 +167,12 @@ def train(cfg: Config | DictConfig) -> dict:
             save_eval_report(
                 run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
             )
-            log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
+            log_sample_images(tracker, run.eval_predictions, run_dir / SAMPLES_FILE)
 
         describe_run(tracker, cfg, train_cfg, metrics, report)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        for artifact in ("config.yaml", "metrics.json", "adapter"):
-            tracker.log_artifact(run_dir / artifact)
+        run.metrics.write_text(json.dumps(metrics, indent=2))
+        for artifact in (run.config, run.metrics, run.adapter):
+            tracker.log_artifact(artifact)
     log.info("run finished: %s", run_dir)
     return metrics
 
