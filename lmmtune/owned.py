@@ -18,6 +18,7 @@ from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
 
 MANIFEST = ".lmmtune.json"
+LOCK = ".lmmtune.lock"  # a run's lock (lmmtune.rundir): never listed, never cleared
 LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export"}
 
 
@@ -38,7 +39,7 @@ def files_under(folder: Path) -> set[str]:
     for root, dirs, files in os.walk(folder):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             found.add(os.path.relpath(os.path.join(root, name), folder))
-    found.discard(MANIFEST)
+    found -= {MANIFEST, LOCK}
     return found
 
 

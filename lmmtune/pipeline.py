@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from lmmtune.atomic import write_text_atomic
 from lmmtune.config import Config
 from lmmtune.data.dataset import PaddingCollator, SupervisedDataset
 from lmmtune.data.splits import load_splits
@@ -30,15 +31,18 @@ from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import metric_items, save_eval_report
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
+from lmmtune.resume import check_resume, save_data_digest
 from lmmtune.rundir import (
     RecordRunFiles,
     RunDir,
     prepare_run_dir,
     record_run_files,
+    release_lock,
     save_config,
 )
 from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
+from lmmtune.track.record import last_logged_step
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
@@ -57,12 +61,16 @@ def train(cfg: Config | DictConfig) -> dict:
     finally:
         if is_main():
             record_run_files(run_dir)  # what overwrite=true may clear later
+            release_lock(run_dir)
 
 
 def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) -> dict:
     """The run, in a run directory already prepared."""
     run = RunDir(run_dir)
+    if cfg.train.resume is not None:  # the same settings and data, or refused before any work
+        on_main(check_resume, cfg, run.config, run.data_digest)
     on_main(save_config, cfg, run_dir)
+    on_main(save_data_digest, cfg, run.data_digest)
 
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
@@ -108,7 +116,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
             metrics["eval_before"] = before.metrics
             log.info("eval before training: %s", summary(before.metrics))
             tracker.log_metrics(metric_items("eval_before", before.metrics))
-            before_file.write_text(json.dumps(metrics["eval_before"]))
+            write_text_atomic(before_file, json.dumps(metrics["eval_before"]))
         barrier()
 
         set_seed(cfg.train.seed)  # LoRA's random init: the same seed gives the same run
@@ -125,7 +133,13 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
         )
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
-        callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop, RecordRunFiles(run_dir)]
+        logged = last_logged_step(run_dir) if resume_from else 0  # no value twice at a step
+        callbacks = [
+            TrackerCallback(tracker, logged),
+            StopOnNonFinite(),
+            stop,
+            RecordRunFiles(run_dir),
+        ]
         keep_best = best_adapter_keeper(train_cfg, run_dir)
         if keep_best is not None:
             callbacks.append(keep_best)
@@ -135,7 +149,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
         )
         result = run_training(trainer, stop, resume_from, run_dir)
         metrics["train"] = {
-            "loss": result.training_loss,
+            "loss": whole_run_loss(trainer.state.log_history, result.training_loss),
             "steps": result.global_step,
             "loss_history": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         }
@@ -170,11 +184,27 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
             log_sample_images(tracker, run.eval_predictions, run_dir / SAMPLES_FILE)
 
         describe_run(tracker, cfg, train_cfg, metrics, report)
-        run.metrics.write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
         for artifact in (run.config, run.metrics, run.adapter):
             tracker.log_artifact(artifact)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def whole_run_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss over every step of the run, a resumed one too.
+
+    Each logged loss is the mean since the log before it, so it counts for the steps it
+    covers. (The Trainer's own number covers only the steps of this process.)
+    """
+    logged = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    if not logged:
+        return fallback
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        previous = step
+    return total / previous if previous else fallback
 
 
 def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:

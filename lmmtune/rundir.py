@@ -8,15 +8,18 @@ else) or `train.resume=auto|PATH` (which continues from the latest finished chec
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from lmmtune import distributed
+from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
-from lmmtune.owned import MANIFEST, OwnedFolder, read_manifest
+from lmmtune.owned import LOCK, MANIFEST, OwnedFolder, files_under, read_manifest
 from lmmtune.track.redact import redact
 from lmmtune.train.checkpoints import find_resume_checkpoint
 
@@ -41,7 +44,8 @@ class RunDir:
     eval_predictions = property(lambda self: self.root / "eval_predictions.jsonl")
     data_report = property(lambda self: self.root / "data_report.txt")
     skipped_records = property(lambda self: self.root / "skipped_records.jsonl")
-    lock = property(lambda self: self.root / ".lmmtune.lock")  # held while a train runs
+    data_digest = property(lambda self: self.root / "data_digest.json")  # see lmmtune.resume
+    lock = property(lambda self: self.root / LOCK)  # held while a train runs in it
 
     def export(self, export_format: str) -> Path:
         return self.root / f"export-{export_format}"
@@ -60,6 +64,53 @@ class RunDir:
 
 RUN_KIND = "run"
 _opened: dict[Path, OwnedFolder] = {}  # run directories this process writes into
+_locks: dict[Path, int] = {}  # their lock files, open (and locked) while this process runs
+
+
+def take_lock(run: RunDir) -> None:
+    """Lock the run directory for this process; a second train on it is refused, naming the first.
+
+    An advisory `flock` (POSIX): the kernel drops it when the process ends, even on kill -9.
+    """
+    import fcntl
+
+    key = run.root.resolve() if run.root.exists() else run.root.absolute()
+    if key in _locks:
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LmmtuneError(
+            f"{run.root} is in use by another lmmtune train (process {holder}); wait for it to "
+            "end, or stop it first. Two trainings never write into one run directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _locks[run.root.resolve()] = fd
+
+
+def release_lock(run_dir: Path) -> None:
+    """Give the run directory free for the next train (the end of the process does it too)."""
+    fd = _locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def check_tracking_state(run: RunDir) -> None:
+    """A resume reads the MLflow run id from tracking.json: refuse an unreadable one up front."""
+    if not run.tracking.exists():
+        return
+    try:
+        json.loads(run.tracking.read_text())["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise LmmtuneError(
+            f"{run.tracking} is damaged (it holds the MLflow run id to continue). Delete it to "
+            "continue the training in a new MLflow run"
+        ) from None
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path | None:
@@ -73,7 +124,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
     if run_dir.exists() and not run_dir.is_dir():
         raise LmmtuneError(f"output_dir={run_dir} is a file; choose a folder")
     holds_run = run.holds_run()
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not holds_run:
+    if run_dir.is_dir() and files_under(run_dir) and not holds_run:
         raise LmmtuneError(
             f"output_dir={run_dir} holds files and is not an lmmtune run (no {MANIFEST} or "
             "config.yaml): lmmtune never writes into or clears such a folder. Choose an empty "
@@ -85,7 +136,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
             "would train on and replace its adapter. Choose a new output_dir=..., or pass "
             "overwrite=true to replace the run"
         )
+    take_lock(run)
     if resume is not None and not (holds_run and run.finished()):
+        check_tracking_state(run)
         checkpoint = find_resume_checkpoint(run.checkpoints, resume)
         if checkpoint is None:
             log.info(
@@ -155,7 +208,8 @@ def job_output_dir(output_dir: str) -> str:
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Write the resolved config with secrets masked."""
     path = RunDir(run_dir).config
-    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), path)
+    clean = OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))
+    write_text_atomic(path, OmegaConf.to_yaml(clean))
     return path
 
 

@@ -46,10 +46,16 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
     )
 
 
-def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+def wait_for_checkpoint(
+    run_dir: Path, process: subprocess.Popen, timeout: float = 300, min_step: int = 0
+) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = completed_checkpoints(run_dir / "checkpoints")
+        found = [
+            c
+            for c in completed_checkpoints(run_dir / "checkpoints")
+            if int(c.name.split("-")[1]) >= min_step
+        ]
         if found:
             return found[0]
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -61,18 +67,23 @@ def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
-    reference = run_cli([*FAST, "output_dir=straight"], cwd=tmp_path)
+# 38 training records, batch 4: 10 steps an epoch; 25 steps end in the third epoch.
+LATER_EPOCH = [*FAST, "train.max_steps=25", "train.save_steps=5"]
+
+
+def test_resume_after_kill_9_in_a_later_epoch_matches_an_uninterrupted_run(tmp_path):
+    reference = run_cli([*LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    process = start_cli([*FAST, "output_dir=crashed"], cwd=tmp_path)
-    first = wait_for_checkpoint(tmp_path / "crashed", process)
+    process = start_cli([*LATER_EPOCH, "output_dir=crashed"], cwd=tmp_path)
+    first = wait_for_checkpoint(tmp_path / "crashed", process, min_step=15)  # mid epoch 2
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    assert int(first.name.split("-")[1]) > 10, "killed in the first epoch"
     run_id = json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"]
 
-    resumed = run_cli([*FAST, "output_dir=crashed", "train.resume=auto"], cwd=tmp_path)
+    resumed = run_cli([*LATER_EPOCH, "output_dir=crashed", "train.resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and first.name in resumed.stderr
 
@@ -85,10 +96,14 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"] == run_id
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
-    assert steps >= set(range(1, 13))
-    losses_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]["loss"]
-    assert losses_a > 0
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert set(steps) >= set(range(1, 26))
+    assert len(steps) == len(set(steps)), "a replayed step was logged twice"
+    # metrics.json's loss covers the whole run, not only the steps after the resume
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]
+    crashed = json.loads((tmp_path / "crashed" / "metrics.json").read_text())["train"]
+    assert straight["loss"] > 0
+    assert crashed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
 
 
 def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(tmp_path):

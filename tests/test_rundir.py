@@ -11,7 +11,7 @@ import pytest
 
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import MANIFEST, read_manifest
-from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files
+from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files, release_lock
 
 from .conftest import compose_config, run_cli
 
@@ -31,6 +31,7 @@ def make_run(run_dir: Path, finished: bool = True) -> RunDir:
     if finished:
         run.metrics.write_text("{}")
     record_run_files(run_dir)
+    release_lock(run_dir)
     return run
 
 

@@ -29,7 +29,8 @@ class LocalRecord:
         self.path = run_dir / RECORD_NAME
 
     def append(self, method: str, args: tuple, kwargs: dict) -> None:
-        args = [redact(arg) if isinstance(arg, dict) else redact_value(arg) for arg in args]
+        if method != "log_metrics":  # metrics are numbers: never masked (token_f1 stays a number)
+            args = [redact(arg) if isinstance(arg, dict) else redact_value(arg) for arg in args]
         event = {"time": time.time(), "method": method, "args": args, "kwargs": kwargs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(event, default=str) + "\n")
@@ -42,6 +43,17 @@ class LocalRecord:
             for line in self.path.read_text(encoding="utf-8").splitlines()
             if line.strip()
         ]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The highest training step whose metrics the run's record holds (0: none)."""
+    steps = [
+        e["kwargs"].get("step") or 0
+        for e in LocalRecord(run_dir).events()
+        if e["method"] == "log_metrics"
+        and any(k.startswith(("train/", "eval/")) for k in (e["args"] or [{}])[0])
+    ]
+    return max(steps, default=0)
 
 
 class ResilientTracker:
@@ -77,7 +89,8 @@ class ResilientTracker:
         return call
 
     def _fail(self, what: str, exc: Exception) -> None:
-        self.failed_reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        reason = redact_value(f"{type(exc).__name__}: {exc}")
+        self.failed_reason = reason.splitlines()[0][:300] if reason else type(exc).__name__
         log.warning(
             "MLflow %s (%s); training goes on and everything is kept in %s. "
             "Import it later with: python -m lmmtune.track.record %s",
