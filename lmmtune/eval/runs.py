@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
+from lmmtune.weights import require_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def find_adapter(adapter: str | None, run_dir: Path | None, cfg: DictConfig) -> 
             "training run, or the adapter directory itself (eval.adapter=, export.adapter=, "
             "predict.adapter=)"
         )
+    require_safetensors(path, "adapter")
     return path
 
 
