@@ -149,7 +149,8 @@ def test_image_paths_resolve_against_image_root_and_may_not_escape_it(tmp_path, 
         (Kind.PATH_ESCAPES_ROOT, "abs"),
     ]
     assert report.problems[0].reason == (
-        f"image path '../outside.png' leads outside data.image_root {tmp_path / 'images'} (refused)"
+        f"image path '../outside.png' leads outside data.image_root {tmp_path / 'images'}, "
+        "links resolved (refused; set data.image_root to the folder a link points into)"
     )
 
 
