@@ -83,6 +83,9 @@ def run_command(command: str, cfg) -> None:
     except LmmtuneError as exc:
         print(f"lmmtune {command}: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a SignalStop naming what to run next
+        print(f"lmmtune {command}: {getattr(exc, 'message', 'interrupted')}", file=sys.stderr)
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
 
 
 def train_command(cfg) -> None:

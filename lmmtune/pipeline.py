@@ -45,7 +45,7 @@ from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker
 from lmmtune.track.record import last_logged_step
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.best import KeepBestAdapter
-from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
+from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
 
@@ -56,28 +56,32 @@ def train(cfg: Config | DictConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
     resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
+    hint = f"Resume with the same command plus: output_dir={run_dir} train.resume=auto"
     try:
-        return train_in(cfg, run_dir, resume_from)
+        with InterruptOutsideTraining(hint) as guard:  # SIGINT/SIGTERM: marked KILLED, a message
+            return train_in(cfg, run_dir, resume_from, guard)
     finally:
         if is_main():
             record_run_files(run_dir)  # what overwrite=true may clear later
             release_lock(run_dir)
 
 
-def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) -> dict:
-    """The run, in a run directory already prepared."""
+def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, guard) -> dict:
+    """The run, in a run directory already prepared; `guard.phase` names what runs."""
     run = RunDir(run_dir)
     if cfg.train.resume is not None:  # the same settings and data, or refused before any work
         on_main(check_resume, cfg, run.config, run.data_digest)
     on_main(save_config, cfg, run_dir)
     on_main(save_data_digest, cfg, run.data_digest)
 
+    guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
     train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
     lengths = splits.report.train_lengths  # counted by the data check, image tokens included
     # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
     train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
+    guard.phase = "loading the model"
     model = load_model(cfg.model, cfg.quant)
 
     tracker = start_tracker(
@@ -112,6 +116,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
             before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
             metrics["eval_before"] = before.metrics
         elif cfg.eval.before and evaluates:
+            guard.phase = "evaluating before training"
             before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
             metrics["eval_before"] = before.metrics
             log.info("eval before training: %s", summary(before.metrics))
@@ -119,6 +124,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
             write_text_atomic(before_file, json.dumps(metrics["eval_before"]))
         barrier()
 
+        guard.phase = "preparing training"
         set_seed(cfg.train.seed)  # LoRA's random init: the same seed gives the same run
         model = apply_lora(model, cfg.peft, cfg.train.gradient_checkpointing)
         report = trainable_report(model)
@@ -172,6 +178,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None) 
             json.dumps({"base_model": resolve_model_path(cfg.model)})
         )
 
+        guard.phase = "evaluating after training (the adapter is saved)"
         if cfg.eval.after and evaluates:
             after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
             metrics["eval_after"] = after.metrics

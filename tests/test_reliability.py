@@ -118,6 +118,8 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # again, as a service manager does: still a checkpoint
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
     assert "train.resume=auto" in stderr and "Traceback" not in stderr
@@ -126,6 +128,28 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
     step = int(checkpoints[0].name.split("-")[1])
     assert 0 < step < 400
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_evaluation_marks_the_run_killed_with_the_resume_command(
+    tmp_path, signum
+):
+    args = [*FAST, "data.demo_size=200", "data.eval_fraction=0.5", "eval.before=true"]
+    process = start_cli([*args, "output_dir=run"], cwd=tmp_path)
+    tracking = tmp_path / "run" / "tracking.json"
+    deadline = time.time() + 300
+    while not tracking.exists() or not tracking.read_text():  # the evaluation starts next
+        assert time.time() < deadline and process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "train.resume=auto" in stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "eval_before.json").exists(), "the evaluation had finished"
+    run_id = json.loads(tracking.read_text())["run_id"]
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
 
 
