@@ -66,14 +66,15 @@ def run_command(command: str, cfg) -> None:
             from lmmtune.check import check
 
             check(cfg)
-        elif command == "eval":
+        elif command in ("eval", "export"):
             from lmmtune.eval.run import run_eval
-
-            run_eval(cfg)
-        elif command == "export":
             from lmmtune.export.run import run_export
+            from lmmtune.train.guards import InterruptOutsideTraining
 
-            run_export(cfg)
+            # SIGTERM too: the MLflow run is marked KILLED and nothing half-written stays.
+            with InterruptOutsideTraining(f"Run `{command}` again to start it over.") as guard:
+                guard.phase = f"running {command}"
+                (run_eval if command == "eval" else run_export)(cfg)
         elif command == "predict":
             from lmmtune.predict import predict
 

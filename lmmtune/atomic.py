@@ -40,8 +40,9 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove staging folders for `target` left by killed processes (marker present, pid dead)."""
+def remove_stale_staging(target: Path) -> list[dict]:
+    """Remove staging folders for `target` left by killed processes (marker present, pid dead);
+    return what their markers said (`note`: e.g. the MLflow run the killed process had open)."""
     removed = []
     if not target.parent.is_dir():
         return removed
@@ -49,19 +50,24 @@ def remove_stale_staging(target: Path) -> list[Path]:
         match = _STAGING_NAME.match(candidate.name)
         if not match or match["name"] != target.name or not candidate.is_dir():
             continue
-        if (candidate / STAGING_MARKER).exists() and not process_alive(int(match["pid"])):
+        marker = candidate / STAGING_MARKER
+        if marker.exists() and not process_alive(int(match["pid"])):
+            note = marker.read_text(errors="replace").partition("\n")[2]
             shutil.rmtree(candidate)
-            removed.append(candidate)
+            removed.append({"path": str(candidate), "note": note})
     return removed
 
 
 @contextmanager
-def staged_directory(target: Path, replace: bool, marked: bool = False) -> Iterator[Path]:
+def staged_directory(
+    target: Path, replace: bool, marked: bool = False, note: str = ""
+) -> Iterator[Path]:
     """A temporary path next to `target`, renamed to it if the block succeeds.
 
     An existing `target` is removed first when `replace` (callers check that lmmtune made
     it and that it holds nothing else); otherwise the rename fails on it. `marked`: the
-    temporary is created with a marker, so that one a killed process left is removed later.
+    temporary is created with a marker (holding `note`), so that one a killed process left
+    is removed later.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
@@ -69,7 +75,7 @@ def staged_directory(target: Path, replace: bool, marked: bool = False) -> Itera
     shutil.rmtree(tmp, ignore_errors=True)
     if marked:
         tmp.mkdir()
-        (tmp / STAGING_MARKER).write_text(str(os.getpid()))
+        (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n{note}")
     try:
         yield tmp
     except BaseException:

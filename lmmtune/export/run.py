@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmmtune.atomic import STAGING_MARKER, staged_directory
+from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.runs import (
     command_tags,
@@ -48,6 +48,7 @@ from lmmtune.export.merge import (
 from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
 from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import tracked_run
+from lmmtune.track.redact import redact_value
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "source_run_id": source_run_id(run_dir),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        with staged_directory(target, replace=export_cfg.overwrite, marked=True) as tmp:
+        end_killed_exports(remove_stale_staging(target), cfg.tracking)
+        with staged_directory(
+            target, export_cfg.overwrite, marked=True, note=tracker.run_id or ""
+        ) as tmp:
             if export_cfg.format == "adapter":
                 shutil.copytree(adapter, tmp, dirs_exist_ok=True)
                 processor.save_pretrained(tmp)  # adds the chat template and padding processor
@@ -149,6 +153,25 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
             f"{target} holds files the export did not write ({', '.join(foreign[:5])}); "
             "move them away or choose another export.dir"
         )
+
+
+def end_killed_exports(stale: list[dict], tracking_cfg) -> None:
+    """A killed export left its staging folder (now removed) and its MLflow run RUNNING: end it."""
+    for left in stale:
+        log.warning("removed %s, left by a killed export", left["path"])
+        if left["note"] and tracking_cfg.backend == "mlflow":
+            from mlflow.tracking import MlflowClient
+
+            from lmmtune.track.mlflow_tracker import resolve_tracking_uri
+
+            try:
+                client = MlflowClient(resolve_tracking_uri(tracking_cfg))
+                if client.get_run(left["note"]).info.status == "RUNNING":
+                    client.set_terminated(left["note"], "KILLED")
+            except Exception as exc:  # noqa: BLE001 - tracking never stops an export
+                log.warning(
+                    "could not end a killed export's MLflow run: %s", redact_value(str(exc))
+                )
 
 
 def mark_export(folder: Path) -> None:
