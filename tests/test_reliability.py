@@ -224,18 +224,24 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     lock.close()
 
     (tmp_path / "config.yaml").write_text("name: exp\n")
-    imported = subprocess.run(
-        [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert imported.returncode == 0, imported.stderr[-2000:]
     client = MlflowClient(uri)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("exp").experiment_id], "tags.`lmmtune.imported_from` != ''"
-    )
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"  # MLflow lost contact
+
+    def import_record() -> str:
+        imported = subprocess.run(
+            [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert imported.returncode == 0, imported.stderr[-2000:]
+        return imported.stdout
+
+    assert f"into MLflow run {tracker.run_id}" in import_record()  # the original run, completed
+    assert "nothing to import" in import_record()  # twice: no duplicate run, no value twice
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
 
 
