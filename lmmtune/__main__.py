@@ -60,6 +60,10 @@ def run_command(command: Command, cfg) -> None:
     except LmmtuneError as exc:
         print(f"lmmtune {command.name}: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a SignalStop naming what to run next
+        message = getattr(exc, "message", "interrupted")
+        print(f"lmmtune {command.name}: {message}", file=sys.stderr)
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
 
 
 def main() -> None:

@@ -60,13 +60,13 @@ COMMANDS: dict[str, Command] = {
         Command(
             "eval",
             "evaluate the base model and an adapter on the eval split",
-            "lmmtune.eval.run:run_eval",
+            "lmmtune.commands:evaluate",
             ("output_dir", "eval", "tracking", "data.max_eval_samples"),
         ),
         Command(
             "export",
             "merge the adapter into the base and save a llava-hf model",
-            "lmmtune.export.run:run_export",
+            "lmmtune.commands:export",
             ("output_dir", "export", "tracking"),
         ),
         Command(
@@ -117,6 +117,28 @@ def train(cfg: DictConfig) -> dict:
             raise
     finally:
         distributed.shutdown()
+
+
+def evaluate(cfg: DictConfig) -> None:
+    """`eval`; SIGINT/SIGTERM mark its MLflow run KILLED and leave nothing half-written."""
+    from lmmtune.eval.run import run_eval
+
+    _restartable("eval", run_eval, cfg)
+
+
+def export(cfg: DictConfig) -> None:
+    """`export`; SIGINT/SIGTERM mark its MLflow run KILLED and leave no staging folder."""
+    from lmmtune.export.run import run_export
+
+    _restartable("export", run_export, cfg)
+
+
+def _restartable(name: str, function: Callable, cfg: DictConfig) -> None:
+    from lmmtune.train.guards import InterruptOutsideTraining
+
+    with InterruptOutsideTraining(f"Run `{name}` again to start it over.") as guard:
+        guard.phase = f"running {name}"
+        function(cfg)
 
 
 def remove_failed_start(run_dir: Path) -> None:

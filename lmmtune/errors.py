@@ -13,3 +13,13 @@ class RunInterrupted(LmmtuneError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class SignalStop(KeyboardInterrupt):
+    """SIGINT/SIGTERM outside the training loop: a KeyboardInterrupt, so that no `except
+    Exception` on the way swallows it; the command line prints its message, no traceback."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = 128 + signum

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import set_seed
 
+from lmmtune.atomic import write_text_atomic
 from lmmtune.config import Config
 from lmmtune.data.dataset import PaddingCollator, SupervisedDataset
 from lmmtune.data.splits import load_splits
@@ -31,7 +32,15 @@ from lmmtune.eval.report import save_eval_report, scalar_tags
 from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
-from lmmtune.rundir import prepare_run_dir, save_config
+from lmmtune.resume import check_resume, save_data_digest
+from lmmtune.rundir import (
+    RecordRunFiles,
+    RunDir,
+    prepare_run_dir,
+    record_run_files,
+    release_lock,
+    save_config,
+)
 from lmmtune.track.datasets import log_datasets
 from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import (
@@ -41,9 +50,10 @@ from lmmtune.track.mlflow_tracker import (
     tracked_run,
     trainer_summary,
 )
+from lmmtune.track.record import last_logged_step
 from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.train.best import KeepBestAdapter
-from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
+from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.liger import require_liger
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
@@ -56,14 +66,32 @@ def train(cfg: Config | DictConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
     resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
-    on_main(save_config, cfg, run_dir)
+    hint = f"Resume with the same command plus: output_dir={run_dir} train.resume=auto"
+    try:
+        with InterruptOutsideTraining(hint) as guard:  # SIGINT/SIGTERM: marked KILLED, a message
+            return train_in(cfg, run_dir, resume_from, guard)
+    finally:
+        if is_main():
+            record_run_files(run_dir)  # what overwrite=true may clear later
+            release_lock(run_dir)
 
+
+def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, guard) -> dict:
+    """The run, in a run directory already prepared; `guard.phase` names what runs."""
+    run = RunDir(run_dir)
+    if cfg.train.resume is not None:  # the same settings and data, or refused before any work
+        on_main(check_resume, cfg, run.config, run.data_digest)
+    on_main(save_config, cfg, run_dir)
+    on_main(save_data_digest, cfg, run.data_digest)
+
+    guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
     train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
     lengths = splits.report.train_lengths  # counted by the data check, image tokens included
     # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
     train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
+    guard.phase = "loading the model"
     model = load_model(cfg.model, cfg.quant)
 
     tracker = start_tracker(
@@ -92,20 +120,22 @@ def train(cfg: Config | DictConfig) -> dict:
         }
 
         evaluates = bool(splits.eval) and generates_here()  # rank 0; the others wait at barrier()
-        before_file = run_dir / "eval_before.json"
+        before_file = run.eval_before
         before = after = None
         if cfg.eval.before and evaluates and before_file.exists():
             # measured before the crash (its predictions are not kept)
             before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
             metrics["eval_before"] = before.metrics
         elif cfg.eval.before and evaluates:
+            guard.phase = "evaluating before training"
             before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
             metrics["eval_before"] = before.metrics
             log.info("eval before training: %s", summary(before.metrics))
             tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
-            before_file.write_text(json.dumps(metrics["eval_before"]))
+            write_text_atomic(before_file, json.dumps(metrics["eval_before"]))
         barrier()
 
+        guard.phase = "preparing training"
         set_seed(cfg.train.seed)  # LoRA's random init: the same seed gives the same run
         model = apply_lora(model, cfg.peft, cfg.train.gradient_checkpointing)
         report = trainable_report(model)
@@ -120,7 +150,13 @@ def train(cfg: Config | DictConfig) -> dict:
         )
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
-        callbacks = [TrackerCallback(tracker), StopOnNonFinite(), stop]
+        logged = last_logged_step(run_dir) if resume_from else 0  # no value twice at a step
+        callbacks = [
+            TrackerCallback(tracker, logged),
+            StopOnNonFinite(),
+            stop,
+            RecordRunFiles(run_dir),
+        ]
         keep_best = best_adapter_keeper(train_cfg, run_dir)
         if keep_best is not None:
             callbacks.append(keep_best)
@@ -130,7 +166,7 @@ def train(cfg: Config | DictConfig) -> dict:
         )
         result = run_training(trainer, stop, resume_from, run_dir)
         metrics["train"] = {
-            "loss": result.training_loss,
+            "loss": whole_run_loss(trainer.state.log_history, result.training_loss),
             "steps": result.global_step,
             "loss_history": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "summary": trainer_summary(trainer.state.log_history),  # no chart of one point each
@@ -142,7 +178,7 @@ def train(cfg: Config | DictConfig) -> dict:
                 metrics["train"]["best"] = best
                 tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
-        adapter_dir = run_dir / "adapter"
+        adapter_dir = run.adapter
         if shards_model():
             trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
         if not is_main():
@@ -154,6 +190,7 @@ def train(cfg: Config | DictConfig) -> dict:
             json.dumps({"base_model": resolve_model_path(cfg.model)})
         )
 
+        guard.phase = "evaluating after training (the adapter is saved)"
         if cfg.eval.after and evaluates:
             after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
             metrics["eval_after"] = after.metrics
@@ -163,16 +200,32 @@ def train(cfg: Config | DictConfig) -> dict:
             save_eval_report(
                 run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
             )
-            log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
+            log_sample_images(tracker, run.eval_predictions, run_dir / SAMPLES_FILE)
 
         describe_run(tracker, cfg, train_cfg, metrics, report)
-        write_model_card(adapter_dir, cfg, train_cfg, metrics, report)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        for artifact in ("config.yaml", "metrics.json", "adapter"):
-            tracker.log_artifact(run_dir / artifact)
-        tracker.log_adapter_model(adapter_dir)  # the run's model in MLflow, loadable as pyfunc
+        write_model_card(run.adapter, cfg, train_cfg, metrics, report)
+        write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
+        for artifact in (run.config, run.metrics, run.adapter):
+            tracker.log_artifact(artifact)
+        tracker.log_adapter_model(run.adapter)  # the run's model in MLflow, loadable as pyfunc
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def whole_run_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss over every step of the run, a resumed one too.
+
+    Each logged loss is the mean since the log before it, so it counts for the steps it
+    covers. (The Trainer's own number covers only the steps of this process.)
+    """
+    logged = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    if not logged:
+        return fallback
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        previous = step
+    return total / previous if previous else fallback
 
 
 def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:

@@ -125,9 +125,11 @@ def load_merged(path: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmmtune.model.load import device_map
+    from lmmtune.weights import require_safetensors
 
     if not (path / "config.json").is_file():
         raise LmmtuneError(f"predict.model={path} is not a model directory (no config.json)")
+    require_safetensors(path, "predict.model")
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype="auto", device_map=device_map(), use_safetensors=True
     )

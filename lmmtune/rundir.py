@@ -1,52 +1,145 @@
 """The run directory: created once, never overwritten by accident, resumable.
 
-`RUN/config.yaml` marks a directory that holds a run. Starting again in it needs
-`overwrite=true` (which clears the old results) or `train.resume=auto|PATH` (which
-continues from the latest finished checkpoint).
+`RunDir` names every path of a run. `RUN/.lmmtune.json` (the manifest, see
+`lmmtune.owned`) marks a directory that holds a run and lists the files lmmtune wrote.
+Starting again in it needs `overwrite=true` (which deletes those files and nothing
+else) or `train.resume=auto|PATH` (which continues from the latest finished checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from lmmtune import distributed
+from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
+from lmmtune.owned import LOCK, MANIFEST, OwnedFolder, files_under, read_manifest
 from lmmtune.track.redact import redact
 from lmmtune.train.checkpoints import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
-RESULTS = (
-    "adapter",
-    "checkpoints",
-    "best",  # train.keep_best
-    ".best.tmp-*",
-    "metrics.json",
-    "eval_before.json",
-    "eval_predictions.jsonl",
-    "eval_before_after.png",
-    "eval_samples.png",
-    "data_report.txt",
-    "skipped_records.jsonl",
-    "tracking.json",
-    "tracking_record.jsonl",
-    "eval",  # the eval command's results
-    "export-*",  # exports of the old adapter
-)
-"""What lmmtune writes into a run directory: cleared by overwrite=true, and nothing else is."""
+
+class RunDir:
+    """Every path of a run directory, in one place: what lmmtune writes and reads there."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.json")
+    tracking = property(lambda self: self.root / "tracking.json")  # the MLflow run id
+    tracking_record = property(lambda self: self.root / "tracking_record.jsonl")
+    adapter = property(lambda self: self.root / "adapter")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    best = property(lambda self: self.root / "best")  # train.keep_best
+    eval = property(lambda self: self.root / "eval")  # the eval command's results
+    eval_before = property(lambda self: self.root / "eval_before.json")
+    eval_predictions = property(lambda self: self.root / "eval_predictions.jsonl")
+    data_report = property(lambda self: self.root / "data_report.txt")
+    skipped_records = property(lambda self: self.root / "skipped_records.jsonl")
+    data_digest = property(lambda self: self.root / "data_digest.json")  # see lmmtune.resume
+    lock = property(lambda self: self.root / LOCK)  # held while a train runs in it
+
+    def export(self, export_format: str) -> Path:
+        return self.root / f"export-{export_format}"
+
+    def holds_run(self) -> bool:
+        """An lmmtune run: its manifest says so, or (made before manifests) it has config.yaml."""
+        manifest = read_manifest(self.root)
+        if manifest is not None:
+            return manifest.get("kind") == RUN_KIND
+        return self.config.is_file()
+
+    def finished(self) -> bool:
+        """The run got to its end: metrics.json is written last."""
+        return self.metrics.is_file()
+
+
+RUN_KIND = "run"
+_opened: dict[Path, OwnedFolder] = {}  # run directories this process writes into
+_locks: dict[Path, int] = {}  # their lock files, open (and locked) while this process runs
+
+
+def take_lock(run: RunDir) -> None:
+    """Lock the run directory for this process; a second train on it is refused, naming the first.
+
+    An advisory `flock` (POSIX): the kernel drops it when the process ends, even on kill -9.
+    """
+    import fcntl
+
+    key = run.root.resolve() if run.root.exists() else run.root.absolute()
+    if key in _locks:
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LmmtuneError(
+            f"{run.root} is in use by another lmmtune train (process {holder}); wait for it to "
+            "end, or stop it first. Two trainings never write into one run directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _locks[run.root.resolve()] = fd
+
+
+def release_lock(run_dir: Path) -> None:
+    """Give the run directory free for the next train (the end of the process does it too)."""
+    fd = _locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def check_tracking_state(run: RunDir) -> None:
+    """A resume reads the MLflow run id from tracking.json: refuse an unreadable one up front."""
+    if not run.tracking.exists():
+        return
+    try:
+        json.loads(run.tracking.read_text())["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise LmmtuneError(
+            f"{run.tracking} is damaged (it holds the MLflow run id to continue). Delete it to "
+            "continue the training in a new MLflow run"
+        ) from None
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path | None:
-    """Create or reopen the run directory; return the checkpoint to resume from, if any."""
-    holds_run = (run_dir / "config.yaml").exists()
-    if resume is not None:
-        checkpoint = find_resume_checkpoint(run_dir / "checkpoints", resume)
-        if checkpoint is None and (run_dir / "metrics.json").exists():
-            raise LmmtuneError(f"{run_dir} holds a finished run; nothing to resume")
+    """Create or reopen the run directory; return the checkpoint to resume from, if any.
+
+    Refused: a folder that is not empty and not an lmmtune run (whatever overwrite says),
+    an existing run without overwrite or resume, resuming a finished run. overwrite=true
+    clears only the files this run directory's manifest lists.
+    """
+    run = RunDir(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LmmtuneError(f"output_dir={run_dir} is a file; choose a folder")
+    holds_run = run.holds_run()
+    if run_dir.is_dir() and files_under(run_dir) and not holds_run:
+        raise LmmtuneError(
+            f"output_dir={run_dir} holds files and is not an lmmtune run (no {MANIFEST} or "
+            "config.yaml): lmmtune never writes into or clears such a folder. Choose an empty "
+            "or new output_dir"
+        )
+    if resume is not None and holds_run and run.finished() and not overwrite:
+        raise LmmtuneError(
+            f"{run_dir} holds a finished run (metrics.json is written): train.resume={resume} "
+            "would train on and replace its adapter. Choose a new output_dir=..., or pass "
+            "overwrite=true to replace the run"
+        )
+    take_lock(run)
+    if resume is not None and not (holds_run and run.finished()):
+        check_tracking_state(run)
+        checkpoint = find_resume_checkpoint(run.checkpoints, resume)
         if checkpoint is None:
             log.info(
                 "train.resume=%s: no finished checkpoint in %s, starting from the beginning",
@@ -55,7 +148,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
             )
         else:
             log.info("resuming from %s", checkpoint)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        open_run_dir(run_dir)
         return checkpoint
     if holds_run and not overwrite:
         raise LmmtuneError(
@@ -63,12 +156,38 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
             "choose another output_dir=..., or pass overwrite=true to replace it"
         )
     if holds_run:
-        log.warning("overwrite=true: replacing the run in %s", run_dir)
-        for pattern in RESULTS:
-            for target in run_dir.glob(pattern):
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(run)
+    open_run_dir(run_dir)
     return None
+
+
+def clear_run(run: RunDir) -> None:
+    """overwrite=true: delete what lmmtune wrote into the run (its manifest), nothing else."""
+    if read_manifest(run.root) is None:
+        raise LmmtuneError(
+            f"{run.root} was made by an lmmtune that did not list the files it wrote, so "
+            "overwrite=true cannot tell them from yours. Move what you keep away and delete "
+            "the folder, or choose another output_dir"
+        )
+    log.warning("overwrite=true: replacing the run in %s (only the files lmmtune wrote)", run.root)
+    OwnedFolder(run.root, RUN_KIND).clear()
+
+
+def open_run_dir(run_dir: Path) -> OwnedFolder:
+    """Create the run directory with its manifest; files written from now on are recorded."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = OwnedFolder(run_dir, RUN_KIND)
+    if read_manifest(run_dir) is None:
+        folder.write_manifest(set())
+    _opened[run_dir.resolve()] = folder
+    return folder
+
+
+def record_run_files(run_dir: Path) -> None:
+    """Add the files this process wrote into `run_dir` to its manifest (what overwrite clears)."""
+    folder = _opened.get(Path(run_dir).resolve())
+    if folder is not None:
+        folder.record()
 
 
 def job_output_dir(output_dir: str) -> str:
@@ -88,6 +207,18 @@ def job_output_dir(output_dir: str) -> str:
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Write the resolved config with secrets masked."""
-    path = run_dir / "config.yaml"
-    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), path)
+    path = RunDir(run_dir).config
+    clean = OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))
+    write_text_atomic(path, OmegaConf.to_yaml(clean))
     return path
+
+
+class RecordRunFiles(TrainerCallback):
+    """After each checkpoint, add its files to the run's manifest."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_run_files(self.run_dir)

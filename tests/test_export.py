@@ -208,3 +208,49 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     batch = parity_batch(processor, samples[:2])
     difference = (token_logits(adapted, batch) - token_logits(merged, batch)).abs().max().item()
     assert difference < 1e-4
+
+
+def test_a_killed_export_is_cleaned_up_and_its_run_ended_by_the_next(demo_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    target = tmp_path / "exp"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"]}
+    command = [sys.executable, "-m", "lmmtune", "export", f"output_dir={demo_run['run_dir']}"]
+
+    def start_and_wait_for_staging():
+        process = subprocess.Popen(
+            [*command, f"export.dir={target}"],
+            cwd=demo_run["workdir"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        marker = tmp_path / f".exp.tmp-{process.pid}" / ".lmmtune-staging"
+        deadline = time.time() + 300
+        while not (marker.exists() and marker.read_text().count("\n")):
+            assert time.time() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.02)
+        return process, marker.read_text().split("\n")[1]
+
+    first, first_run = start_and_wait_for_staging()
+    first.kill()  # kill -9: its staging folder stays, its MLflow run stays RUNNING
+    first.communicate()
+    client = MlflowClient(demo_run["tracking_uri"])
+    assert client.get_run(first_run).info.status == "RUNNING"
+    assert (tmp_path / f".exp.tmp-{first.pid}").is_dir()
+
+    second, second_run = start_and_wait_for_staging()
+    second.send_signal(signal.SIGTERM)
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    assert "SIGTERM while running export" in stderr
+    assert list(tmp_path.iterdir()) == []  # both staging folders gone, no export
+    assert client.get_run(first_run).info.status == "KILLED"
+    assert client.get_run(second_run).info.status == "KILLED"

@@ -46,10 +46,16 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
     )
 
 
-def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+def wait_for_checkpoint(
+    run_dir: Path, process: subprocess.Popen, timeout: float = 300, min_step: int = 0
+) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = completed_checkpoints(run_dir / "checkpoints")
+        found = [
+            c
+            for c in completed_checkpoints(run_dir / "checkpoints")
+            if int(c.name.split("-")[1]) >= min_step
+        ]
         if found:
             return found[0]
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -61,18 +67,23 @@ def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
-    reference = run_cli([*FAST, "output_dir=straight"], cwd=tmp_path)
+# 38 training records, batch 4: 10 steps an epoch; 25 steps end in the third epoch.
+LATER_EPOCH = [*FAST, "train.max_steps=25", "train.save_steps=5"]
+
+
+def test_resume_after_kill_9_in_a_later_epoch_matches_an_uninterrupted_run(tmp_path):
+    reference = run_cli([*LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    process = start_cli([*FAST, "output_dir=crashed"], cwd=tmp_path)
-    first = wait_for_checkpoint(tmp_path / "crashed", process)
+    process = start_cli([*LATER_EPOCH, "output_dir=crashed"], cwd=tmp_path)
+    first = wait_for_checkpoint(tmp_path / "crashed", process, min_step=15)  # mid epoch 2
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    assert int(first.name.split("-")[1]) > 10, "killed in the first epoch"
     run_id = json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"]
 
-    resumed = run_cli([*FAST, "output_dir=crashed", "train.resume=auto"], cwd=tmp_path)
+    resumed = run_cli([*LATER_EPOCH, "output_dir=crashed", "train.resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and first.name in resumed.stderr
 
@@ -85,11 +96,16 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"] == run_id
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
-    assert steps >= set(range(1, 13))
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert set(steps) >= set(range(1, 26))
+    assert len(steps) == len(set(steps)), "a replayed step was logged twice"
+    # metrics.json's loss covers the whole run, not only the steps after the resume
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]
-    assert len(straight["loss_history"]) == 12  # logging_steps=1: every step's loss
-    assert straight["loss"] == pytest.approx(sum(straight["loss_history"]) / 12, rel=1e-4)
+    crashed = json.loads((tmp_path / "crashed" / "metrics.json").read_text())["train"]
+    assert straight["loss"] == pytest.approx(
+        sum(straight["loss_history"]) / len(straight["loss_history"]), rel=1e-4
+    )
+    assert crashed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
 
 
 def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(tmp_path):
@@ -104,6 +120,8 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # again, as a service manager does: still a checkpoint
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
     assert "train.resume=auto" in stderr and "Traceback" not in stderr
@@ -112,6 +130,28 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
     step = int(checkpoints[0].name.split("-")[1])
     assert 0 < step < 400
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_evaluation_marks_the_run_killed_with_the_resume_command(
+    tmp_path, signum
+):
+    args = [*FAST, "data.demo_size=200", "data.eval_fraction=0.5", "eval.before=true"]
+    process = start_cli([*args, "output_dir=run"], cwd=tmp_path)
+    tracking = tmp_path / "run" / "tracking.json"
+    deadline = time.time() + 300
+    while not tracking.exists() or not tracking.read_text():  # the evaluation starts next
+        assert time.time() < deadline and process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "train.resume=auto" in stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "eval_before.json").exists(), "the evaluation had finished"
+    run_id = json.loads(tracking.read_text())["run_id"]
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
 
 
@@ -186,18 +226,24 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     lock.close()
 
     (tmp_path / "config.yaml").write_text("name: exp\n")
-    imported = subprocess.run(
-        [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert imported.returncode == 0, imported.stderr[-2000:]
     client = MlflowClient(uri)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("exp").experiment_id], "tags.`lmmtune.imported_from` != ''"
-    )
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"  # MLflow lost contact
+
+    def import_record() -> str:
+        imported = subprocess.run(
+            [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert imported.returncode == 0, imported.stderr[-2000:]
+        return imported.stdout
+
+    assert f"into MLflow run {tracker.run_id}" in import_record()  # the original run, completed
+    assert "nothing to import" in import_record()  # twice: no duplicate run, no value twice
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
 
 
@@ -226,13 +272,11 @@ def test_run_directory_is_kept_unless_overwrite(tmp_path, overwrite):
     (tmp_path / "export-merged").mkdir()
     (tmp_path / "eval_predictions.jsonl").write_text("{}\n")
     (tmp_path / "my_notes.txt").write_text("the user's own file")
-    if overwrite:
-        assert prepare_run_dir(tmp_path, overwrite=True, resume=None) is None
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "my_notes.txt"]
-    else:
-        with pytest.raises(LmmtuneError, match="overwrite=true"):
-            prepare_run_dir(tmp_path, overwrite=False, resume=None)
-        assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+    # A run without lmmtune's manifest of the files it wrote: overwrite cannot tell them apart.
+    match = "did not list the files" if overwrite else "overwrite=true"
+    with pytest.raises(LmmtuneError, match=match):
+        prepare_run_dir(tmp_path, overwrite=overwrite, resume=None)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
 
 
 def test_half_written_checkpoint_is_never_picked_up(tmp_path):

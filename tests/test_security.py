@@ -95,7 +95,7 @@ def test_redaction_of_secret_keys_uri_passwords_and_env_values(monkeypatch):
             "nested": {"api_key": "k", "path": "/data"},
         }
     )
-    assert clean["tracking.tracking_uri"] == "http://alice:***@mlflow.example:5000"
+    assert clean["tracking.tracking_uri"] == "http://***@mlflow.example:5000"
     assert clean["hub_token"] == "***" and clean["eval.max_new_tokens"] == 32
     assert clean["tracking.run_name"] == "run-***"
     assert clean["nested"] == {"api_key": "***", "path": "/data"}

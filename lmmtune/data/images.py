@@ -36,18 +36,43 @@ IMAGE_MAGIC = {
     b"RIFF": "WEBP",
 }
 DICOM_SUFFIXES = (".dcm", ".dicom")
+HEADER_BYTES = 4096
+"""Bytes read to identify an image file before the rest is read."""
 DEFAULT_MAX_PIXELS = 89_478_485
 """PIL's own default; `data.max_image_pixels` sets it per run (null: no limit)."""
 
 
 def read_image_bytes(path: str | Path) -> bytes:
-    """The file's bytes; a missing file is a named problem."""
+    """The file's bytes, read only after its header says it is an image (or DICOM)."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            header = handle.read(HEADER_BYTES)
+            if header and not looks_like_image(header, str(path)):
+                raise RecordInvalid(
+                    Kind.NOT_AN_IMAGE, f"not an image file: {path} (no image header; not read)"
+                )
+            return header + handle.read()
     except FileNotFoundError:
         raise RecordInvalid(Kind.MISSING_IMAGE, f"image not found: {path}") from None
     except IsADirectoryError:
         raise RecordInvalid(Kind.NOT_AN_IMAGE, f"a folder, not an image file: {path}") from None
+    except OSError as exc:
+        raise RecordInvalid(Kind.MISSING_IMAGE, f"cannot read {path}: {exc.strerror}") from None
+
+
+def looks_like_image(header: bytes, name: str) -> bool:
+    """Whether a file's first bytes are a format PIL opens, or DICOM (from the header alone)."""
+    if is_dicom(header, name) or header.startswith(tuple(IMAGE_MAGIC)):
+        return True
+    try:
+        with warnings.catch_warnings(), _own_pixel_limit():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(header)).close()  # other PIL formats: identified by header
+        return True
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001 - identified, but the header alone does not decode
+        return True
 
 
 def open_image(
@@ -86,6 +111,7 @@ def decode_image(
                     image.verify()
             with Image.open(io.BytesIO(data)) as image:
                 check_pixels(image.size, name, max_pixels)
+                check_single_frame(image, name)
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except RecordInvalid:
@@ -125,6 +151,18 @@ def check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> No
         )
 
 
+def check_single_frame(image: Image.Image, name: str) -> None:
+    """Refuse an animated GIF/WebP/PNG or a multi-page TIFF, as a multi-frame DICOM is refused:
+    LLaVA 1.5 sees one image, and silently taking the first frame would hide the rest."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise RecordInvalid(
+            Kind.UNSUPPORTED_IMAGE,
+            f"{name}: {frames} frames (animated or multi-page {image.format}); LLaVA 1.5 takes "
+            "one image: save the frame you mean as its own file",
+        )
+
+
 def is_dicom(data: bytes, name: str) -> bool:
     return name.lower().endswith(DICOM_SUFFIXES) or data[128:132] == b"DICM"
 
@@ -137,9 +175,7 @@ def _unidentified(data: bytes, name: str) -> RecordInvalid:
                 Kind.TRUNCATED_IMAGE,
                 f"{name}: starts like a {image_format} but cannot be read (truncated or corrupt)",
             )
-    return RecordInvalid(
-        Kind.NOT_AN_IMAGE, f"not an image file: {name} (starts with {data[:16]!r})"
-    )
+    return RecordInvalid(Kind.NOT_AN_IMAGE, f"not an image file: {name} (no image header)")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

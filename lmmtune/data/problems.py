@@ -24,6 +24,8 @@ class Kind:
     EMPTY_QUESTION = "empty question"
     EMPTY_ANSWER = "empty answer"
     PLACEHOLDER_MISMATCH = "<image> placeholder count mismatch"
+    NOT_TEXT = "not text where text is expected"
+    TOO_DEEP = "nested too deeply"
     MULTIPLE_IMAGES = "more than one image"
     TOO_LONG = "longer than data.max_length"
     # Images: errors.

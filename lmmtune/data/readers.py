@@ -132,6 +132,8 @@ def json_records(path: Path, text: str) -> list[tuple[str, object]]:
     """A LLaVA JSON file: one list of records."""
     try:
         records = json.loads(text)
+    except RecursionError:
+        return json_records_one_by_one(path, text)
     except json.JSONDecodeError as exc:
         hint = " (one record per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
         raise LmmtuneError(
@@ -151,12 +153,60 @@ def jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
             continue
         try:
             records.append((f"{path}:{number}", json.loads(line)))
+        except RecursionError:
+            records.append((f"{path}:{number}", too_deep()))
         except json.JSONDecodeError as exc:
             error = RecordInvalid(
                 Kind.INVALID_JSON, f"invalid JSON: {exc.msg} (column {exc.colno})"
             )
             records.append((f"{path}:{number}", error))
     return records
+
+
+def too_deep() -> RecordInvalid:
+    return RecordInvalid(Kind.TOO_DEEP, "JSON nested too deeply to read (not a record)")
+
+
+def json_records_one_by_one(path: Path, text: str) -> list[tuple[str, object]]:
+    """A JSON list holding a record nested too deeply for `json`: read record by record,
+    so that only that one is bad. Each record's extent is found by matching brackets."""
+    start = text.index("[") + 1
+    records: list[tuple[str, object]] = []
+    for index, (begin, end) in enumerate(top_level_items(text, start)):
+        try:
+            records.append((f"{path}[{index}]", json.loads(text[begin:end])))
+        except RecursionError:
+            records.append((f"{path}[{index}]", too_deep()))
+        except json.JSONDecodeError as exc:
+            raise LmmtuneError(f"{path}[{index}]: invalid JSON: {exc.msg}") from None
+    return records
+
+
+def top_level_items(text: str, start: int) -> list[tuple[int, int]]:
+    """(begin, end) of each item of the JSON list whose '[' ends just before `start`."""
+    items, depth, begin, in_string, escaped = [], 0, None, False, False
+    for position in range(start, len(text)):
+        char = text[position]
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+            continue
+        if char.isspace():
+            continue
+        if begin is None and char not in ",]":
+            begin = position
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}" and depth:
+            depth -= 1
+        elif char in ",]" and depth == 0:
+            if begin is not None:
+                items.append((begin, position))
+            begin = None
+            if char == "]":
+                break
+    return items
 
 
 def csv_records(

@@ -187,7 +187,9 @@ def flat_turns(
     record: dict, columns: DataColumns, has_image: bool
 ) -> tuple[list[tuple[str, str]], int]:
     """The single (question, answer) turn of a flat record and its `<image>` count."""
-    question, answer = (_text(record.get(key)) for key in (columns.question, columns.answer))
+    question, answer = (
+        _text(record.get(key), f"'{key}'") for key in (columns.question, columns.answer)
+    )
     if IMAGE_PLACEHOLDER in answer:
         raise RecordInvalid(Kind.PLACEHOLDER_MISMATCH, f"'<image>' in '{columns.answer}'")
     where = (f"'{columns.question}'", f"'{columns.answer}'")
@@ -199,6 +201,12 @@ def _turn(question: str, answer: str, where: tuple[str, str], image_first: bool)
     """Strip a turn; an empty question is fine only where the image stands in for it."""
     question = question.replace(IMAGE_PLACEHOLDER, "").strip()
     answer = answer.strip()
+    if IMAGE_PLACEHOLDER in question:  # "<im<image>age>": what is tokenized must be checked
+        raise RecordInvalid(
+            Kind.PLACEHOLDER_MISMATCH,
+            f"'<image>' in {where[0]} once its placeholder is removed (a placeholder inside "
+            "another); write exactly one '<image>'",
+        )
     if not answer:
         raise RecordInvalid(Kind.EMPTY_ANSWER, f"empty {where[1]}")
     if not question and not image_first:
@@ -211,7 +219,8 @@ def _message(index: int, message) -> tuple[str, str]:
         raise RecordInvalid(
             Kind.NO_CONVERSATIONS, f"message {index} is not a {{'from': ..., 'value': ...}} object"
         )
-    return str(message["from"]).strip().lower(), _text(message["value"])
+    role = _text(message["from"], f"message {index} 'from'")
+    return role.strip().lower(), _text(message["value"], f"message {index} 'value'")
 
 
 def _chat_message(index: int, message) -> tuple[str, str]:
@@ -221,7 +230,7 @@ def _chat_message(index: int, message) -> tuple[str, str]:
             Kind.NO_CONVERSATIONS,
             f"message {index} is not a {{'role': ..., 'content': ...}} object",
         )
-    role = str(message["role"]).strip().lower()
+    role = _text(message["role"], f"message {index} 'role'").strip().lower()
     if role == "system":
         raise RecordInvalid(
             Kind.ROLES_OUT_OF_ORDER,
@@ -230,14 +239,14 @@ def _chat_message(index: int, message) -> tuple[str, str]:
         )
     content = message["content"]
     if not isinstance(content, list):
-        return role, _text(content)
+        return role, _text(content, f"message {index} 'content'")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
             parts.append(IMAGE_PLACEHOLDER)
         elif kind == "text":
-            parts.append(_text(part.get("text")))
+            parts.append(_text(part.get("text"), f"message {index} text part"))
         else:
             raise RecordInvalid(
                 Kind.NO_CONVERSATIONS,
@@ -246,10 +255,14 @@ def _chat_message(index: int, message) -> tuple[str, str]:
     return role, "\n".join(parts)
 
 
-def _text(value) -> str:
+def _text(value, where: str) -> str:
+    """A text field as text; None/NaN is empty. A list, number or object is not text:
+    `str(value)` would train on "['a', 'b']" or "42.0" (a table column of another type)."""
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
         return ""
-    return str(value)
+    if not isinstance(value, str):
+        raise RecordInvalid(Kind.NOT_TEXT, f"{where} is a {type(value).__name__}, expected text")
+    return value
 
 
 def problem_for(record, source: str, columns: DataColumns, error: RecordInvalid) -> RecordProblem:

@@ -9,7 +9,6 @@ broken image is found in seconds instead of in the middle of an epoch.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +23,9 @@ DIGEST = "image_sha1"
 """Key in `Sample.extra` of the image's content digest, set by `check_images`."""
 CHUNK = 32
 """Images per task sent to a worker: big enough to amortize the hand-off."""
+CHARS_PER_TOKEN_BOUND = 64
+"""More characters per token than any LLaMA/Vicuna token holds: text over max_length times
+this cannot fit, whatever it says."""
 
 
 def problem(sample: Sample, kind: str, reason: str) -> RecordProblem:
@@ -48,24 +50,36 @@ def resolve_image_path(image: str, image_root: Path) -> Path:
 
     An absolute path is the data author's explicit choice (`datasets`' `to_parquet()` of an
     imagefolder writes them). A relative path is confined to the root, so a shared data file
-    cannot reach `../../secrets` by its own. The test is on the written path, not on
-    symlinks: a symlinked image folder inside the root stays allowed.
+    cannot reach `../../secrets` by its own; links are resolved before that test, so a
+    symlink under the root that points elsewhere (`/etc/passwd`, a folder outside) is refused.
+    To use a linked image folder, set `data.image_root` to the real folder (or one holding both).
     """
     if "://" in image:
         raise RecordInvalid(
             Kind.UNSUPPORTED_IMAGE,
             f"image URL '{image}': images are not downloaded; fetch them and set data.image_root",
         )
-    root = Path(os.path.abspath(image_root))
-    path = Path(os.path.abspath(root / image))
-    if not Path(image).is_absolute() and not path.is_relative_to(root):
+    try:
+        root = Path(image_root).resolve()
+        path = (root / image).resolve()
+        if not Path(image).is_absolute() and not path.is_relative_to(root):
+            raise RecordInvalid(
+                Kind.PATH_ESCAPES_ROOT,
+                f"image path '{shorten(image)}' leads outside data.image_root {root}, links "
+                "resolved (refused; set data.image_root to the folder a link points into)",
+            )
+        if not path.is_file():
+            raise RecordInvalid(Kind.MISSING_IMAGE, f"image not found: {shorten(str(path))}")
+    except OSError as exc:  # a name longer than the filesystem allows, a link loop, ...
         raise RecordInvalid(
-            Kind.PATH_ESCAPES_ROOT,
-            f"image path '{image}' leads outside data.image_root {root} (refused)",
-        )
-    if not path.is_file():
-        raise RecordInvalid(Kind.MISSING_IMAGE, f"image not found: {path}")
+            Kind.MISSING_IMAGE, f"image path '{shorten(image)}' cannot be used: {exc.strerror}"
+        ) from None
     return path
+
+
+def shorten(text: str, keep: int = 120) -> str:
+    """A path or text cut for a one-line message."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def check_images(
@@ -106,16 +120,28 @@ def inspect_job(job: tuple) -> tuple[int, str | None, str | None, str | None]:
 def check_lengths(
     samples: list[Sample], processor, max_length: int
 ) -> tuple[list[RecordProblem], list[int], list[int]]:
-    """Samples longer than `max_length` tokens (image tokens included) are problems: never truncated."""
-    lengths, answers = token_lengths(samples, processor)
+    """Samples longer than `max_length` tokens (image tokens included) are problems: never truncated.
+
+    Text far longer than any `max_length` tokens can hold is refused before tokenizing (a
+    megabyte question would take gigabytes to tokenize); its length counts as max_length + 1.
+    """
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    chars = [sum(len(q) + len(a) for q, a in s.turns) for s in samples]
+    kept = [s for s, n in zip(samples, chars, strict=True) if n <= limit]
+    kept_lengths, answers = token_lengths(kept, processor)  # answers: per answer, for stats
+    measured = dict(zip(map(id, kept), kept_lengths, strict=True))
+    lengths = [measured.get(id(s), max_length + 1) for s in samples]
     problems = [
         problem(
             sample,
             Kind.TOO_LONG,
-            f"{length} tokens (image tokens included) exceed data.max_length={max_length}; "
+            f"{count:,} characters of text, far past data.max_length={max_length} tokens: "
+            "refused without tokenizing"
+            if count > limit
+            else f"{length} tokens (image tokens included) exceed data.max_length={max_length}; "
             "samples are never truncated (raise data.max_length or shorten the record)",
         )
-        for sample, length in zip(samples, lengths, strict=True)
+        for sample, length, count in zip(samples, lengths, chars, strict=True)
         if length > max_length
     ]
     return problems, lengths, answers

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -29,9 +28,13 @@ from lmmtune.eval.runs import (
     open_tracker,
     run_settings,
 )
+from lmmtune.owned import OwnedFolder, claim_folder
+from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import tracked_run
 
 log = logging.getLogger(__name__)
+
+EVAL_KIND = "eval"
 
 
 def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -42,10 +45,11 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     eval_cfg = settings.eval  # the run's generation settings unless overridden
     if not (eval_cfg.before or eval_cfg.after):
         raise LmmtuneError("eval.before and eval.after are both false: nothing to evaluate")
-    out_dir = prepare_output_dir(
-        Path(eval_cfg.output) if eval_cfg.output else (run_dir or adapter.parent) / "eval",
+    out_folder = prepare_output_dir(
+        Path(eval_cfg.output) if eval_cfg.output else RunDir(run_dir or adapter.parent).eval,
         eval_cfg.overwrite,
     )
+    out_dir = out_folder.path
     processor = load_run_processor(adapter, settings.model)
     samples = eval_samples(settings, run_dir, processor, eval_cfg.data)
     model = load_adapted_model(settings.model, settings.quant, adapter)
@@ -68,18 +72,15 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_eval_report(out_dir, "", samples, before, after, tracker, eval_cfg.table_images)
         tracker.log_artifact(out_dir / "metrics.json", "eval")
+        out_folder.record()
     log.info("eval written to %s", out_dir)
     return metrics
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> Path:
-    """Create the eval output directory; refuse to replace one unless `eval.overwrite=true`."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise LmmtuneError(
-                f"{path} already holds an evaluation; pass eval.overwrite=true to replace it "
-                "or eval.output=OTHER_DIR"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def prepare_output_dir(path: Path, overwrite: bool) -> OwnedFolder:
+    """Create the eval output directory, or clear one an earlier eval made (`eval.overwrite=true`).
+
+    A run folder, a parent of one or a user's folder is refused: only a folder with an eval
+    manifest is ever cleared, and only of the files that manifest lists.
+    """
+    return claim_folder(path, EVAL_KIND, overwrite, "eval.output", "eval.overwrite")

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
+from lmmtune.weights import require_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def find_adapter(adapter: str | None, run_dir: Path | None, cfg: DictConfig) -> 
             "training run, or the adapter directory itself (eval.adapter=, export.adapter=, "
             "predict.adapter=)"
         )
+    require_safetensors(path, "adapter")
     return path
 
 
@@ -227,6 +229,7 @@ def open_tracker(tracking_cfg, experiment: str, run_name: str, required: bool = 
     anyway), unless tracking is `required` (registering a model).
     """
     from lmmtune.track.mlflow_tracker import MlflowTracker, NullTracker
+    from lmmtune.track.redact import redact_value
 
     if tracking_cfg.backend == "none":
         return NullTracker()
@@ -236,6 +239,6 @@ def open_tracker(tracking_cfg, experiment: str, run_name: str, required: bool = 
         return MlflowTracker(tracking_cfg, experiment, run_name)
     except Exception as exc:  # the backend raises many types (connection, sqlite, auth)
         if required:
-            raise LmmtuneError(f"could not start an MLflow run: {exc}") from None
-        log.warning("MLflow unavailable (%s); going on without tracking", exc)
+            raise LmmtuneError(f"could not start an MLflow run: {redact_value(str(exc))}") from None
+        log.warning("MLflow unavailable (%s); going on without tracking", redact_value(str(exc)))
         return NullTracker()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmmtune.atomic import staged_directory
+from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.runs import (
     command_tags,
@@ -45,12 +45,16 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
+from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
+from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import tracked_run
+from lmmtune.track.redact import redact_value
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("merged", "adapter")
 REPORT = "export_report.json"
+EXPORT_KIND = "export"
 
 
 def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -61,7 +65,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     adapter = find_adapter(export_cfg.adapter, run_dir, cfg)
     settings = run_settings(cfg, run_dir, adapter, overrides)
     base_dir = run_dir or adapter.parent
-    target = Path(export_cfg.dir) if export_cfg.dir else base_dir / f"export-{export_cfg.format}"
+    target = Path(export_cfg.dir) if export_cfg.dir else RunDir(base_dir).export(export_cfg.format)
     check_target(target, export_cfg.overwrite, protected=[base_dir, adapter])
     processor = export_processor(load_run_processor(adapter, settings.model))
 
@@ -82,9 +86,12 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "source_run_id": source_run_id(run_dir),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        with staged_directory(target, replace=export_cfg.overwrite) as tmp:
+        end_killed_exports(remove_stale_staging(target), cfg.tracking)
+        with staged_directory(
+            target, export_cfg.overwrite, marked=True, note=tracker.run_id or ""
+        ) as tmp:
             if export_cfg.format == "adapter":
-                shutil.copytree(adapter, tmp)
+                shutil.copytree(adapter, tmp, dirs_exist_ok=True)
                 processor.save_pretrained(tmp)  # adds the chat template and padding processor
             else:
                 report.update(export_merged(settings, run_dir, adapter, tmp, processor, export_cfg))
@@ -93,6 +100,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 if not parity["passed"]:
                     raise LmmtuneError(parity_failure(parity))
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
+            mark_export(tmp)
         log.info("export written to %s", target)
         report["mlflow"] = log_export(tracker, target, export_cfg)
         if report["mlflow"]:
@@ -115,18 +123,60 @@ def check_options(export_cfg, tracking_backend: str) -> None:
 
 
 def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse an existing export directory (unless `overwrite`), and never replace the run itself."""
+    """Refuse an existing export directory unless an earlier export made it and `overwrite`.
+
+    Never the run itself or a parent of it, never a folder without an export manifest (a
+    user's), never one holding files the export did not write.
+    """
     resolved = target.resolve()
     for keep in protected:
         if resolved == keep.resolve() or resolved in keep.resolve().parents:
             raise LmmtuneError(
                 f"export.dir={target} would replace {keep}; choose another directory"
             )
-    if target.exists() and not overwrite:
+    if not target.exists():
+        return
+    manifest = read_manifest(target) if target.is_dir() else None
+    if manifest is None or manifest.get("kind") != EXPORT_KIND:
+        raise LmmtuneError(
+            f"export.dir={target} exists and was not made by lmmtune export: lmmtune never "
+            "replaces it. Choose a new export.dir"
+        )
+    if not overwrite:
         raise LmmtuneError(
             f"{target} already exists; pass export.overwrite=true to replace it, "
             "or export.dir=OTHER_DIR"
         )
+    foreign = foreign_files(target)
+    if foreign:
+        raise LmmtuneError(
+            f"{target} holds files the export did not write ({', '.join(foreign[:5])}); "
+            "move them away or choose another export.dir"
+        )
+
+
+def end_killed_exports(stale: list[dict], tracking_cfg) -> None:
+    """A killed export left its staging folder (now removed) and its MLflow run RUNNING: end it."""
+    for left in stale:
+        log.warning("removed %s, left by a killed export", left["path"])
+        if left["note"] and tracking_cfg.backend == "mlflow":
+            from mlflow.tracking import MlflowClient
+
+            from lmmtune.track.mlflow_tracker import resolve_tracking_uri
+
+            try:
+                client = MlflowClient(resolve_tracking_uri(tracking_cfg))
+                if client.get_run(left["note"]).info.status == "RUNNING":
+                    client.set_terminated(left["note"], "KILLED")
+            except Exception as exc:  # noqa: BLE001 - tracking never stops an export
+                log.warning(
+                    "could not end a killed export's MLflow run: %s", redact_value(str(exc))
+                )
+
+
+def mark_export(folder: Path) -> None:
+    """The export manifest: what export.overwrite=true may replace later."""
+    OwnedFolder(folder, EXPORT_KIND).write_manifest(files_under(folder) - {STAGING_MARKER})
 
 
 def export_merged(

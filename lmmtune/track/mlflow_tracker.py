@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from lmmtune.atomic import write_text_atomic
 from lmmtune.config import TrackingConfig
 from lmmtune.track.redact import redact, redact_value
 
@@ -99,6 +100,12 @@ def system_metrics_wanted() -> bool:
     return setting.strip().lower() not in ("false", "0", "no")
 
 
+def quiet_mlflow_urls() -> None:
+    """No "View run ... at: URL" lines from MLflow: they print the tracking URI as given,
+    credentials included. lmmtune logs the run id and the masked URI itself."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 class MlflowTracker(NullTracker):
     def __init__(
         self,
@@ -111,6 +118,7 @@ class MlflowTracker(NullTracker):
         # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        quiet_mlflow_urls()
         import mlflow
 
         self.mlflow = mlflow
@@ -249,7 +257,7 @@ def start_tracker(
         LocalRecord(run_dir),
     )
     if tracker.run_id is not None:
-        state_file.write_text(json.dumps({"run_id": tracker.run_id}))
+        write_text_atomic(state_file, json.dumps({"run_id": tracker.run_id}))
     return tracker
 
 
@@ -276,17 +284,23 @@ metrics.json (`train.summary`) instead of one single-point chart each."""
 
 
 class TrackerCallback(TrainerCallback):
-    """Forward the Trainer's logs (loss, learning rate, grad norm) to the tracker per logging step."""
+    """Forward the Trainer's logs (loss, learning rate, grad norm) to the tracker per logging step.
 
-    def __init__(self, tracker: NullTracker):
+    `logged_through`: a resumed run replays the steps after its checkpoint that the killed
+    process had logged already; those are not logged twice.
+    """
+
+    def __init__(self, tracker: NullTracker, logged_through: int = 0):
         self.tracker = tracker
+        self.logged_through = logged_through
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if state.is_world_process_zero and logs and state.global_step > self.logged_through:
             curves = {
                 metric_name(key): value for key, value in logs.items() if key not in RUN_SUMMARY
             }
             self.tracker.log_metrics(curves, step=state.global_step)
+        if state.is_world_process_zero and logs:
             closing = {f"train/{key}": str(logs[key]) for key in RUN_SUMMARY if key in logs}
             if closing:
                 self.tracker.set_tags(closing)

@@ -20,6 +20,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lmmtune.track.redact import redact, redact_value
+
 log = logging.getLogger(__name__)
 
 MARKER = "mlflow_sweep.json"
@@ -73,18 +75,27 @@ class SweepCallback(Callback):
         try:
             self._open_parent(config)
         except Exception as exc:  # tracking must never stop a sweep; jobs then run unnested
-            log.warning("could not open the sweep's parent MLflow run: %s", exc)
+            log.warning("could not open the sweep's parent MLflow run: %s", redact_value(str(exc)))
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        mask_multirun_file(config)  # Hydra writes it after on_multirun_start
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        mask_multirun_file(config)
         self._close("FINISHED")
 
     def _open_parent(self, config: DictConfig) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lmmtune.track.mlflow_tracker import mark_training_experiment, resolve_tracking_uri
+        from lmmtune.track.mlflow_tracker import (
+            mark_training_experiment,
+            quiet_mlflow_urls,
+            resolve_tracking_uri,
+        )
 
+        quiet_mlflow_urls()
         sweep_dir = Path(config.hydra.sweep.dir)
-        overrides = list(config.hydra.overrides.task)
+        overrides = [redact_value(o) for o in config.hydra.overrides.task]
         keys = swept_keys(overrides)
         self.client = MlflowClient(resolve_tracking_uri(config.tracking))
         experiment = config.tracking.experiment or config.name
@@ -96,11 +107,13 @@ class SweepCallback(Callback):
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep {' '.join(o for o in overrides if o.split('=')[0] in keys)}",
-            tags={
-                "recipe": config.name,
-                "lmmtune.sweep_dir": str(sweep_dir.resolve()),
-                "mlflow.note.content": sweep_description(config.name, overrides, keys),
-            },
+            tags=redact(
+                {
+                    "recipe": config.name,
+                    "lmmtune.sweep_dir": str(sweep_dir.resolve()),
+                    "mlflow.note.content": sweep_description(config.name, overrides, keys),
+                }
+            ),
         )
         self.run_id = run.info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,24 @@ class SweepCallback(Callback):
         except Exception as exc:  # noqa: BLE001 - see on_multirun_start
             log.warning("could not end the sweep's parent MLflow run: %s", exc)
         self.run_id = None
+
+
+def mask_multirun_file(config: DictConfig) -> None:
+    """Hydra's SWEEP_DIR/multirun.yaml (the sweep's config and overrides), secrets masked."""
+    from omegaconf import OmegaConf
+
+    from lmmtune.atomic import write_text_atomic
+
+    try:
+        path = Path(config.hydra.sweep.dir) / "multirun.yaml"
+    except Exception:  # noqa: BLE001 - not a multirun: nothing to mask
+        return
+    if not path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    masked = redact(saved)
+    if masked != saved:
+        write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(masked)))
 
 
 def sweep_description(name: str, overrides: list[str], keys: list[str]) -> str:

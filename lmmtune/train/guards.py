@@ -9,7 +9,7 @@ import signal
 import torch
 from transformers import TrainerCallback
 
-from lmmtune.errors import LmmtuneError
+from lmmtune.errors import LmmtuneError, SignalStop
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ class NonFiniteError(LmmtuneError):
 class StopOnSignal(TrainerCallback):
     """On SIGINT/SIGTERM finish the current step, save a checkpoint and stop training.
 
-    A second signal of the same kind falls back to the default (immediate) behaviour.
+    A second signal changes nothing: the checkpoint is still saved and the run marked
+    (a service manager sends SIGTERM again before its kill). `kill -9` stops at once.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -42,8 +43,11 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            self.uninstall()
-            signal.raise_signal(signum)
+            log.warning(
+                "%s received again: still saving a checkpoint after this step (kill -9 stops "
+                "at once, without one)",
+                signal.Signals(signum).name,
+            )
             return
         self.received = signum
         log.warning(
@@ -56,6 +60,35 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class InterruptOutsideTraining:
+    """Outside the training loop (data, model, evaluation), SIGINT/SIGTERM raise SignalStop
+    naming the phase and the resume command, so the run is marked KILLED and no traceback shows.
+
+    `phase` says what is running; the training loop installs `StopOnSignal` over this.
+    """
+
+    def __init__(self, resume_hint: str):
+        self.resume_hint = resume_hint
+        self.phase = "preparing the run"
+        self._previous: dict = {}
+
+    def __enter__(self) -> InterruptOutsideTraining:
+        for signum in StopOnSignal.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        # Raised once: a second signal while the first unwinds must not break the cleanup.
+        for other in StopOnSignal.SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        raise SignalStop(f"{name} while {self.phase}: stopped. {self.resume_hint}", signum)
 
 
 class StopOnNonFinite(TrainerCallback):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lmmtune.config import PeftConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
@@ -171,13 +172,34 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
     def _get_train_sampler(self, train_dataset=None):
         # Length grouping from precomputed lengths: the default would decode every image to measure it.
         if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(
+            return EpochSeededLengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=self.lengths,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             )
         return super()._get_train_sampler(train_dataset)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length grouping whose order in epoch E comes from `seed + E` alone.
+
+    transformers' sampler draws from the global random state, which a resumed process
+    holds in another state than the uninterrupted one had at that epoch: a run resumed
+    in a later epoch would see the batches in another order. The Trainer calls
+    `set_epoch` at each epoch start (and when it skips the batches a resume already did).
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def build_trainer(

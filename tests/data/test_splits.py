@@ -155,7 +155,8 @@ def test_relative_image_paths_may_not_climb_out_of_image_root_absolute_ones_are_
         (Kind.PATH_ESCAPES_ROOT, "sneaky"),
     ]
     assert report.problems[0].reason == (
-        f"image path '../outside.png' leads outside data.image_root {tmp_path / 'images'} (refused)"
+        f"image path '../outside.png' leads outside data.image_root {tmp_path / 'images'}, "
+        "links resolved (refused; set data.image_root to the folder a link points into)"
     )
 
 
