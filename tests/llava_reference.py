@@ -63,7 +63,17 @@ def preprocess_v1(turns, has_image: bool, tokenize, image_id: int, image_tokens:
     assert cur == len(ids), (
         f"LLaVA would drop this sample: tokenization mismatch {cur} vs {len(ids)}"
     )
-    expand = lambda seq, fill: [
-        y for x in seq for y in ([fill] * image_tokens if x == IMAGE_INDEX else [x])
-    ]  # noqa: E731
-    return expand(ids, image_id), expand(labels, IGNORE_INDEX)
+    return _expand_image(ids, labels, image_id, image_tokens)
+
+
+def _expand_image(ids, labels, image_id: int, image_tokens: int):
+    """The image index -> `image_tokens` image ids, labelled -100 (as LLaVA's model does it)."""
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if token == IMAGE_INDEX:
+            out_ids += [image_id] * image_tokens
+            out_labels += [IGNORE_INDEX] * image_tokens
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    return out_ids, out_labels
