@@ -94,7 +94,12 @@ def train_command(cfg) -> None:
     distributed.init()
     try:
         cfg.output_dir = job_output_dir(cfg.output_dir)
-        train(cfg)
+        if cfg.dpo.enabled:  # the preference stage (recipes demo_dpo, medical_dpo)
+            from lmmtune.dpo.pipeline import train_dpo
+
+            train_dpo(cfg)
+        else:
+            train(cfg)
     finally:
         distributed.shutdown()
 

@@ -81,18 +81,9 @@ def train(cfg: Config | DictConfig) -> dict:
         }
 
         evaluates = bool(splits.eval) and generates_here()  # rank 0; the others wait at barrier()
-        before_file = run_dir / "eval_before.json"
-        before = after = None
-        if cfg.eval.before and evaluates and before_file.exists():
-            # measured before the crash (its predictions are not kept)
-            before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
-            metrics["eval_before"] = before.metrics
-        elif cfg.eval.before and evaluates:
-            before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
-            metrics["eval_before"] = before.metrics
-            log.info("eval before training: %s", summary(before.metrics))
-            tracker.log_metrics(metric_items("eval_before", before.metrics))
-            before_file.write_text(json.dumps(metrics["eval_before"]))
+        before = eval_before(
+            cfg, model, processor, splits.eval, run_dir, tracker, metrics, evaluates
+        )
         barrier()
 
         set_seed(cfg.train.seed)  # LoRA's random init: the same seed gives the same run
@@ -135,30 +126,59 @@ def train(cfg: Config | DictConfig) -> dict:
             trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
         if not is_main():
             return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
-        if not shards_model():
-            model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-        (adapter_dir / "lmmtune_base.json").write_text(
-            json.dumps({"base_model": resolve_model_path(cfg.model)})
-        )
-
-        if cfg.eval.after and evaluates:
-            after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
-            metrics["eval_after"] = after.metrics
-            log.info("eval after training: %s", summary(after.metrics))
-            tracker.log_metrics(metric_items("eval_after", after.metrics))
-        if before is not None or after is not None:  # predictions table and chart
-            save_eval_report(
-                run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
-            )
-            log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
-
+        finish_run(cfg, model, processor, splits, run_dir, tracker, metrics, before, evaluates)
         describe_run(tracker, cfg, train_cfg, metrics, report)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        for artifact in ("config.yaml", "metrics.json", "adapter"):
-            tracker.log_artifact(run_dir / artifact)
+        log_run_files(run_dir, tracker, metrics)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def eval_before(
+    cfg, model, processor, samples, run_dir: Path, tracker, metrics: dict, evaluates: bool
+) -> EvalResult | None:
+    """Generation metrics of the model before training (measured once: a resumed run reads them)."""
+    before_file = run_dir / "eval_before.json"
+    if not (cfg.eval.before and evaluates):
+        return None
+    if before_file.exists():  # measured before the crash (its predictions are not kept)
+        before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
+    else:
+        before = evaluate(model, processor, samples, cfg.eval, "eval before")
+        log.info("eval before training: %s", summary(before.metrics))
+        tracker.log_metrics(metric_items("eval_before", before.metrics))
+        before_file.write_text(json.dumps(before.metrics))
+    metrics["eval_before"] = before.metrics
+    return before
+
+
+def finish_run(
+    cfg, model, processor, splits, run_dir: Path, tracker, metrics: dict, before, evaluates: bool
+) -> None:
+    """Rank 0 after training: save the adapter (unless sharded), evaluate it, write the report."""
+    adapter_dir = run_dir / "adapter"
+    if not shards_model():
+        model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    (adapter_dir / "lmmtune_base.json").write_text(
+        json.dumps({"base_model": resolve_model_path(cfg.model)})
+    )
+    after = None
+    if cfg.eval.after and evaluates:
+        after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
+        metrics["eval_after"] = after.metrics
+        log.info("eval after training: %s", summary(after.metrics))
+        tracker.log_metrics(metric_items("eval_after", after.metrics))
+    if before is not None or after is not None:  # predictions table and chart
+        save_eval_report(
+            run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
+        )
+        log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / SAMPLES_FILE)
+
+
+def log_run_files(run_dir: Path, tracker, metrics: dict) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for artifact in ("config.yaml", "metrics.json", "adapter"):
+        tracker.log_artifact(run_dir / artifact)
 
 
 def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:

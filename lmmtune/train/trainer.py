@@ -43,8 +43,13 @@ def build_training_arguments(
     num_workers: int,
     dtype: str,
     use_reentrant: bool = False,
+    args_class: type[TrainingArguments] | None = None,
+    **extra,
 ) -> TrainingArguments:
-    """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline."""
+    """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline.
+
+    `args_class` and `extra`: another arguments class (DPO's) and its own settings.
+    """
     on_gpu = torch.cuda.is_available()
     if train_cfg.loss_impl not in LOSS_IMPLS:
         raise LmmtuneError(
@@ -54,7 +59,7 @@ def build_training_arguments(
         raise LmmtuneError(
             "train.keep_best needs train.eval_steps: the eval loss it keeps the best of"
         )
-    return LlavaTrainingArguments(
+    return (args_class or LlavaTrainingArguments)(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
@@ -92,6 +97,7 @@ def build_training_arguments(
         length_column_name="length",
         report_to="none",
         disable_tqdm=False,
+        **extra,
     )
 
 
