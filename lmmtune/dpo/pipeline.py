@@ -20,7 +20,7 @@ from lmmtune.dpo.demo import pair_data_config
 from lmmtune.dpo.model import check_base, sft_parent, start_policy
 from lmmtune.dpo.trainer import REFERENCE_ADAPTER, build_dpo_arguments, build_dpo_trainer
 from lmmtune.errors import LmmtuneError
-from lmmtune.model.adapters import trainable_report
+from lmmtune.model.adapters import PROJECTOR, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.pipeline import eval_before, finish_run, log_run_files, run_training
 from lmmtune.rundir import prepare_run_dir, save_config
@@ -100,6 +100,7 @@ def train_dpo(cfg) -> dict:
             lengths,
             [TrackerCallback(tracker), StopOnNonFinite(), stop],
             cfg.dpo.reference,
+            frozen=() if cfg.dpo.train_projector else (PROJECTOR,),
         )
         report = trainable_report(model)
         log.info("%s", report)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from torch.utils.data import SequentialSampler
 from trl import DPOConfig, DPOTrainer
 
@@ -61,17 +60,47 @@ def pair_index(samples: list[Sample], offset: int = 0) -> datasets.Dataset:
 class LlavaDPOTrainer(LlavaTrainer, DPOTrainer):
     """DPOTrainer with LlavaTrainer's optimizer groups, sampler and atomic checkpoints."""
 
-    def __init__(self, *, reference: str, **kwargs):
+    def __init__(self, *, reference: str, frozen: tuple[str, ...] = (), **kwargs):
+        """`frozen`: names of weights that stay frozen (peft unfreezes saved modules when
+        adapters are added or removed)."""
+        # TRL rounds trainable weights to bf16 under a quantized base; SFT keeps them in fp32,
+        # and a started adapter must start exactly as it was saved.
+        trainable = {
+            name: parameter.detach().float().clone()
+            for name, parameter in kwargs["model"].named_parameters()
+            if parameter.requires_grad
+        }
         super().__init__(**kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        for name, parameter in unwrapped.named_parameters():
+            if name in trainable:
+                parameter.data = trainable[name].to(parameter.device)
         if reference == "adapter_off" and REFERENCE_ADAPTER in unwrapped.peft_config:
             unwrapped.delete_adapter(REFERENCE_ADAPTER)  # TRL then disables the adapter instead
-        for name, parameter in unwrapped.named_parameters():
-            if f".{REFERENCE_ADAPTER}." in name:
-                parameter.requires_grad_(False)
-            elif parameter.requires_grad and parameter.dtype != torch.float32:
-                # TRL casts trainable weights to bf16 under a quantized base; SFT keeps them fp32.
-                parameter.data = parameter.data.float()
+        frozen = (f".{REFERENCE_ADAPTER}.", *frozen)
+        self.kept_frozen = [
+            parameter
+            for name, parameter in unwrapped.named_parameters()
+            if any(part in name for part in frozen)
+        ]
+        self.refreeze()
+
+    def refreeze(self) -> None:
+        """Switching adapters (the reference forward) makes peft unfreeze saved modules again."""
+        for parameter in self.kept_frozen:
+            parameter.requires_grad_(False)
+
+    def compute_loss(self, *args, **kwargs):
+        try:
+            return super().compute_loss(*args, **kwargs)
+        finally:
+            self.refreeze()
+
+    def compute_ref_log_probs(self, model, inputs):
+        try:
+            return super().compute_ref_log_probs(model, inputs)
+        finally:
+            self.refreeze()
 
     def _get_eval_sampler(self, eval_dataset):
         # In order: the default groups by length, measuring items the index table does not have.
@@ -89,9 +118,11 @@ def build_dpo_trainer(
     lengths: list[int] | None,
     callbacks: list,
     reference: str,
+    frozen: tuple[str, ...] = (),
 ) -> LlavaDPOTrainer:
     return LlavaDPOTrainer(
         reference=reference,
+        frozen=frozen,
         model=model,
         ref_model=None,
         args=args,
