@@ -28,7 +28,7 @@ def check(cfg: Config) -> DataReport:
 
     processor = load_processor(cfg.model)
     with tempfile.TemporaryDirectory(prefix="lmmtune-check-") as work_dir:  # `demo` writes here
-        report = inspect_data(cfg.data, processor, Path(work_dir))
+        report = inspect_data(stage_data(cfg, Path(work_dir)), processor, Path(work_dir))
     print(format_report(report), flush=True)
     if report.problems:
         valid = report.records - report.invalid_records
@@ -46,9 +46,19 @@ def memory_plan(cfg: Config, report: DataReport) -> str:
     from lmmtune.train.memory import fit_to_memory
 
     longest = max(report.train_lengths, default=1)  # what training plans with
-    planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest)
+    sequences = 2 if cfg.dpo.enabled else 1  # a preference pair: chosen and rejected
+    planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest, sequences)
     return (
         f"memory: fits train.gpu_memory_gb={cfg.train.gpu_memory_gb:g} at micro-batch "
         f"{planned.batch_size} x grad_accum {planned.grad_accum} (samples up to {longest} "
         "tokens; the modelled breakdown is in the log)"
     )
+
+
+def stage_data(cfg: Config, work_dir: Path):
+    """`data.*`, with `data.train=demo` meaning the demo pairs in the preference stage."""
+    if not cfg.dpo.enabled:
+        return cfg.data
+    from lmmtune.dpo.demo import pair_data_config
+
+    return pair_data_config(cfg.data, work_dir)

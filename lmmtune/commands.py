@@ -110,6 +110,10 @@ def train(cfg: DictConfig) -> dict:
         run_dir = Path(cfg.output_dir)
         fresh = not run_dir.exists()
         try:
+            if cfg.dpo.enabled:  # the preference stage (recipes demo_dpo, medical_dpo)
+                from lmmtune.dpo.pipeline import train_dpo
+
+                return train_dpo(cfg)
             return train_pipeline(cfg)
         except BaseException:
             if fresh and distributed.world_size() == 1:

@@ -300,6 +300,30 @@ class ChatConfig:
 
 
 @dataclass
+class DpoConfig:
+    """The preference stage (DPO through TRL's DPOTrainer); `enabled` selects it over SFT."""
+
+    enabled: bool = False
+    """Train on preference pairs (image, prompt, chosen, rejected) instead of answers."""
+    init_adapter: str | None = None
+    """Adapter directory to start from (an SFT run's RUN/adapter), loaded trainable into the
+    quantized base; null starts a fresh LoRA (peft.*) on the base."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (higher: stay closer to it)."""
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """TRL loss names, combined when several: sigmoid (DPO), ipo, hinge, robust, sft (NLL on
+    the chosen answer, as in RPO), ..."""
+    loss_weights: list[float] | None = None
+    """Weight of each loss_type; null weighs each 1."""
+    reference: str = "adapter_off"
+    """adapter_off: the reference is the same quantized weights with the adapter switched off
+    (no extra memory); initial: a frozen copy of the starting adapter (the SFT model when
+    starting from one; costs the adapter's size once more)."""
+    train_projector: bool = False
+    """Train the projector in DPO too (it stays as the starting adapter left it otherwise)."""
+
+
+@dataclass
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
@@ -317,6 +341,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 def recipe_files() -> dict[str, Path]:

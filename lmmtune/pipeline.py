@@ -63,27 +63,37 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config | DictConfig) -> dict:
     require_liger(cfg.train.loss_impl)  # before anything is written or loaded
+    return in_run_dir(cfg, train_in)
+
+
+def in_run_dir(cfg: Config | DictConfig, stage) -> dict:
+    """Run a training stage (SFT or DPO) in its prepared run directory.
+
+    The directory is created or reopened (resume: the same settings and data, or refused
+    before any work), locked while the stage runs, and its files recorded for overwrite=true;
+    SIGINT/SIGTERM outside the training loop mark the run KILLED with the resume command.
+    """
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
     resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
     hint = f"Resume with the same command plus: output_dir={run_dir} train.resume=auto"
     try:
         with InterruptOutsideTraining(hint) as guard:  # SIGINT/SIGTERM: marked KILLED, a message
-            return train_in(cfg, run_dir, resume_from, guard)
+            run = RunDir(run_dir)
+            if cfg.train.resume is not None:  # same settings and data, or refused before any work
+                on_main(check_resume, cfg, run.config, run.data_digest)
+            on_main(save_config, cfg, run_dir)
+            on_main(save_data_digest, cfg, run.data_digest)
+            return stage(cfg, run, resume_from, guard)
     finally:
         if is_main():
             record_run_files(run_dir)  # what overwrite=true may clear later
             release_lock(run_dir)
 
 
-def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, guard) -> dict:
-    """The run, in a run directory already prepared; `guard.phase` names what runs."""
-    run = RunDir(run_dir)
-    if cfg.train.resume is not None:  # the same settings and data, or refused before any work
-        on_main(check_resume, cfg, run.config, run.data_digest)
-    on_main(save_config, cfg, run_dir)
-    on_main(save_data_digest, cfg, run.data_digest)
-
+def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, guard) -> dict:
+    """The SFT run, in a run directory already prepared; `guard.phase` names what runs."""
+    run_dir = run.root
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
@@ -120,19 +130,8 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, 
         }
 
         evaluates = bool(splits.eval) and generates_here()  # rank 0; the others wait at barrier()
-        before_file = run.eval_before
-        before = after = None
-        if cfg.eval.before and evaluates and before_file.exists():
-            # measured before the crash (its predictions are not kept)
-            before = EvalResult(metrics=json.loads(before_file.read_text()), predictions=[])
-            metrics["eval_before"] = before.metrics
-        elif cfg.eval.before and evaluates:
-            guard.phase = "evaluating before training"
-            before = evaluate(model, processor, splits.eval, cfg.eval, "eval before")
-            metrics["eval_before"] = before.metrics
-            log.info("eval before training: %s", summary(before.metrics))
-            tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
-            write_text_atomic(before_file, json.dumps(metrics["eval_before"]))
+        guard.phase = "evaluating before training"
+        before = eval_before(cfg, model, processor, splits.eval, run, tracker, metrics, evaluates)
         barrier()
 
         guard.phase = "preparing training"
@@ -178,36 +177,14 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, 
                 metrics["train"]["best"] = best
                 tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
-        adapter_dir = run.adapter
         if shards_model():
-            trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
+            trainer.save_model(run.adapter)  # every rank takes part in gathering the shards
         if not is_main():
             return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
-        if not shards_model():
-            model.save_pretrained(adapter_dir)
-        save_standalone_processor(processor, adapter_dir)  # loads alone: padding, chat template
-        (adapter_dir / "lmmtune_base.json").write_text(
-            json.dumps({"base_model": resolve_model_path(cfg.model)})
-        )
-
         guard.phase = "evaluating after training (the adapter is saved)"
-        if cfg.eval.after and evaluates:
-            after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
-            metrics["eval_after"] = after.metrics
-            log.info("eval after training: %s", summary(after.metrics))
-            tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
-        if before is not None or after is not None:  # predictions table and chart
-            save_eval_report(
-                run_dir, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
-            )
-            log_sample_images(tracker, run.eval_predictions, run_dir / SAMPLES_FILE)
-
+        finish_run(cfg, model, processor, splits, run, tracker, metrics, before, evaluates)
         describe_run(tracker, cfg, train_cfg, metrics, report)
-        write_model_card(run.adapter, cfg, train_cfg, metrics, report)
-        write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
-        for artifact in (run.config, run.metrics, run.adapter):
-            tracker.log_artifact(artifact)
-        tracker.log_adapter_model(run.adapter)  # the run's model in MLflow, loadable as pyfunc
+        log_run_files(run, tracker, metrics, cfg, train_cfg, report)
     log.info("run finished: %s", run_dir)
     return metrics
 
@@ -226,6 +203,55 @@ def whole_run_loss(log_history: list[dict], fallback: float) -> float:
         total += loss * (step - previous)
         previous = step
     return total / previous if previous else fallback
+
+
+def eval_before(
+    cfg, model, processor, samples, run: RunDir, tracker, metrics: dict, evaluates: bool
+) -> EvalResult | None:
+    """Generation metrics of the model before training (measured once: a resumed run reads them)."""
+    if not (cfg.eval.before and evaluates):
+        return None
+    if run.eval_before.exists():  # measured before the crash (its predictions are not kept)
+        before = EvalResult(metrics=json.loads(run.eval_before.read_text()), predictions=[])
+    else:
+        before = evaluate(model, processor, samples, cfg.eval, "eval before")
+        log.info("eval before training: %s", summary(before.metrics))
+        tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
+        write_text_atomic(run.eval_before, json.dumps(before.metrics))
+    metrics["eval_before"] = before.metrics
+    return before
+
+
+def finish_run(
+    cfg, model, processor, splits, run: RunDir, tracker, metrics: dict, before, evaluates: bool
+) -> None:
+    """Rank 0 after training: save the adapter (unless sharded), evaluate it, write the report."""
+    if not shards_model():
+        model.save_pretrained(run.adapter)
+    save_standalone_processor(processor, run.adapter)  # loads alone: padding, chat template
+    (run.adapter / "lmmtune_base.json").write_text(
+        json.dumps({"base_model": resolve_model_path(cfg.model)})
+    )
+    after = None
+    if cfg.eval.after and evaluates:
+        after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
+        metrics["eval_after"] = after.metrics
+        log.info("eval after training: %s", summary(after.metrics))
+        tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
+    if before is not None or after is not None:  # predictions table and chart
+        save_eval_report(
+            run.root, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
+        )
+        log_sample_images(tracker, run.eval_predictions, run.root / SAMPLES_FILE)
+
+
+def log_run_files(run: RunDir, tracker, metrics: dict, cfg, train_cfg, report) -> None:
+    """The adapter's model card, metrics.json, and the run's files and model in MLflow."""
+    write_model_card(run.adapter, cfg, train_cfg, metrics, report)
+    write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
+    for artifact in (run.config, run.metrics, run.adapter):
+        tracker.log_artifact(artifact)
+    tracker.log_adapter_model(run.adapter)  # the run's model in MLflow, loadable as pyfunc
 
 
 def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:

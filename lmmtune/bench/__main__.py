@@ -192,7 +192,7 @@ def build_report(args: argparse.Namespace, results: list[dict], command: str) ->
         "matmul_params": matmul,
         "peak_tflops": tflops,
         "results": results,
-        "ratios": ratios(results, "lmmtune", ("usual", "lora")),
+        "ratios": ratios(results, "lmmtune", ("usual", "lora", "dpo")),
     }
 
 

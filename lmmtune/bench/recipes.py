@@ -29,6 +29,8 @@ class Recipe:
     """Decode batches in loader workers into pinned memory (on a GPU)."""
     attn: str = "auto"
     """As `model.attn_implementation`: auto is flash_attention_2 on a GPU with flash-attn, else sdpa."""
+    objective: str = "sft"
+    """sft, or dpo: a DPO step (TRL's DPOTrainer) on pairs of the same samples."""
 
 
 LMMTUNE = Recipe("lmmtune", "(a) lmmtune recipe")
@@ -48,6 +50,7 @@ RECIPES = {
         LMMTUNE,
         USUAL,
         replace(LMMTUNE, key="lora", label="(c) LoRA, unquantized base", quant="none"),
+        replace(LMMTUNE, key="dpo", label="(d) DPO step, recipe (a), pairs", objective="dpo"),
         replace(LMMTUNE, key="a-default-loss", label="(a) + default loss", loss_impl="default"),
         replace(LMMTUNE, key="a-liger-loss", label="(a) + Liger fused loss", loss_impl="liger"),
         replace(

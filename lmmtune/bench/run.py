@@ -22,10 +22,12 @@ from transformers.trainer_utils import SaveStrategy
 
 from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
 from lmmtune.bench.data import SyntheticLlavaData
+from lmmtune.bench.dpo import dpo_trainer
 from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config
 from lmmtune.bench.recipes import Recipe
-from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
+from lmmtune.config import DpoConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.data.dataset import PaddingCollator
+from lmmtune.dpo.trainer import build_dpo_arguments
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import apply_lora
 from lmmtune.model.load import load_model, resolve_attention
@@ -101,6 +103,9 @@ class BenchTrainer(LlavaTrainer):
         self.token_counts.append((self.state.global_step, mask.sum(), mask.numel()))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def batch_of(self, indices: list[int]) -> dict:
+        return self.data_collator([self.train_dataset[i] for i in indices])
+
 
 def run_recipe(recipe: Recipe, settings: BenchSettings, checkpoint: Path) -> dict:
     """Train `recipe` for warmup + steps optimizer steps; its measurements, or why it failed."""
@@ -163,25 +168,30 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
     train_cfg, plan_note = _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data)
     model = apply_lora(load_model(model_cfg, quant_cfg), peft_cfg, train_cfg.gradient_checkpointing)
     workers = 2 if cuda and recipe.workers else 0
-    args = build_training_arguments(
-        train_cfg,
-        settings.workdir / recipe.key,
-        workers,
-        settings.dtype,
-        use_reentrant=recipe.checkpointing == "reentrant",
-    )
+    dpo = recipe.objective == "dpo"
+    workdir = settings.workdir / recipe.key
+    if dpo:
+        args = build_dpo_arguments(train_cfg, DpoConfig(), workdir, workers, settings.dtype)
+    else:
+        reentrant = recipe.checkpointing == "reentrant"
+        args = build_training_arguments(
+            train_cfg, workdir, workers, settings.dtype, use_reentrant=reentrant
+        )
     args.disable_tqdm = True
     args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
     timer = StepTimer(cuda)
-    trainer = BenchTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        data_collator=PaddingCollator(PAD_TOKEN_ID),
-        projector_lr=peft_cfg.projector_lr,
-        lengths=data.lengths,
-        callbacks=[timer],
-    )
+    if dpo:
+        trainer = dpo_trainer(model, args, data, PAD_TOKEN_ID, peft_cfg.projector_lr, [timer])
+    else:
+        trainer = BenchTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=PaddingCollator(PAD_TOKEN_ID),
+            projector_lr=peft_cfg.projector_lr,
+            lengths=data.lengths,
+            callbacks=[timer],
+        )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     output = trainer.train()
@@ -189,7 +199,8 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
     measured |= _memory() if cuda else {"peak_allocated_gib": _cpu_peak_gib(trainer, data)}
     setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg)
     shape = ModelShape.from_config(config)
-    planned = estimate_memory(shape, setup, train_cfg.batch_size, max(data.lengths))
+    sequences = train_cfg.batch_size * (2 if dpo else 1)  # a pair: chosen and rejected
+    planned = estimate_memory(shape, setup, sequences, max(data.lengths))
     measured["planned_gib"] = planned.total / GIB
     measured["final_loss"] = output.training_loss
     measured["plan"] = plan_note
@@ -206,7 +217,11 @@ def _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data) -> tuple[Trai
     if train_cfg.gpu_memory_gb is None:
         return train_cfg, "no budget"
     try:
-        return fit_to_memory(train_cfg, model_cfg, quant_cfg, peft_cfg, max(data.lengths)), "fits"
+        sequences = 2 if recipe.objective == "dpo" else 1
+        planned = fit_to_memory(
+            train_cfg, model_cfg, quant_cfg, peft_cfg, max(data.lengths), sequences
+        )
+        return planned, "fits"
     except LmmtuneError as exc:
         log.warning("%s: %s Trying micro-batch 1.", recipe.label, exc)
         effective = train_cfg.batch_size * train_cfg.grad_accum
@@ -251,7 +266,7 @@ def _cpu_peak_gib(trainer: BenchTrainer, data: SyntheticLlavaData) -> float:
     longest = sorted(range(len(data)), key=data.lengths.__getitem__)[
         -trainer.args.train_batch_size :
     ]
-    batch = trainer.data_collator([data[i] for i in longest])
+    batch = trainer.batch_of(longest)
     with PeakTensorMemory(state_tensors(trainer.model, trainer.optimizer)) as memory:
         trainer.training_step(trainer.model, batch)
     trainer.model.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lmmtune.config import DataColumns
 from lmmtune.data.hf import load_table, table_records
+from lmmtune.data.pairs import is_pair_columns, is_pair_record, pair_to_sample
 from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
 from lmmtune.data.records import Sample, image_field, problem_for, record_to_sample
 from lmmtune.errors import LmmtuneError
@@ -58,7 +59,8 @@ def read_data(path: str | Path, columns: DataColumns) -> DataFile:
             data.problems.append(RecordProblem(source, None, record.reason, record.kind))
             continue
         try:
-            data.samples.append(record_to_sample(record, source, columns))
+            to_sample = pair_to_sample if is_pair_record(record) else record_to_sample
+            data.samples.append(to_sample(record, source, columns))
         except RecordInvalid as error:
             data.problems.append(problem_for(record, source, columns, error))
     return data
@@ -249,7 +251,7 @@ def imagefolder_records(
 def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile) -> None:
     """Flat tables need the question and answer columns; no image column means text-only."""
     names = [n for n in names if n is not None]
-    if "conversations" not in names and "messages" not in names:
+    if "conversations" not in names and "messages" not in names and not is_pair_columns(names):
         for key, name in (("question", columns.question), ("answer", columns.answer)):
             if name not in names:
                 raise LmmtuneError(

@@ -19,6 +19,7 @@ from pathlib import Path
 from lmmtune.config import DataConfig
 from lmmtune.data.dataset import image_token_count
 from lmmtune.data.demo import write_demo_dataset
+from lmmtune.data.pairs import check_rejected_lengths
 from lmmtune.data.problems import DataError, RecordProblem, write_problems
 from lmmtune.data.readers import read_data
 from lmmtune.data.records import Sample
@@ -110,6 +111,7 @@ def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
     )
     report.problems += too_long
     report.problems += special_token_text(everything, processor.tokenizer)
+    report.problems += check_rejected_lengths(everything, processor, data_cfg.max_length)[0]
     report.warnings += duplicate_ids(everything)
     invalid = {p.source for p in report.problems}
     train = [s for s in train if s.source not in invalid]

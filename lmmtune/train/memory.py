@@ -276,15 +276,23 @@ class BatchPlan:
 
 
 def plan_batch(
-    shape: ModelShape, setup: MemorySetup, budget_gib: float, effective_batch: int, seq_len: int
+    shape: ModelShape,
+    setup: MemorySetup,
+    budget_gib: float,
+    effective_batch: int,
+    seq_len: int,
+    sequences_per_sample: int = 1,
 ) -> BatchPlan:
-    """The largest power-of-two micro-batch that divides `effective_batch` and fits `budget_gib`."""
+    """The largest power-of-two micro-batch that divides `effective_batch` and fits `budget_gib`.
+
+    `sequences_per_sample`: sequences one sample puts through the model (a DPO pair: 2).
+    """
     candidates: dict[int, float] = {}
     best = None
     micro_batch = 1
     while micro_batch <= effective_batch:
         if effective_batch % micro_batch == 0:
-            estimate = estimate_memory(shape, setup, micro_batch, seq_len)
+            estimate = estimate_memory(shape, setup, micro_batch * sequences_per_sample, seq_len)
             candidates[micro_batch] = estimate.total / GIB
             if estimate.total > budget_gib * GIB:
                 break
@@ -322,7 +330,9 @@ def _does_not_fit(shape: ModelShape, setup: MemorySetup, budget_gib: float, seq_
     )
 
 
-def fit_to_memory(train_cfg, model_cfg, quant_cfg, peft_cfg, seq_len: int):
+def fit_to_memory(
+    train_cfg, model_cfg, quant_cfg, peft_cfg, seq_len: int, sequences_per_sample: int = 1
+):
     """`train_cfg` with batch_size and grad_accum planned for `train.gpu_memory_gb`.
 
     Returns `train_cfg` itself when no budget is set; else a copy (the same type, a
@@ -343,6 +353,7 @@ def fit_to_memory(train_cfg, model_cfg, quant_cfg, peft_cfg, seq_len: int):
         train_cfg.gpu_memory_gb,
         train_cfg.batch_size * train_cfg.grad_accum,
         seq_len,
+        sequences_per_sample,
     )
     log.info("%s", plan.describe())
     planned = copy.deepcopy(train_cfg)

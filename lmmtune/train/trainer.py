@@ -45,10 +45,15 @@ def build_training_arguments(
     num_workers: int,
     dtype: str,
     use_reentrant: bool = False,
+    args_class: type[TrainingArguments] | None = None,
+    **extra,
 ) -> TrainingArguments:
-    """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline."""
+    """The Trainer's arguments for `train_cfg`; `use_reentrant` only for the benchmark's baseline.
+
+    `args_class` and `extra`: another arguments class (DPO's) and its own settings.
+    """
     on_gpu = torch.cuda.is_available()
-    return LlavaTrainingArguments(
+    return (args_class or LlavaTrainingArguments)(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
@@ -87,6 +92,7 @@ def build_training_arguments(
         length_column_name="length",
         report_to="none",
         disable_tqdm=not progress_bars(),  # in a file or pipe: one line per logging step
+        **extra,
     )
 
 

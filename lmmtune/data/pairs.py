@@ -1,0 +1,136 @@
+"""Preference pairs: one prompt (with its image), a chosen and a rejected answer.
+
+A pair is read as the `Sample` of its chosen conversation, with the rejected answer in
+`Sample.extra["rejected"]`: every check, split and eval that works on samples works on
+pairs (eval scores generation against the chosen answer). Accepted shapes:
+
+- LLaVA-style: `{"id", "image", "conversations": [..., {"from": "human", "value":
+  "<image>\\nQ"}], "chosen": "A", "rejected": "B"}`; the conversation ends with the
+  question (earlier turns are history).
+- TRL's vision preference layout: `{"images": [img], "prompt": ..., "chosen": ...,
+  "rejected": ...}`, in JSON/JSONL or `datasets` tables; the prompt is a string or a
+  list of chat messages, each answer a string or a one-message assistant list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lmmtune.config import DataColumns
+from lmmtune.data.dataset import token_lengths
+from lmmtune.data.problems import RecordInvalid, RecordProblem
+from lmmtune.data.records import Sample, record_to_sample
+from lmmtune.data.template import IMAGE_PLACEHOLDER
+
+CHOSEN, REJECTED, PROMPT = "chosen", "rejected", "prompt"
+SPECIAL_TOKENS = ("</s>", "<s>", "<unk>", "<pad>", IMAGE_PLACEHOLDER)
+"""Text that would tokenize to a control token of the LLaVA 1.5 vocabulary, not to words."""
+
+
+class PairKind:
+    """Problem kinds only preference pairs have (reports group by them)."""
+
+    EMPTY_CHOSEN = "empty chosen answer"
+    EMPTY_REJECTED = "empty rejected answer"
+    IDENTICAL = "identical chosen and rejected"
+    SPECIAL_TOKEN = "special token in an answer"
+    NOT_AN_ANSWER = "answer is not text"
+    TOO_LONG = "rejected longer than data.max_length"
+
+
+def is_pair_record(record) -> bool:
+    return isinstance(record, dict) and CHOSEN in record and REJECTED in record
+
+
+def is_pair_columns(names) -> bool:
+    """Whether a table's columns are a preference table's (no question/answer columns needed)."""
+    return CHOSEN in names and REJECTED in names
+
+
+def is_pair(sample: Sample) -> bool:
+    return REJECTED in sample.extra
+
+
+def pair_to_sample(record: dict, source: str, columns: DataColumns) -> Sample:
+    """The chosen conversation as a Sample (the record's checks apply), the rejected answer beside it."""
+    chosen, rejected = answer_text(record[CHOSEN], CHOSEN), answer_text(record[REJECTED], REJECTED)
+    check_answers(chosen, rejected)
+    sft_record = {k: v for k, v in record.items() if k not in (CHOSEN, REJECTED, PROMPT)}
+    if "conversations" in record:
+        turns = record["conversations"] if isinstance(record["conversations"], list) else []
+        sft_record["conversations"] = [*turns, {"from": "gpt", "value": chosen}]
+    elif isinstance(record.get(PROMPT), list):
+        answer = {"role": "assistant", "content": chosen}
+        sft_record["messages"] = [*record[PROMPT], answer]
+    else:
+        sft_record[columns.question] = record.get(PROMPT, record.get(columns.question))
+        sft_record[columns.answer] = chosen
+    sample = record_to_sample(sft_record, source, columns)
+    sample.extra[REJECTED] = rejected
+    return sample
+
+
+def answer_text(value, field: str) -> str:
+    """An answer as text: a string, or TRL's `[{"role": "assistant", "content": ...}]`."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0].get("content")
+        if isinstance(value, list):  # [{"type": "text", "text": ...}]
+            value = " ".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if not isinstance(value, str | int | float):
+        raise RecordInvalid(
+            PairKind.NOT_AN_ANSWER,
+            f"'{field}' holds a {type(value).__name__}, expected text or one assistant message",
+        )
+    return str(value).strip()
+
+
+def check_answers(chosen: str, rejected: str) -> None:
+    """Raise RecordInvalid for an empty, identical or control-token answer."""
+    if not chosen:
+        raise RecordInvalid(PairKind.EMPTY_CHOSEN, "empty 'chosen' answer")
+    if not rejected:
+        raise RecordInvalid(PairKind.EMPTY_REJECTED, "empty 'rejected' answer")
+    if chosen == rejected:
+        raise RecordInvalid(
+            PairKind.IDENTICAL, f"'chosen' and 'rejected' are the same text ({chosen[:60]!r})"
+        )
+    for field, text in ((CHOSEN, chosen), (REJECTED, rejected)):
+        found = [token for token in SPECIAL_TOKENS if token in text]
+        if found:
+            raise RecordInvalid(
+                PairKind.SPECIAL_TOKEN,
+                f"'{field}' contains {', '.join(found)}: control tokens are added by lmmtune, "
+                "an answer must not spell them",
+            )
+
+
+def as_rejected(sample: Sample) -> Sample:
+    """The same prompt and image with the rejected answer as the last turn."""
+    *history, (question, _) = sample.turns
+    return dataclasses.replace(
+        sample, turns=[*history, (question, sample.extra[REJECTED])], extra=dict(sample.extra)
+    )
+
+
+def check_rejected_lengths(
+    samples: list[Sample], processor, max_length: int
+) -> tuple[list[RecordProblem], dict[str, int]]:
+    """Pairs whose rejected conversation exceeds `max_length` tokens, and each pair's rejected length."""
+    pairs = [s for s in samples if is_pair(s)]
+    if not pairs:
+        return [], {}
+    lengths, _ = token_lengths([as_rejected(s) for s in pairs], processor)
+    problems = [
+        RecordProblem(
+            s.source,
+            s.id,
+            f"the rejected answer makes {length} tokens (image tokens included), over "
+            f"data.max_length={max_length}; samples are never truncated",
+            PairKind.TOO_LONG,
+        )
+        for s, length in zip(pairs, lengths, strict=True)
+        if length > max_length
+    ]
+    return problems, {s.source: length for s, length in zip(pairs, lengths, strict=True)}

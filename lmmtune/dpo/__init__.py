@@ -1,0 +1,1 @@
+"""Preference tuning (DPO) on the QLoRA stack, through TRL's DPOTrainer."""
