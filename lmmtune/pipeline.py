@@ -149,7 +149,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
         )
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
         stop = StopOnSignal()
-        logged = last_logged_step(run_dir) if resume_from else 0  # no value twice at a step
+        logged = last_logged_step(run_dir) if resume_from else None  # no value twice at a step
         callbacks = [
             TrackerCallback(tracker, logged),
             StopOnNonFinite(),

@@ -111,7 +111,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
             cfg.peft.projector_lr,
             lengths,
             # a resumed run logs no value twice at a step
-            [TrackerCallback(tracker, last_logged_step(run_dir) if resume_from else 0)]
+            [TrackerCallback(tracker, last_logged_step(run_dir) if resume_from else None)]
             + [StopOnNonFinite(), stop],
             cfg.dpo.reference,
             frozen=() if cfg.dpo.train_projector else (PROJECTOR,),

@@ -290,12 +290,13 @@ class TrackerCallback(TrainerCallback):
     process had logged already; those are not logged twice.
     """
 
-    def __init__(self, tracker: NullTracker, logged_through: int = 0):
+    def __init__(self, tracker: NullTracker, logged_through: int | None = None):
         self.tracker = tracker
         self.logged_through = logged_through
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and state.global_step > self.logged_through:
+        replayed = self.logged_through is not None and state.global_step <= self.logged_through
+        if state.is_world_process_zero and logs and not replayed:
             curves = {
                 metric_name(key): value for key, value in logs.items() if key not in RUN_SUMMARY
             }
