@@ -48,6 +48,7 @@ from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
+from lmmtune.weights import name_base_by_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def train_in(cfg: Config | DictConfig, run_dir: Path, resume_from: Path | None, 
                 tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
         adapter_dir = run.adapter
+        name_base_by_hub_id(model, cfg.model.path)  # no local cache path in shared files
         if shards_model():
             trainer.save_model(adapter_dir)  # every rank takes part in gathering the shards
         if not is_main():
