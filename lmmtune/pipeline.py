@@ -57,6 +57,7 @@ from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, Stop
 from lmmtune.train.liger import require_liger
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.train.trainer import build_trainer, build_training_arguments
+from lmmtune.weights import name_base_by_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
                 metrics["train"]["best"] = best
                 tracker.log_metrics({"eval/best_loss": best["eval_loss"]}, step=best["step"])
 
+        name_base_by_hub_id(model, cfg.model.path)  # no local cache path in shared files
         if shards_model():
             trainer.save_model(run.adapter)  # every rank takes part in gathering the shards
         if not is_main():

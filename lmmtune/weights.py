@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lmmtune.errors import LmmtuneError
@@ -34,3 +35,25 @@ def require_safetensors(folder: Path, option: str) -> None:
             f"once, where you trust the file: {convert_command(pickles[0])} "
             "(a sharded model: load it with transformers and save_pretrained it again)"
         )
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_of(configured: str | None) -> str | None:
+    """`model.path` when it is a hub id (`org/name`, not a local folder), else None."""
+    if not configured or not HUB_ID.match(configured) or Path(configured).expanduser().exists():
+        return None
+    return configured
+
+
+def name_base_by_hub_id(model, configured: str | None) -> None:
+    """Write the hub id, not the local cache path (a home directory), as the adapter's base in
+    `adapter_config.json` and its model card; lmmtune reloads from `lmmtune_base.json`."""
+    hub_id = hub_id_of(configured)
+    if hub_id is None:
+        return
+    for peft_config in (getattr(model, "peft_config", None) or {}).values():
+        peft_config.base_model_name_or_path = hub_id
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config._name_or_path = base.name_or_path = hub_id  # what peft's model card names

@@ -63,11 +63,10 @@ def test_training_metrics_keep_accuracy_and_add_the_vqa_metrics(demo_run):
 
 
 def test_eval_writes_its_own_outputs_and_never_the_training_metrics(demo_run, eval_cli):
-    assert {p.name for p in eval_cli["dir"].iterdir()} == {
-        "metrics.json",
-        "predictions.jsonl",
-        "before_after.png",
-    }
+    written = {"metrics.json", "predictions.jsonl", "before_after.png"}
+    assert {p.name for p in eval_cli["dir"].iterdir()} == written | {".lmmtune.json"}
+    manifest = json.loads((eval_cli["dir"] / ".lmmtune.json").read_text())
+    assert manifest == {"kind": "eval", "files": sorted(written)}  # what eval.overwrite clears
     assert (eval_cli["dir"] / "before_after.png").read_bytes()[:4] == b"\x89PNG"
     assert eval_cli["metrics"]["adapter"].endswith("adapter")
 

@@ -42,6 +42,12 @@ def merged_export(demo_run):
     return export_once(demo_run)
 
 
+def test_export_report_holds_no_absolute_path_of_the_adapter(merged_export):
+    report_text = (merged_export["dir"] / "export_report.json").read_text()
+    assert merged_export["report"]["adapter"] == "../adapter"  # relative to the export
+    assert str(merged_export["dir"].parent) not in report_text
+
+
 def test_merged_export_has_the_llava_hf_layout(merged_export):
     files = {p.name for p in merged_export["dir"].iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json"} <= files

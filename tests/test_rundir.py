@@ -186,3 +186,14 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
         (tmp / "model.safetensors").write_text("w")
     assert not stale.exists() and alive.exists() and user.exists()
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize(("limit", "kept"), [(-1, [4, 8, 12]), (0, [4, 8, 12]), (2, [8, 12])])
+def test_checkpoint_rotation_never_deletes_what_it_should_keep(tmp_path, limit, kept):
+    from lmmtune.train.checkpoints import completed_checkpoints, keep_last
+
+    for step in (4, 8, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    keep_last(tmp_path, limit)
+    assert [int(p.name.split("-")[1]) for p in completed_checkpoints(tmp_path)] == kept

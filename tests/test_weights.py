@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,23 @@ def test_predict_refuses_a_pickled_model(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(LmmtuneError, match="pytorch_model.bin.*safetensors only"):
         load_merged(tmp_path)
+
+
+def test_shared_adapter_files_name_the_hub_id_not_a_local_path(tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from lmmtune.weights import hub_id_of, name_base_by_hub_id
+
+    assert hub_id_of("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert hub_id_of(str(tiny_model_path)) is None and hub_id_of("tiny") is None
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_path)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert str(tiny_model_path) in model.peft_config["default"].base_model_name_or_path
+    name_base_by_hub_id(model, "llava-hf/llava-1.5-7b-hf")
+    model.save_pretrained(tmp_path / "adapter")
+    config = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    home = str(Path.home())
+    assert '"base_model_name_or_path": "llava-hf/llava-1.5-7b-hf"' in config
+    assert home not in config and home not in card and "llava-hf/llava-1.5-7b-hf" in card

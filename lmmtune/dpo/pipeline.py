@@ -36,6 +36,7 @@ from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker
 from lmmtune.track.record import last_logged_step
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
+from lmmtune.weights import name_base_by_hub_id
 
 log = logging.getLogger(__name__)
 SEQUENCES_PER_PAIR = 2
@@ -128,6 +129,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
             metrics["preference_after"] = held_out_preference(trainer)
         drop_reference_adapter(model)
 
+        name_base_by_hub_id(model, cfg.model.path)  # no local cache path in shared files
         if shards_model():
             trainer.save_model(run.adapter)
         if not is_main():

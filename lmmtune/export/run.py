@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         report = {
             "format": export_cfg.format,
             "base_model": settings.model.path,
-            "adapter": str(adapter.resolve()),
+            "adapter": portable_path(adapter, target),
             "source_run_id": source_run_id(run_dir),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -153,6 +154,14 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
             f"{target} holds files the export did not write ({', '.join(foreign[:5])}); "
             "move them away or choose another export.dir"
         )
+
+
+def portable_path(path: Path, start: Path) -> str:
+    """`path` relative to the export folder (`../adapter`): no home directory in a shared file."""
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:  # another drive (Windows): only the name
+        return path.name
 
 
 def end_killed_exports(stale: list[dict], tracking_cfg) -> None:

@@ -48,7 +48,9 @@ def find_resume_checkpoint(checkpoint_root: Path, resume: str | None) -> Path | 
 
 
 def keep_last(checkpoint_root: Path, limit: int | None) -> None:
-    if not limit:
+    """Delete all but the newest `limit` finished checkpoints; a limit under 1 deletes nothing
+    (never the checkpoint just saved: `[:-(-1)]` would take the oldest, `[:-0]` all)."""
+    if limit is None or limit < 1:
         return
     for old in completed_checkpoints(checkpoint_root)[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
