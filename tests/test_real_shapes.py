@@ -21,7 +21,14 @@ def test_7b_width_runs_the_cli_end_to_end(tmp_path):
     real_processor_dir(False)  # skips here where npm cannot be reached
     out = tmp_path / "real-shapes"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "real_shapes.py"), "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "real_shapes.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=1800,
