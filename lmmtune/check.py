@@ -36,6 +36,10 @@ def check(cfg: Config) -> DataReport:
             f"{report.invalid_records} invalid record(s) of {report.records}, listed above; "
             f"fix them, or train with data.on_error=skip to use the {valid} valid ones"
         )
+    if not report.train:
+        from lmmtune.data.splits import empty_training_set
+
+        raise LmmtuneError(empty_training_set(report, cfg.data.train))
     if cfg.train.gpu_memory_gb is not None:
         print(memory_plan(cfg, report), flush=True)
     return report

@@ -78,11 +78,20 @@ def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
             run_dir / SKIPPED_FILE,
         )
     if not report.train:
-        raise LmmtuneError(
-            f"no valid training records left in {data_cfg.train}; see {run_dir / REPORT_FILE}"
-        )
+        raise LmmtuneError(empty_training_set(report, data_cfg.train))
     evaluation = capped_eval(report, data_cfg)
     return Splits(report.train, evaluation, report, report.problems, report.warnings)
+
+
+def empty_training_set(report: DataReport, source: str) -> str:
+    """Why there is nothing to train on: an empty file, or every record invalid or held out."""
+    if report.records == 0:
+        return f"{source} holds no records: nothing to train on"
+    return (
+        f"no valid training records in {source}: {report.records} read, "
+        f"{report.invalid_records} invalid (python -m lmmtune check lists them), the rest held "
+        "out for evaluation"
+    )
 
 
 def capped_eval(report: DataReport, data_cfg: DataConfig) -> list[Sample]:

@@ -135,3 +135,13 @@ def test_check_names_records_that_would_teach_the_wrong_thing(tmp_path):
         "records: 7 read, 1 valid, 6 invalid",
     ]:
         assert line in report, f"{line!r} not in\n{report}"
+
+
+def test_an_empty_training_set_fails_check_and_train_in_one_line(tmp_path):
+    data = write_json(tmp_path / "train.json", [])
+    for command in (["check"], ["train", "output_dir=run", "tracking.backend=none"]):
+        result = run_cli([*command, "model=tiny", f"data.train={data}"], cwd=tmp_path)
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().endswith("holds no records: nothing to train on")
+    assert not (tmp_path / "run").exists()  # the failed start leaves no folder to block a retry
