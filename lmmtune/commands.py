@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> dict:
 
                 return train_dpo(cfg)
             return train_pipeline(cfg)
-        except BaseException:
+        except Exception:  # not an interrupt: that run is kept, to be resumed as it says
             if fresh and distributed.world_size() == 1:
                 remove_failed_start(run_dir)
             raise

@@ -138,6 +138,7 @@ def test_a_signal_during_the_evaluation_marks_the_run_killed_with_the_resume_com
     tmp_path, signum
 ):
     args = [*FAST, "data.demo_size=200", "data.eval_fraction=0.5", "eval.before=true"]
+    args += ["eval.batch_size=1", "eval.max_new_tokens=32"]  # an evaluation of many seconds
     process = start_cli([*args, "output_dir=run"], cwd=tmp_path)
     tracking = tmp_path / "run" / "tracking.json"
     deadline = time.time() + 300
