@@ -90,6 +90,10 @@ class LlavaDPOTrainer(LlavaTrainer, DPOTrainer):
         for parameter in self.kept_frozen:
             parameter.requires_grad_(False)
 
+    def create_optimizer(self, model=None):
+        self.refreeze()  # resuming loads the checkpoint's adapter first, unfreezing saved modules
+        return super().create_optimizer(model)
+
     def compute_loss(self, *args, **kwargs):
         try:
             return super().compute_loss(*args, **kwargs)
