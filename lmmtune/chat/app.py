@@ -20,7 +20,7 @@ import gradio as gr
 
 from lmmtune.chat.generation import Answerer, Settings, conversation
 from lmmtune.chat.model import ChatModel
-from lmmtune.data.images import mean_colour, open_image, pad_to_square
+from lmmtune.data.images import open_image, padded_to_square
 from lmmtune.data.problems import RecordInvalid
 from lmmtune.errors import LmmtuneError
 
@@ -205,7 +205,7 @@ def show_image(path: str | None, chat_model: ChatModel) -> tuple:
         image = open_image(path, max_pixels=chat_model.max_image_pixels)
     except RecordInvalid as exc:
         return None, f"**Cannot use this file:** {without_upload_dir(exc.reason, path)}"
-    return pad_to_square(image, mean_colour(chat_model.processor.image_processor)), ""
+    return padded_to_square(image, chat_model.processor.image_processor), ""
 
 
 def settings_of(max_new_tokens, temperature, top_p) -> Settings:

@@ -229,3 +229,11 @@ def square_padding_processor(image_processor):
     settings = image_processor.to_dict()
     kept = {key: settings[key] for key in SQUARE_PAD_SETTINGS if key in settings}
     return LlavaImageProcessorPil(**kept, do_pad=True)
+
+
+def padded_to_square(image: Image.Image, image_processor) -> Image.Image:
+    """An RGB `image` padded to a square as training pads it (the same processor's pad), to show."""
+    pad = square_padding_processor(image_processor)
+    fill = tuple(int(mean * 255) for mean in pad.image_mean)
+    array = pad.pad_to_square(np.asarray(image).transpose(2, 0, 1), fill)
+    return Image.fromarray(array.transpose(1, 2, 0))

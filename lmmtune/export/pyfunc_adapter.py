@@ -29,7 +29,9 @@ class LlavaAdapterAnswerer(LlavaAnswerer):
         if not base:
             base = json.loads((adapter / "lmmtune_base.json").read_text())["base_model"]
         self.processor = AutoProcessor.from_pretrained(adapter)
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
+        model = AutoModelForImageTextToText.from_pretrained(
+            base, dtype="auto", use_safetensors=True
+        )
         self.model = PeftModel.from_pretrained(model, str(adapter))
         self.model.eval()
 

@@ -2,7 +2,8 @@
 
 MLflow copies this file next to the model, and lmmtune's package with it (`code_paths`),
 so images open exactly as training opened them: `open_image` (EXIF rotation, 16-bit and
-DICOM scaling, transparency on white) and `pad_to_square` in LLaVA's padding colour.
+DICOM scaling, transparency on white); the exported processor pads to a square in
+LLaVA's padding colour.
 Input: a DataFrame with a `question` column and an optional `image` column (file
 paths); output: one answer per row. The exported processor carries the training
 prompt (chat template, the same token ids as training).
@@ -42,13 +43,13 @@ class LlavaAnswerer(PythonModel):
 
     def model_inputs(self, row: dict):
         """The prompt ids and pixels of one row, as training built them."""
-        from lmmtune.data.images import mean_colour, open_image, pad_to_square
+        from lmmtune.data.images import open_image
 
         content = [{"type": "text", "text": str(row["question"])}]
         image = row.get("image")
         if isinstance(image, str) and image:
-            fill = mean_colour(self.processor.image_processor)
-            content.insert(0, {"type": "image", "image": pad_to_square(open_image(image), fill)})
+            # the exported processor pads to a square itself (do_pad), as training did
+            content.insert(0, {"type": "image", "image": open_image(image)})
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}],
             add_generation_prompt=True,

@@ -362,7 +362,7 @@ def _odd_images():
 def test_llava_square_padding_is_pixel_identical_to_the_hand_written_pad():
     from transformers import CLIPImageProcessorPil
 
-    from lmmtune.data.images import square_padding_processor
+    from lmmtune.data.images import padded_to_square, square_padding_processor
 
     clip = CLIPImageProcessorPil(
         size={"shortest_edge": 56},
@@ -378,5 +378,7 @@ def test_llava_square_padding_is_pixel_identical_to_the_hand_written_pad():
         expected = clip(images=[_hand_written_square(rgb, (122, 116, 104))], return_tensors="pt")
         padded = padding(images=[rgb], return_tensors="pt")
         assert padded["pixel_values"].equal(expected["pixel_values"]), (image.mode, image.size)
+        shown = clip(images=[padded_to_square(rgb, clip)], return_tensors="pt")  # chat's preview
+        assert shown["pixel_values"].equal(expected["pixel_values"]), (image.mode, image.size)
     wide = padding(images=[Image.new("RGB", (40, 10), (255, 0, 0))], return_tensors="np")
     assert (wide["pixel_values"][0][:, 0, 0] < 0).all()  # the top edge is padding, not red
