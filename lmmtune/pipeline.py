@@ -97,7 +97,9 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
-    train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
+    train_set = SupervisedDataset(
+        splits.train, processor, cfg.data.max_length, cfg.data.max_image_pixels
+    )
     lengths = splits.report.train_lengths  # counted by the data check, image tokens included
     # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
     train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
@@ -159,7 +161,9 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
         keep_best = best_adapter_keeper(train_cfg, run_dir)
         if keep_best is not None:
             callbacks.append(keep_best)
-        eval_set = SupervisedDataset(splits.eval, processor, cfg.data.max_length)
+        eval_set = SupervisedDataset(
+            splits.eval, processor, cfg.data.max_length, cfg.data.max_image_pixels
+        )
         trainer = build_trainer(
             model, train_set, collator, args, cfg.peft, lengths, callbacks, eval_set
         )
@@ -214,7 +218,9 @@ def eval_before(
     if run.eval_before.exists():  # measured before the crash (its predictions are not kept)
         before = EvalResult(metrics=json.loads(run.eval_before.read_text()), predictions=[])
     else:
-        before = evaluate(model, processor, samples, cfg.eval, "eval before")
+        before = evaluate(
+            model, processor, samples, cfg.eval, cfg.data.max_image_pixels, "eval before"
+        )
         log.info("eval before training: %s", summary(before.metrics))
         tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
         write_text_atomic(run.eval_before, json.dumps(before.metrics))
@@ -234,13 +240,22 @@ def finish_run(
     )
     after = None
     if cfg.eval.after and evaluates:
-        after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
+        after = evaluate(
+            model, processor, splits.eval, cfg.eval, cfg.data.max_image_pixels, "eval after"
+        )
         metrics["eval_after"] = after.metrics
         log.info("eval after training: %s", summary(after.metrics))
         tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
     if before is not None or after is not None:  # predictions table and chart
         save_eval_report(
-            run.root, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
+            run.root,
+            "eval_",
+            splits.eval,
+            before,
+            after,
+            tracker,
+            cfg.data.max_image_pixels,
+            cfg.eval.table_images,
         )
         log_sample_images(tracker, run.eval_predictions, run.root / SAMPLES_FILE)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.errors import LmmtuneError
 
 from .conftest import compose_config, run_cli
@@ -205,7 +206,7 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     merged = LlavaForConditionalGeneration.from_pretrained(merged_export["dir"])
     processor = AutoProcessor.from_pretrained(target)
     samples = eval_samples(compose_config(["recipe=demo"]), demo_run["run_dir"], processor, None)
-    batch = parity_batch(processor, samples[:2])
+    batch = parity_batch(processor, samples[:2], DEFAULT_MAX_PIXELS)
     difference = (token_logits(adapted, batch) - token_logits(merged, batch)).abs().max().item()
     assert difference < 1e-4
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lmmtune.data.dataset import ImageLoader, TokenizedConversation
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from lmmtune.data.template import render_conversation
 from lmmtune.export.chat_template import export_processor
@@ -64,7 +65,7 @@ def test_chat_template_token_ids_equal_lmmtune_prompt_ids(exported, tiny_process
     assert inputs["input_ids"][0].tolist() == expected
     # padded to a square, not centre-cropped, in LLaVA's pad colour int(mean * 255): the
     # exported processor gives lmmtune's pixels, padding included
-    ours = ImageLoader(tiny_processor)(sample)
+    ours = ImageLoader(tiny_processor, DEFAULT_MAX_PIXELS)(sample)
     theirs = inputs["pixel_values"][0]
     assert torch.equal(theirs, ours)
 
@@ -143,5 +144,7 @@ def test_pyfunc_model_reads_images_as_training_did(exported, tiny_processor, tmp
         expected = TokenizedConversation(tiny_processor, 10**9).prompt_ids(sample)
         assert inputs["input_ids"][0].tolist() == expected
         assert torch.allclose(
-            inputs["pixel_values"][0], ImageLoader(tiny_processor)(sample), atol=1e-5
+            inputs["pixel_values"][0],
+            ImageLoader(tiny_processor, DEFAULT_MAX_PIXELS)(sample),
+            atol=1e-5,
         )

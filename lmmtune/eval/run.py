@@ -59,7 +59,9 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         eval_data = eval_cfg.data or "run eval split"
         tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
         tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
-        before, after = evaluate_adapter(model, processor, samples, eval_cfg)
+        before, after = evaluate_adapter(
+            model, processor, samples, eval_cfg, settings.data.max_image_pixels
+        )
         metrics = {
             "adapter": str(adapter),
             "data": eval_cfg.data or "the run's eval split",
@@ -70,7 +72,16 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 metrics[name] = result.metrics
                 tracker.set_tags(scalar_tags(name, result.metrics))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_eval_report(out_dir, "", samples, before, after, tracker, eval_cfg.table_images)
+        save_eval_report(
+            out_dir,
+            "",
+            samples,
+            before,
+            after,
+            tracker,
+            settings.data.max_image_pixels,
+            eval_cfg.table_images,
+        )
         tracker.log_artifact(out_dir / "metrics.json", "eval")
         out_folder.record()
     log.info("eval written to %s", out_dir)

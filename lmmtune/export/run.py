@@ -186,7 +186,7 @@ def export_merged(
     dtype = export_cfg.dtype or settings.model.dtype
     model_cfg = OmegaConf.merge(settings.model, {"dtype": dtype})
     samples = parity_samples(settings, run_dir, processor, export_cfg.parity_samples)
-    batch = parity_batch(processor, samples) if samples else None
+    batch = parity_batch(processor, samples, settings.data.max_image_pixels) if samples else None
     reference = merge_and_save(model_cfg, adapter, tmp, processor, batch)
     report: dict = {"dtype": dtype}
     if batch is None:

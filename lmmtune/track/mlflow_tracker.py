@@ -209,14 +209,16 @@ def _extra(what: str):
 
 def _thumbnails(paths: list, size: int = 128) -> list | None:
     """Small RGB copies of the images for an MLflow table, or None if any cannot be opened
-    (MLflow wants a column of images only or of none)."""
-    from lmmtune.data.images import open_image
+    (MLflow wants a column of images only or of none). The paths are the eval report's own
+    small PNG copies (`eval/report.py`), so plain PIL opens them."""
+    from PIL import Image
 
     images = []
     for path in paths:
         try:
-            image = open_image(path)
-        except Exception:  # a text-only row, an in-data image, a file gone: paths only
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except Exception:  # a text-only row, an image without a copy: no thumbnails
             return None
         image.thumbnail((size, size))
         images.append(image)
