@@ -27,8 +27,10 @@ from lmmtune.distributed import (
     shards_model,
 )
 from lmmtune.errors import LmmtuneError, RunInterrupted
+from lmmtune.eval.description import describe_run
 from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import save_eval_report, scalar_tags
+from lmmtune.eval.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
@@ -42,16 +44,14 @@ from lmmtune.rundir import (
     save_config,
 )
 from lmmtune.track.datasets import log_datasets
-from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import (
     TrackerCallback,
     flatten,
-    start_tracker,
     tracked_run,
     trainer_summary,
 )
 from lmmtune.track.record import last_logged_step
-from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
+from lmmtune.track.tracker import start_tracker
 from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.liger import require_liger
@@ -235,9 +235,7 @@ def finish_run(
     if not shards_model():
         model.save_pretrained(run.adapter)
     save_standalone_processor(processor, run.adapter)  # loads alone: padding, chat template
-    (run.adapter / "lmmtune_base.json").write_text(
-        json.dumps({"base_model": resolve_model_path(cfg.model)})
-    )
+    run.base_model_file.write_text(json.dumps({"base_model": resolve_model_path(cfg.model)}))
     after = None
     if cfg.eval.after and evaluates:
         after = evaluate(

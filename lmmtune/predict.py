@@ -106,7 +106,7 @@ def _image_path(image: str | None, root: Path, where: str) -> str | None:
 def load_predictor(cfg: DictConfig, overrides: list[str] | None):
     """An exported merged model (plain transformers), or the base with an adapter; and the
     `data.max_image_pixels` to open the questions' images with (the run's, unless overridden)."""
-    from lmmtune.eval.runs import (
+    from lmmtune.runs import (
         ADAPTER_CONFIG,
         find_adapter,
         find_run_dir,

@@ -18,19 +18,19 @@ from omegaconf import DictConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.eval.runs import (
+from lmmtune.owned import OwnedFolder, claim_folder
+from lmmtune.rundir import RunDir
+from lmmtune.runs import (
     command_tags,
     eval_samples,
     find_adapter,
     find_run_dir,
     load_adapted_model,
     load_run_processor,
-    open_tracker,
     run_settings,
 )
-from lmmtune.owned import OwnedFolder, claim_folder
-from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import tracked_run
+from lmmtune.track.tracker import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             if result is not None:
                 metrics[name] = result.metrics
                 tracker.set_tags(scalar_tags(name, result.metrics))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics_file = RunDir(out_dir).metrics  # the eval folder names its numbers as a run does
+        metrics_file.write_text(json.dumps(metrics, indent=2))
         save_eval_report(
             out_dir,
             "",
@@ -82,7 +83,7 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             settings.data.max_image_pixels,
             eval_cfg.table_images,
         )
-        tracker.log_artifact(out_dir / "metrics.json", "eval")
+        tracker.log_artifact(metrics_file, "eval")
         out_folder.record()
     log.info("eval written to %s", out_dir)
     return metrics

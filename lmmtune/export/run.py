@@ -25,16 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
-from lmmtune.eval.runs import (
-    command_tags,
-    eval_samples,
-    find_adapter,
-    find_run_dir,
-    load_run_processor,
-    open_tracker,
-    run_settings,
-    source_run_id,
-)
 from lmmtune.export.chat_template import export_processor
 from lmmtune.export.merge import (
     PARITY_TOLERANCE,
@@ -46,9 +36,19 @@ from lmmtune.export.merge import (
     token_logits,
 )
 from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
+from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
+from lmmtune.runs import (
+    command_tags,
+    eval_samples,
+    find_adapter,
+    find_run_dir,
+    load_run_processor,
+    run_settings,
+    source_run_id,
+)
 from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.redact import redact_value
+from lmmtune.track.tracker import open_tracker
 
 log = logging.getLogger(__name__)
 
