@@ -86,7 +86,7 @@ def test_assistant_answers_are_marked_for_loss_masks(exported):
 
 def docs_usage_example() -> str:
     """The processor part of docs/eval_export.md's usage example (the lines without the model)."""
-    text = (Path(__file__).parent.parent / "docs" / "eval_export.md").read_text()
+    text = (Path(__file__).parent.parent.parent / "docs" / "eval_export.md").read_text()
     block = text.split("```python\n")[1].split("```")[0]
     assert "apply_chat_template" in block
     kept = [line for line in block.splitlines() if "model" not in line and "output" not in line]

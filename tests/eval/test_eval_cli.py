@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 EXPERIMENT = "demo-eval"
 
@@ -67,6 +67,8 @@ def test_eval_writes_its_own_outputs_and_never_the_training_metrics(demo_run, ev
         "metrics.json",
         "predictions.jsonl",
         "before_after.png",
+        "images",  # small copies of the eval images: MLflow's thumbnails and the sample grid
+        ".lmmtune.json",  # the folder's manifest: what eval.overwrite=true may replace
     }
     assert (eval_cli["dir"] / "before_after.png").read_bytes()[:4] == b"\x89PNG"
     assert eval_cli["metrics"]["adapter"].endswith("adapter")
@@ -109,8 +111,7 @@ def test_training_run_logs_the_predictions_table_and_chart(demo_run):
 def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, eval_cli, tmp_path):
     from lmmtune.errors import LmmtuneError
     from lmmtune.eval.run import run_eval
-
-    from .conftest import compose_config
+    from tests.conftest import compose_config
 
     again = compose_config([f"output_dir={demo_run['run_dir']}", "tracking=none"])
     empty = compose_config([f"output_dir={tmp_path}", "tracking=none"])

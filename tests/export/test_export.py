@@ -12,8 +12,7 @@ import torch
 
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.errors import LmmtuneError
-
-from .conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli
 
 REGISTERED = "demo-llava"
 
@@ -181,9 +180,9 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lmmtune.eval.runs import eval_samples
     from lmmtune.export.merge import parity_batch, token_logits
     from lmmtune.export.run import run_export
+    from lmmtune.runs import eval_samples
 
     target = tmp_path / "adapter-export"
     cfg = compose_config(

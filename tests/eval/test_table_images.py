@@ -17,8 +17,8 @@ from lmmtune.data.readers import read_data
 from lmmtune.eval.evaluate import EvalResult
 from lmmtune.eval.metrics import score_predictions
 from lmmtune.eval.report import save_eval_report
+from lmmtune.eval.samples import log_sample_images
 from lmmtune.track.mlflow_tracker import MlflowTracker
-from lmmtune.track.samples import log_sample_images
 
 datasets = pytest.importorskip("datasets")
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
