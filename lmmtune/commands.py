@@ -152,7 +152,9 @@ def remove_failed_start(run_dir: Path) -> None:
     data report); left behind, it would make the corrected command refuse the folder as
     "already holds a run", or resume on the old before-eval.
     """
-    checkpoints = run_dir / "checkpoints"
+    from lmmtune.rundir import RunDir
+
+    checkpoints = RunDir(run_dir).checkpoints
     if not run_dir.is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -185,7 +187,7 @@ def command_help(command: Command) -> str:
         f"{command.name}: {command.summary}",
     ]
     if command.name in ("eval", "export", "predict"):
-        from lmmtune.eval.runs import RUN_SECTIONS
+        from lmmtune.runs import RUN_SECTIONS
 
         lines.append(
             f"It reads {', '.join(RUN_SECTIONS)} from the run's config.yaml (output_dir=RUN); "

@@ -27,8 +27,10 @@ from lmmtune.distributed import (
     shards_model,
 )
 from lmmtune.errors import LmmtuneError, RunInterrupted
+from lmmtune.eval.description import describe_run
 from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import save_eval_report, scalar_tags
+from lmmtune.eval.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
@@ -42,16 +44,14 @@ from lmmtune.rundir import (
     save_config,
 )
 from lmmtune.track.datasets import log_datasets
-from lmmtune.track.description import describe_run
 from lmmtune.track.mlflow_tracker import (
     TrackerCallback,
     flatten,
-    start_tracker,
     tracked_run,
     trainer_summary,
 )
 from lmmtune.track.record import last_logged_step
-from lmmtune.track.samples import SAMPLES_FILE, log_sample_images
+from lmmtune.track.tracker import start_tracker
 from lmmtune.train.best import KeepBestAdapter
 from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.liger import require_liger
@@ -98,7 +98,9 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
-    train_set = SupervisedDataset(splits.train, processor, cfg.data.max_length)
+    train_set = SupervisedDataset(
+        splits.train, processor, cfg.data.max_length, cfg.data.max_image_pixels
+    )
     lengths = splits.report.train_lengths  # counted by the data check, image tokens included
     # train.gpu_memory_gb: pick batch_size/grad_accum, or fail here, before the model loads.
     train_cfg = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1))
@@ -160,7 +162,9 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
         keep_best = best_adapter_keeper(train_cfg, run_dir)
         if keep_best is not None:
             callbacks.append(keep_best)
-        eval_set = SupervisedDataset(splits.eval, processor, cfg.data.max_length)
+        eval_set = SupervisedDataset(
+            splits.eval, processor, cfg.data.max_length, cfg.data.max_image_pixels
+        )
         trainer = build_trainer(
             model, train_set, collator, args, cfg.peft, lengths, callbacks, eval_set
         )
@@ -216,7 +220,9 @@ def eval_before(
     if run.eval_before.exists():  # measured before the crash (its predictions are not kept)
         before = EvalResult(metrics=json.loads(run.eval_before.read_text()), predictions=[])
     else:
-        before = evaluate(model, processor, samples, cfg.eval, "eval before")
+        before = evaluate(
+            model, processor, samples, cfg.eval, cfg.data.max_image_pixels, "eval before"
+        )
         log.info("eval before training: %s", summary(before.metrics))
         tracker.set_tags(scalar_tags("eval_before", before.metrics))  # no one-bar charts
         write_text_atomic(run.eval_before, json.dumps(before.metrics))
@@ -231,18 +237,25 @@ def finish_run(
     if not shards_model():
         model.save_pretrained(run.adapter)
     save_standalone_processor(processor, run.adapter)  # loads alone: padding, chat template
-    (run.adapter / "lmmtune_base.json").write_text(
-        json.dumps({"base_model": resolve_model_path(cfg.model)})
-    )
+    run.base_model_file.write_text(json.dumps({"base_model": resolve_model_path(cfg.model)}))
     after = None
     if cfg.eval.after and evaluates:
-        after = evaluate(model, processor, splits.eval, cfg.eval, "eval after")
+        after = evaluate(
+            model, processor, splits.eval, cfg.eval, cfg.data.max_image_pixels, "eval after"
+        )
         metrics["eval_after"] = after.metrics
         log.info("eval after training: %s", summary(after.metrics))
         tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
     if before is not None or after is not None:  # predictions table and chart
         save_eval_report(
-            run.root, "eval_", splits.eval, before, after, tracker, cfg.eval.table_images
+            run.root,
+            "eval_",
+            splits.eval,
+            before,
+            after,
+            tracker,
+            cfg.data.max_image_pixels,
+            cfg.eval.table_images,
         )
         log_sample_images(tracker, run.eval_predictions, run.root / SAMPLES_FILE)
 

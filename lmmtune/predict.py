@@ -28,9 +28,15 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
     """Answer `predict.question` (about `predict.image`) or every line of `predict.input`."""
     predict_cfg = cfg.predict
     samples = questions(predict_cfg)
-    model, processor = load_predictor(cfg, overrides)
+    model, processor, max_image_pixels = load_predictor(cfg, overrides)
     answers = generate_answers(
-        model, processor, samples, predict_cfg.max_new_tokens, predict_cfg.batch_size, "predict"
+        model,
+        processor,
+        samples,
+        predict_cfg.max_new_tokens,
+        predict_cfg.batch_size,
+        max_image_pixels,
+        "predict",
     )
     rows = [
         {"id": s.id, "image": s.image, "question": s.turns[-1][0], "answer": a}
@@ -98,8 +104,9 @@ def _image_path(image: str | None, root: Path, where: str) -> str | None:
 
 
 def load_predictor(cfg: DictConfig, overrides: list[str] | None):
-    """An exported merged model (plain transformers), or the base with an adapter."""
-    from lmmtune.eval.runs import (
+    """An exported merged model (plain transformers), or the base with an adapter; and the
+    `data.max_image_pixels` to open the questions' images with (the run's, unless overridden)."""
+    from lmmtune.runs import (
         ADAPTER_CONFIG,
         find_adapter,
         find_run_dir,
@@ -113,12 +120,13 @@ def load_predictor(cfg: DictConfig, overrides: list[str] | None):
     if model_dir and (Path(model_dir) / ADAPTER_CONFIG).is_file():
         adapter, model_dir = model_dir, None  # an adapter export
     if model_dir:
-        return load_merged(Path(model_dir))
+        return (*load_merged(Path(model_dir)), cfg.data.max_image_pixels)
     run_dir = find_run_dir(cfg, adapter)
     adapter_dir = find_adapter(adapter, run_dir, cfg)
     settings = run_settings(cfg, run_dir, adapter_dir, overrides)
     processor = load_run_processor(adapter_dir, settings.model)
-    return load_adapted_model(settings.model, settings.quant, adapter_dir), processor
+    model = load_adapted_model(settings.model, settings.quant, adapter_dir)
+    return model, processor, settings.data.max_image_pixels
 
 
 def load_merged(path: Path):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
-from lmmtune.track.redact import redact
+from lmmtune.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,19 @@ from lmmtune import distributed
 from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import LOCK, MANIFEST, OwnedFolder, files_under, read_manifest
-from lmmtune.track.redact import redact
+from lmmtune.redact import redact
 from lmmtune.train.checkpoints import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+BASE_RECORD = "lmmtune_base.json"
+"""In an adapter folder: the resolved base directory it was trained on (`{"base_model": ...}`)."""
+
+
+def base_model_file(adapter_dir: Path | str) -> Path:
+    """The base record of an adapter folder, inside a run or copied anywhere."""
+    return Path(adapter_dir) / BASE_RECORD
 
 
 class RunDir:
@@ -37,6 +46,7 @@ class RunDir:
     tracking = property(lambda self: self.root / "tracking.json")  # the MLflow run id
     tracking_record = property(lambda self: self.root / "tracking_record.jsonl")
     adapter = property(lambda self: self.root / "adapter")
+    base_model_file = property(lambda self: base_model_file(self.adapter))
     checkpoints = property(lambda self: self.root / "checkpoints")
     best = property(lambda self: self.root / "best")  # train.keep_best
     eval = property(lambda self: self.root / "eval")  # the eval command's results

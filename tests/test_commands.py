@@ -9,8 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmmtune.commands import COMMANDS, command_help, describe, usage
-
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 
 def test_usage_lists_every_registered_command():

@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 from lmmtune.config import Config, available_recipes
 from lmmtune.config_checks import validate
 from lmmtune.errors import LmmtuneError
-
-from .conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli
 
 
 @pytest.fixture()

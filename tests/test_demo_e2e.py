@@ -9,7 +9,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 
 def test_demo_learns_the_visual_task(demo_run):

@@ -26,7 +26,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 SMALL = [
     "recipe=demo",
@@ -165,8 +165,7 @@ def test_fsdp_and_deepspeed_load_without_a_device_map_and_skip_eval_generation(m
 def test_fsdp_quant_config_stores_4bit_weights_as_bfloat16():
     from lmmtune.config import QuantConfig
     from lmmtune.model.load import build_quantization_config
-
-    from .conftest import compose_config
+    from tests.conftest import compose_config
 
     cfg = compose_config(["quant=4bit_fsdp"])
     assert build_quantization_config(cfg.quant).bnb_4bit_quant_storage == torch.bfloat16

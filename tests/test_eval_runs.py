@@ -8,9 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.eval.runs import find_adapter, find_run_dir, run_settings
-
-from .conftest import compose_config
+from lmmtune.runs import find_adapter, find_run_dir, run_settings
+from tests.conftest import compose_config
 
 
 @pytest.fixture()
@@ -70,7 +69,7 @@ def test_eval_data_file_gives_its_valid_records_checked_as_training_checks(
     tmp_path, tiny_processor
 ):
     from lmmtune.data.problems import DataError
-    from lmmtune.eval.runs import eval_samples
+    from lmmtune.runs import eval_samples
     from tests.data.helpers import llava, save_image, write_json
 
     save_image(tmp_path / "img" / "a.png")

@@ -8,9 +8,8 @@ import pytest
 
 from lmmtune.errors import LmmtuneError
 from lmmtune.predict import predict
-
-from .conftest import compose_config
-from .test_export import export_once
+from tests.conftest import compose_config
+from tests.export.test_export import export_once
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmmtune.train.checkpoints import completed_checkpoints
-
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 FAST = [
     "recipe=demo",

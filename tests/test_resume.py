@@ -11,8 +11,7 @@ import pytest
 from lmmtune.errors import LmmtuneError
 from lmmtune.resume import check_resume, save_data_digest
 from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files, release_lock, save_config
-
-from .conftest import REPO_ROOT, compose_config, run_cli
+from tests.conftest import REPO_ROOT, compose_config, run_cli
 
 
 def started_run(tmp_path, overrides=()):

@@ -12,8 +12,7 @@ import pytest
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import MANIFEST, read_manifest
 from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files, release_lock
-
-from .conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli
 
 
 def make_run(run_dir: Path, finished: bool = True) -> RunDir:

@@ -6,9 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from lmmtune.track.redact import MASK, is_secret_name, redact, redact_value
-
-from .test_mlflow_ui import mlflow_ui
+from lmmtune.redact import MASK, is_secret_name, redact, redact_value
+from tests.track.test_mlflow_ui import mlflow_ui
 
 SECRET_NAMES = [
     "HF_TOKEN",

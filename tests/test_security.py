@@ -10,9 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmmtune.config import Config, ModelConfig
-from lmmtune.track.redact import redact, redact_value
-
-from .conftest import run_cli
+from lmmtune.redact import redact, redact_value
+from tests.conftest import run_cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmmtune"
 

@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmmtune.errors import LmmtuneError
-
-from .conftest import compose_config
+from tests.conftest import compose_config
 
 
 def test_a_pickled_adapter_is_refused_and_the_named_conversion_works(tmp_path):
-    from lmmtune.eval.runs import find_adapter
+    from lmmtune.runs import find_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -47,7 +47,7 @@ class ChatModel:
 
 def load_chat_model(cfg: DictConfig, overrides: list[str] | None = None) -> ChatModel:
     """The model named by `chat.model`, else the run's base with its adapter."""
-    from lmmtune.eval.runs import ADAPTER_CONFIG
+    from lmmtune.runs import ADAPTER_CONFIG
 
     source = cfg.chat.model
     if source and source.startswith(REGISTRY_PREFIX):
@@ -61,7 +61,7 @@ def load_chat_model(cfg: DictConfig, overrides: list[str] | None = None) -> Chat
 
 
 def _load_adapted(cfg: DictConfig, adapter: str | None, overrides) -> ChatModel:
-    from lmmtune.eval.runs import (
+    from lmmtune.runs import (
         find_adapter,
         find_run_dir,
         load_adapted_model,
@@ -81,8 +81,8 @@ def _load_adapted(cfg: DictConfig, adapter: str | None, overrides) -> ChatModel:
 
 def _load_merged(cfg: DictConfig, model_dir: Path, overrides) -> ChatModel:
     """A merged export; settings and examples from its run when it sits in one (RUN/export-merged)."""
-    from lmmtune.eval.runs import find_run_dir, run_settings
     from lmmtune.predict import load_merged
+    from lmmtune.runs import find_run_dir, run_settings
 
     if not (model_dir / "config.json").is_file():
         raise LmmtuneError(
@@ -114,7 +114,7 @@ def eval_examples(
     settings: DictConfig, run_dir: Path | None, processor, count: int
 ) -> list[Sample]:
     """The first `count` image records of the run's eval split, read as `eval` reads it."""
-    from lmmtune.eval.runs import eval_samples
+    from lmmtune.runs import eval_samples
 
     if count <= 0 or run_dir is None:
         return []

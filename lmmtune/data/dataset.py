@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lmmtune.data.images import DEFAULT_MAX_PIXELS, open_image, square_padding_processor
+from lmmtune.data.images import open_image, square_padding_processor
 from lmmtune.data.problems import RecordInvalid
 from lmmtune.data.records import Sample
 from lmmtune.data.template import (
@@ -110,7 +110,7 @@ def token_lengths(
     return lengths, answers
 
 
-def load_sample_image(sample: Sample, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_sample_image(sample: Sample, max_pixels: int | None) -> Image.Image:
     """The sample's image as RGB: from its file, or from the data set that holds its bytes."""
     try:
         if sample.image_ref is not None:
@@ -125,7 +125,9 @@ def load_sample_image(sample: Sample, max_pixels: int | None = DEFAULT_MAX_PIXEL
 class ImageLoader:
     """Open a sample's image (a resolved path or in-data bytes), pad it to a square, preprocess it."""
 
-    def __init__(self, processor, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, processor, max_pixels: int | None):
+        """`max_pixels` is `data.max_image_pixels`: passed by every caller, so that no step
+        opens images under another limit than the one `check` used."""
         self.image_processor = square_padding_processor(processor.image_processor)
         self.max_pixels = max_pixels
 
@@ -142,7 +144,7 @@ class SupervisedDataset(Dataset):
         samples: list[Sample],
         processor,
         max_length: int,
-        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_image_pixels: int | None,
     ):
         self.samples = samples
         self.tokenize = TokenizedConversation(processor, max_length)

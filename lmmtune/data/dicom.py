@@ -20,7 +20,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from lmmtune.data.images import check_pixels, stretch_to_uint8
+from lmmtune.data.pixels import check_pixels, stretch_to_uint8
 from lmmtune.data.problems import Kind, RecordInvalid
 
 log = logging.getLogger(__name__)

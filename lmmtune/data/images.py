@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lmmtune.data.pixels import check_pixels, stretch_to_uint8  # noqa: F401 - the public names stay here too
 from lmmtune.data.problems import Kind, RecordInvalid
 
 IMAGE_MAGIC = {
@@ -140,17 +141,6 @@ def _own_pixel_limit():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
-    """Refuse an image whose header declares more pixels than `data.max_image_pixels`."""
-    width, height = size
-    if max_pixels is not None and width * height > max_pixels:
-        raise RecordInvalid(
-            Kind.TOO_MANY_PIXELS,
-            f"{name}: {width}x{height} = {width * height:,} pixels, over "
-            f"data.max_image_pixels={max_pixels:,} (decompression-bomb guard)",
-        )
-
-
 def check_single_frame(image: Image.Image, name: str) -> None:
     """Refuse an animated GIF/WebP/PNG or a multi-page TIFF, as a multi-frame DICOM is refused:
     LLaVA 1.5 sees one image, and silently taking the first frame would hide the rest."""
@@ -193,12 +183,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
-
-
-def stretch_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly onto [0, 255], clipping outside."""
-    scaled = (pixels - low) * (255.0 / max(high - low, 1e-12))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 SQUARE_PAD_SETTINGS = (

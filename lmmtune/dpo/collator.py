@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
-from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.pairs import as_rejected
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX
@@ -38,7 +37,7 @@ class PreferenceCollator:
         samples: list[Sample],
         processor,
         max_length: int,
-        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_image_pixels: int | None,
     ):
         self.samples = samples
         self.tokenize = TokenizedConversation(processor, max_length)

@@ -15,11 +15,11 @@ from peft import PeftModel
 
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR, apply_lora
+from lmmtune.rundir import base_model_file
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-BASE_RECORD = "lmmtune_base.json"
 REFERENCES = ("adapter_off", "initial")
 
 
@@ -65,7 +65,7 @@ def load_trainable_adapter(
 
 def check_base(adapter_dir: Path, base_path: str) -> None:
     """Refuse an adapter trained on another base (its record says which one)."""
-    record = adapter_dir / BASE_RECORD
+    record = base_model_file(adapter_dir)
     if not record.is_file():
         return
     trained_on = json.loads(record.read_text()).get("base_model")
@@ -81,7 +81,7 @@ def sft_parent(adapter_dir: str | None) -> dict[str, str]:
     """MLflow tags linking a DPO run to the SFT run its adapter came from (RUN/tracking.json)."""
     if not adapter_dir:
         return {"dpo_start": "base"}
-    from lmmtune.eval.runs import source_run_id
+    from lmmtune.runs import source_run_id
 
     tags = {"dpo_start": "adapter", "init_adapter": str(Path(adapter_dir).resolve())}
     parent = source_run_id(Path(adapter_dir).resolve().parent)

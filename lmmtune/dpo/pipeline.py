@@ -20,6 +20,7 @@ from lmmtune.dpo.demo import pair_data_config
 from lmmtune.dpo.model import check_base, sft_parent, start_policy
 from lmmtune.dpo.trainer import REFERENCE_ADAPTER, build_dpo_arguments, build_dpo_trainer
 from lmmtune.errors import LmmtuneError
+from lmmtune.eval.description import describe_run
 from lmmtune.model.adapters import PROJECTOR, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.pipeline import (
@@ -31,9 +32,9 @@ from lmmtune.pipeline import (
     whole_run_loss,
 )
 from lmmtune.rundir import RunDir
-from lmmtune.track.description import describe_run
-from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, start_tracker, tracked_run
+from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, tracked_run
 from lmmtune.track.record import last_logged_step
+from lmmtune.track.tracker import start_tracker
 from lmmtune.train.guards import StopOnNonFinite, StopOnSignal
 from lmmtune.train.memory import fit_to_memory
 from lmmtune.weights import name_base_by_hub_id

@@ -24,10 +24,21 @@ class EvalResult:
 
 
 def evaluate(
-    model: torch.nn.Module, processor, samples: list[Sample], eval_cfg: EvalConfig, desc: str
+    model: torch.nn.Module,
+    processor,
+    samples: list[Sample],
+    eval_cfg: EvalConfig,
+    max_image_pixels: int | None,
+    desc: str,
 ) -> EvalResult:
     predictions = generate_answers(
-        model, processor, samples, eval_cfg.max_new_tokens, eval_cfg.batch_size, desc=desc
+        model,
+        processor,
+        samples,
+        eval_cfg.max_new_tokens,
+        eval_cfg.batch_size,
+        max_image_pixels,
+        desc=desc,
     )
     metrics, scores = score_predictions(
         predictions, references(samples), [s.question_type for s in samples]
@@ -36,16 +47,16 @@ def evaluate(
 
 
 def evaluate_adapter(
-    model, processor, samples: list[Sample], eval_cfg: EvalConfig
+    model, processor, samples: list[Sample], eval_cfg: EvalConfig, max_image_pixels: int | None
 ) -> tuple[EvalResult | None, EvalResult | None]:
     """Before (adapter and trained projector switched off) and after, on one PeftModel."""
     before = after = None
     if eval_cfg.before:
         with model.disable_adapter():
-            before = evaluate(model, processor, samples, eval_cfg, "eval before")
+            before = evaluate(model, processor, samples, eval_cfg, max_image_pixels, "eval before")
         log.info("eval before (base model): %s", summary(before.metrics))
     if eval_cfg.after:
-        after = evaluate(model, processor, samples, eval_cfg, "eval after")
+        after = evaluate(model, processor, samples, eval_cfg, max_image_pixels, "eval after")
         log.info("eval after (adapter): %s", summary(after.metrics))
     return before, after
 

@@ -37,10 +37,11 @@ def generate_answers(
     samples: list[Sample],
     max_new_tokens: int,
     batch_size: int,
+    max_image_pixels: int | None,
     desc: str = "generating",
 ) -> list[str]:
     tokenize = TokenizedConversation(processor, max_length=10**9)
-    load_image = ImageLoader(processor)
+    load_image = ImageLoader(processor, max_image_pixels)
     tokenizer = processor.tokenizer
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
     was_training = model.training

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from lmmtune.data.records import Sample
+from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import EvalResult, references
 
 log = logging.getLogger(__name__)
@@ -67,23 +68,36 @@ def prediction_rows(
 
 
 IMAGE_FILE = "image_file"
-"""Row key of an in-table image's PNG copy (parquet bytes have no file to show)."""
+"""Row key of the image's small PNG copy: what MLflow's thumbnails and the sample grid show."""
 
 
-def write_table_images(samples: list[Sample], rows: list[dict], folder: Path, side: int = 336):
-    """Save images held inside a data table (no file of their own) as small PNGs in `folder`,
-    so that MLflow's thumbnails and the sample grid show them as they show files."""
+def write_table_images(
+    samples: list[Sample],
+    rows: list[dict],
+    folder: Path,
+    max_image_pixels: int | None,
+    side: int = 336,
+):
+    """Save each sample's image (a file, or bytes inside a data table) as a small PNG in `folder`.
+
+    The images are opened here once, as training opened them (`data.max_image_pixels`
+    included); MLflow's thumbnails and the sample grid then read only these copies.
+    """
     from lmmtune.data.dataset import load_sample_image
 
     for index, (sample, row) in enumerate(zip(samples, rows, strict=True)):
-        if sample.image_ref is None:
+        if sample.image is None:
             continue
-        image = load_sample_image(sample)
+        try:
+            image = load_sample_image(sample, max_image_pixels)
+        except LmmtuneError as exc:  # a file gone since the eval: shown without its picture
+            log.warning("no thumbnail: %s", exc)
+            continue
         image.thumbnail((side, side))
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{index:05d}.png"
         image.save(path)
-        row[IMAGE_FILE] = str(path)
+        row[IMAGE_FILE] = str(path.resolve())  # readable from any working directory
 
 
 def without_file(row: dict) -> dict:
@@ -152,11 +166,12 @@ def save_eval_report(
     before: EvalResult | None,
     after: EvalResult | None,
     tracker,
+    max_image_pixels: int | None,
     table_images: bool = True,
 ) -> dict[str, Path]:
     """Write `PREFIXpredictions.jsonl` and `PREFIXbefore_after.png` to `out_dir`, log both to MLflow."""
     rows = prediction_rows(samples, before, after)
-    write_table_images(samples, rows, out_dir / f"{prefix}images")
+    write_table_images(samples, rows, out_dir / f"{prefix}images", max_image_pixels)
     files = {
         "predictions": write_predictions(rows, out_dir / f"{prefix}predictions.jsonl"),
         "chart": plot_before_after(
@@ -165,7 +180,7 @@ def save_eval_report(
             out_dir / f"{prefix}before_after.png",
         ),
     }
-    shown = [{**without_file(row), "image": row.get(IMAGE_FILE, row["image"])} for row in rows]
+    shown = [{**without_file(row), "image": row.get(IMAGE_FILE)} for row in rows]
     tracker.log_table(
         shown, "eval/predictions.json", image_column="image" if table_images else None
     )

@@ -18,19 +18,19 @@ from omegaconf import DictConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.eval.runs import (
+from lmmtune.owned import OwnedFolder, claim_folder
+from lmmtune.rundir import RunDir
+from lmmtune.runs import (
     command_tags,
     eval_samples,
     find_adapter,
     find_run_dir,
     load_adapted_model,
     load_run_processor,
-    open_tracker,
     run_settings,
 )
-from lmmtune.owned import OwnedFolder, claim_folder
-from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import tracked_run
+from lmmtune.track.tracker import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         eval_data = eval_cfg.data or "run eval split"
         tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
         tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
-        before, after = evaluate_adapter(model, processor, samples, eval_cfg)
+        before, after = evaluate_adapter(
+            model, processor, samples, eval_cfg, settings.data.max_image_pixels
+        )
         metrics = {
             "adapter": str(adapter),
             "data": eval_cfg.data or "the run's eval split",
@@ -69,9 +71,19 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             if result is not None:
                 metrics[name] = result.metrics
                 tracker.set_tags(scalar_tags(name, result.metrics))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_eval_report(out_dir, "", samples, before, after, tracker, eval_cfg.table_images)
-        tracker.log_artifact(out_dir / "metrics.json", "eval")
+        metrics_file = RunDir(out_dir).metrics  # the eval folder names its numbers as a run does
+        metrics_file.write_text(json.dumps(metrics, indent=2))
+        save_eval_report(
+            out_dir,
+            "",
+            samples,
+            before,
+            after,
+            tracker,
+            settings.data.max_image_pixels,
+            eval_cfg.table_images,
+        )
+        tracker.log_artifact(metrics_file, "eval")
         out_folder.record()
     log.info("eval written to %s", out_dir)
     return metrics

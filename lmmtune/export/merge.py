@@ -47,10 +47,10 @@ class Parity:
         return {**asdict(self), "passed": self.passed}
 
 
-def parity_batch(processor, samples: list[Sample]) -> dict:
+def parity_batch(processor, samples: list[Sample], max_image_pixels: int | None) -> dict:
     """Whole conversations (prompt and answer) with their images, right-padded."""
     tokenize = TokenizedConversation(processor, max_length=10**9)
-    load_image = ImageLoader(processor)
+    load_image = ImageLoader(processor, max_image_pixels)
     items = []
     for sample in samples:
         item = {"input_ids": tokenize(sample)[0]}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from lmmtune.eval.description import run_description
 from lmmtune.eval.report import HEADLINE
 from lmmtune.export.chat_template import export_processor
-from lmmtune.track.description import run_description
 
 CARD_FILE = "README.md"
 

@@ -26,16 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
-from lmmtune.eval.runs import (
-    command_tags,
-    eval_samples,
-    find_adapter,
-    find_run_dir,
-    load_run_processor,
-    open_tracker,
-    run_settings,
-    source_run_id,
-)
 from lmmtune.export.chat_template import export_processor
 from lmmtune.export.merge import (
     PARITY_TOLERANCE,
@@ -47,9 +37,19 @@ from lmmtune.export.merge import (
     token_logits,
 )
 from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
+from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
+from lmmtune.runs import (
+    command_tags,
+    eval_samples,
+    find_adapter,
+    find_run_dir,
+    load_run_processor,
+    run_settings,
+    source_run_id,
+)
 from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.redact import redact_value
+from lmmtune.track.tracker import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def export_merged(
     dtype = export_cfg.dtype or settings.model.dtype
     model_cfg = OmegaConf.merge(settings.model, {"dtype": dtype})
     samples = parity_samples(settings, run_dir, processor, export_cfg.parity_samples)
-    batch = parity_batch(processor, samples) if samples else None
+    batch = parity_batch(processor, samples, settings.data.max_image_pixels) if samples else None
     reference = merge_and_save(model_cfg, adapter, tmp, processor, batch)
     report: dict = {"dtype": dtype}
     if batch is None:

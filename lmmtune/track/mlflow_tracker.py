@@ -8,7 +8,6 @@ The tracking URI comes from `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`,
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,9 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from lmmtune.atomic import write_text_atomic
 from lmmtune.config import TrackingConfig
-from lmmtune.track.redact import redact, redact_value
+from lmmtune.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +173,7 @@ class MlflowTracker(NullTracker):
         self.mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
 
     def log_model(self, model_dir: Path, registered_name: str | None = None) -> dict | None:
-        from lmmtune.export.registry import log_pyfunc_model
+        from lmmtune.track.registry import log_pyfunc_model
 
         return log_pyfunc_model(Path(model_dir), registered_name)
 
@@ -190,7 +188,7 @@ class MlflowTracker(NullTracker):
             self.mlflow.log_input(dataset, context=context, tags={"samples": str(samples)})
 
     def log_adapter_model(self, adapter_dir: Path) -> str | None:
-        from lmmtune.export.adapter_model import log_adapter_model
+        from lmmtune.track.adapter_model import log_adapter_model
 
         with _extra("the adapter as a logged model"):
             return log_adapter_model(Path(adapter_dir))
@@ -209,56 +207,20 @@ def _extra(what: str):
 
 def _thumbnails(paths: list, size: int = 128) -> list | None:
     """Small RGB copies of the images for an MLflow table, or None if any cannot be opened
-    (MLflow wants a column of images only or of none)."""
-    from lmmtune.data.images import open_image
+    (MLflow wants a column of images only or of none). The paths are the eval report's own
+    small PNG copies (`eval/report.py`), so plain PIL opens them."""
+    from PIL import Image
 
     images = []
     for path in paths:
         try:
-            image = open_image(path)
-        except Exception:  # a text-only row, an in-data image, a file gone: paths only
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except Exception:  # a text-only row, an image without a copy: no thumbnails
             return None
         image.thumbnail((size, size))
         images.append(image)
     return images
-
-
-def start_tracker(
-    tracking_cfg: TrackingConfig, experiment: str, run_name: str | None, run_dir: Path
-) -> NullTracker:
-    """The run's tracker: MLflow behind a local record that keeps everything if MLflow fails.
-
-    A resumed run (RUN/tracking.json holds its MLflow run id) continues the same MLflow run;
-    a job of a Hydra multirun becomes a child of its sweep's run, named after its swept
-    values. Under torchrun / accelerate launch only rank 0 tracks: the others get a NullTracker.
-    """
-    from lmmtune import distributed
-
-    if tracking_cfg.backend == "none" or not distributed.is_main():
-        return NullTracker()
-    if tracking_cfg.backend != "mlflow":
-        from lmmtune.errors import LmmtuneError
-
-        raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
-    from lmmtune.track.record import LocalRecord, ResilientTracker
-    from lmmtune.track.sweep import sweep_job
-
-    state_file = run_dir / "tracking.json"
-    resume_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
-    job = sweep_job()
-    tracker = ResilientTracker(
-        lambda: MlflowTracker(
-            tracking_cfg,
-            experiment,
-            job.run_name if job else run_name,
-            resume_run_id=resume_id,
-            parent_run_id=job.parent_run_id if job else None,
-        ),
-        LocalRecord(run_dir),
-    )
-    if tracker.run_id is not None:
-        write_text_atomic(state_file, json.dumps({"run_id": tracker.run_id}))
-    return tracker
 
 
 @contextlib.contextmanager

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
-from lmmtune.track.redact import redact, redact_value
+from lmmtune.redact import redact, redact_value
+from lmmtune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "tracking_record.jsonl"
 IMPORT_STATE = "tracking_import.json"
 RETRY_DELAYS = (1.0, 4.0)
 """Seconds to wait before each retry of a failed MLflow call, then the run goes on locally."""
@@ -30,7 +30,7 @@ RETRY_DELAYS = (1.0, 4.0)
 
 class LocalRecord:
     def __init__(self, run_dir: Path):
-        self.path = run_dir / RECORD_NAME
+        self.path = RunDir(run_dir).tracking_record
 
     def append(
         self, method: str, args: tuple, kwargs: dict, delivered: bool = True, run_id=None
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if not pending:
         print(f"nothing to import: every recorded call of {args.run_dir} is in MLflow")
         return
-    config = OmegaConf.load(args.run_dir / "config.yaml")
+    config = OmegaConf.load(RunDir(args.run_dir).config)
     tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
     tracker = None
     if run_id is not None:  # complete the run MLflow lost contact with

@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lmmtune.track.redact import redact, redact_value
+from lmmtune.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from lmmtune.config import PeftConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR
-from lmmtune.track.console import progress_bars, use_step_lines
+from lmmtune.rundir import RunDir
 from lmmtune.train.checkpoints import AtomicCheckpointMixin
+from lmmtune.train.console import progress_bars, use_step_lines
 from lmmtune.train.liger import liger_arguments
 from lmmtune.train.loss import chunked_causal_lm_loss
 
@@ -54,7 +55,7 @@ def build_training_arguments(
     """
     on_gpu = torch.cuda.is_available()
     return (args_class or LlavaTrainingArguments)(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(RunDir(run_dir).checkpoints),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
         per_device_train_batch_size=train_cfg.batch_size,

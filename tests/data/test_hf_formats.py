@@ -12,6 +12,7 @@ from PIL import Image
 from lmmtune.config import DataColumns
 from lmmtune.data.dataset import PaddingCollator, SupervisedDataset, load_sample_image
 from lmmtune.data.hf import TableImage
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.problems import Kind
 from lmmtune.data.readers import read_data
 from lmmtune.errors import LmmtuneError
@@ -44,7 +45,7 @@ def _table(images, **extra):
 
 
 def _colours(samples):
-    return [load_sample_image(s).getpixel((0, 0)) for s in samples]
+    return [load_sample_image(s, DEFAULT_MAX_PIXELS).getpixel((0, 0)) for s in samples]
 
 
 def test_save_to_disk_with_decoded_images_reads_them_lazily(tmp_path):
@@ -58,7 +59,10 @@ def test_save_to_disk_with_decoded_images_reads_them_lazily(tmp_path):
     assert _colours(data.samples) == COLOURS
     # A DataLoader worker started with spawn gets the sample pickled: the table goes by path.
     assert len(pickle.dumps(sample)) < 4000
-    assert load_sample_image(pickle.loads(pickle.dumps(sample))).getpixel((0, 0)) == COLOURS[1]
+    assert (
+        load_sample_image(pickle.loads(pickle.dumps(sample)), DEFAULT_MAX_PIXELS).getpixel((0, 0))
+        == COLOURS[1]
+    )
 
 
 def test_parquet_with_bytes_dicts_and_an_id_column(tmp_path):
@@ -202,7 +206,7 @@ def test_dataloader_workers_decode_table_images(tmp_path, tiny_processor):
     _table(_images()).save_to_disk(tmp_path / "ds")
     samples = read_data(tmp_path / "ds", COLUMNS).samples
     loader = DataLoader(
-        SupervisedDataset(samples, tiny_processor, 512),
+        SupervisedDataset(samples, tiny_processor, 512, DEFAULT_MAX_PIXELS),
         batch_size=3,
         num_workers=2,
         collate_fn=PaddingCollator(tiny_processor.tokenizer.pad_token_id),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmmtune.data.dataset import ImageLoader, TokenizedConversation
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.pairs import as_rejected
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX
@@ -23,7 +24,7 @@ def pair(tmp_path, turns, rejected, image=True) -> Sample:
 def test_pair_batch_holds_sft_ids_and_sft_prompt(tmp_path, tiny_processor):
     sample = pair(tmp_path, [("Is there a lesion?", "yes")], "no")
     sft = TokenizedConversation(tiny_processor, 1024)
-    collator = PreferenceCollator([sample], tiny_processor, 1024)
+    collator = PreferenceCollator([sample], tiny_processor, 1024, DEFAULT_MAX_PIXELS)
 
     batch = collator(pair_index([sample]).to_list())
 
@@ -36,7 +37,7 @@ def test_pair_batch_holds_sft_ids_and_sft_prompt(tmp_path, tiny_processor):
         prompt_length = completion.index(True)
         assert ids[:prompt_length] == sft.prompt_ids(side)  # what generation is prompted with
     assert batch["input_ids"][0].tolist() != batch["input_ids"][1].tolist()
-    image = ImageLoader(tiny_processor)(sample)
+    image = ImageLoader(tiny_processor, DEFAULT_MAX_PIXELS)(sample)
     assert batch["pixel_values"].shape[0] == 2
     assert torch.equal(batch["pixel_values"][0], image) and torch.equal(
         batch["pixel_values"][1], image

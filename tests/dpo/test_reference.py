@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from lmmtune.dpo.collator import PreferenceCollator
 from lmmtune.dpo.model import start_policy
@@ -41,7 +42,7 @@ def trainer_for(reference: str, adapter: str, tmp_path, processor):
         image=str(save_image(tmp_path / "a.png")),
         extra={"rejected": "no"},
     )
-    collator = PreferenceCollator([sample], processor, 256)
+    collator = PreferenceCollator([sample], processor, 256, DEFAULT_MAX_PIXELS)
     args = build_dpo_arguments(cfg.train, cfg.dpo, tmp_path, 0, cfg.model.dtype)
     trainer = build_dpo_trainer(
         policy, [sample], [], collator, args, processor, None, None, [], reference, ("projector",)

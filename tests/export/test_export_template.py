@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lmmtune.data.dataset import ImageLoader, TokenizedConversation
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from lmmtune.data.template import render_conversation
 from lmmtune.export.chat_template import export_processor
@@ -64,7 +65,7 @@ def test_chat_template_token_ids_equal_lmmtune_prompt_ids(exported, tiny_process
     assert inputs["input_ids"][0].tolist() == expected
     # padded to a square, not centre-cropped, in LLaVA's pad colour int(mean * 255): the
     # exported processor gives lmmtune's pixels, padding included
-    ours = ImageLoader(tiny_processor)(sample)
+    ours = ImageLoader(tiny_processor, DEFAULT_MAX_PIXELS)(sample)
     theirs = inputs["pixel_values"][0]
     assert torch.equal(theirs, ours)
 
@@ -85,7 +86,7 @@ def test_assistant_answers_are_marked_for_loss_masks(exported):
 
 def docs_usage_example() -> str:
     """The processor part of docs/eval_export.md's usage example (the lines without the model)."""
-    text = (Path(__file__).parent.parent / "docs" / "eval_export.md").read_text()
+    text = (Path(__file__).parent.parent.parent / "docs" / "eval_export.md").read_text()
     block = text.split("```python\n")[1].split("```")[0]
     assert "apply_chat_template" in block
     kept = [line for line in block.splitlines() if "model" not in line and "output" not in line]
@@ -143,5 +144,7 @@ def test_pyfunc_model_reads_images_as_training_did(exported, tiny_processor, tmp
         expected = TokenizedConversation(tiny_processor, 10**9).prompt_ids(sample)
         assert inputs["input_ids"][0].tolist() == expected
         assert torch.allclose(
-            inputs["pixel_values"][0], ImageLoader(tiny_processor)(sample), atol=1e-5
+            inputs["pixel_values"][0],
+            ImageLoader(tiny_processor, DEFAULT_MAX_PIXELS)(sample),
+            atol=1e-5,
         )

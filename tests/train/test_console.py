@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 
 def step_lines(stderr: str) -> list[dict]:

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.errors import LmmtuneError
-
-from .conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli
 
 REGISTERED = "demo-llava"
 
@@ -186,9 +186,9 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lmmtune.eval.runs import eval_samples
     from lmmtune.export.merge import parity_batch, token_logits
     from lmmtune.export.run import run_export
+    from lmmtune.runs import eval_samples
 
     target = tmp_path / "adapter-export"
     cfg = compose_config(
@@ -211,7 +211,7 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     merged = LlavaForConditionalGeneration.from_pretrained(merged_export["dir"])
     processor = AutoProcessor.from_pretrained(target)
     samples = eval_samples(compose_config(["recipe=demo"]), demo_run["run_dir"], processor, None)
-    batch = parity_batch(processor, samples[:2])
+    batch = parity_batch(processor, samples[:2], DEFAULT_MAX_PIXELS)
     difference = (token_logits(adapted, batch) - token_logits(merged, batch)).abs().max().item()
     assert difference < 1e-4
 

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmmtune.data.dataset import SupervisedDataset, image_token_count
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX, SYSTEM_PROMPT, render_conversation, render_prompt
 
@@ -46,7 +47,7 @@ def image_file(tmp_path):
 
 def test_only_answers_and_their_eos_carry_labels_multi_turn(tiny_processor, image_file):
     sample = Sample(id="1", turns=TURNS, image=str(image_file), source="t")
-    item = SupervisedDataset([sample], tiny_processor, max_length=512)[0]
+    item = SupervisedDataset([sample], tiny_processor, 512, DEFAULT_MAX_PIXELS)[0]
     tokenizer = tiny_processor.tokenizer
     labelled = [
         tokenizer.decode([t])
@@ -74,7 +75,9 @@ def test_only_answers_and_their_eos_carry_labels_multi_turn(tiny_processor, imag
 
 
 def test_text_only_sample_has_no_image_tokens(tiny_processor):
-    item = SupervisedDataset([Sample(id="t", turns=TURNS[:1], source="t")], tiny_processor, 512)[0]
+    item = SupervisedDataset(
+        [Sample(id="t", turns=TURNS[:1], source="t")], tiny_processor, 512, DEFAULT_MAX_PIXELS
+    )[0]
     assert "pixel_values" not in item
     assert tiny_processor.tokenizer.convert_tokens_to_ids("<image>") not in item["input_ids"]
     assert sum(label != IGNORE_INDEX for label in item["labels"]) == 2  # "yes" + "</s>"
@@ -88,4 +91,5 @@ def test_too_long_sample_is_refused_not_truncated(tiny_processor, image_file):
             [Sample(id="1", turns=TURNS, image=str(image_file), source="f.json[0]")],
             tiny_processor,
             max_length=20,
+            max_image_pixels=DEFAULT_MAX_PIXELS,
         )[0]

@@ -12,12 +12,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from lmmtune.config import DataColumns, TrackingConfig
+from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.readers import read_data
 from lmmtune.eval.evaluate import EvalResult
 from lmmtune.eval.metrics import score_predictions
 from lmmtune.eval.report import save_eval_report
+from lmmtune.eval.samples import log_sample_images
 from lmmtune.track.mlflow_tracker import MlflowTracker
-from lmmtune.track.samples import log_sample_images
 
 datasets = pytest.importorskip("datasets")
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
@@ -49,7 +50,7 @@ def test_in_table_images_get_thumbnails_and_sample_tiles(tmp_path, monkeypatch):
     tracker = MlflowTracker(TrackingConfig(tracking_uri=uri), experiment="tables", run_name="t")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_eval_report(run_dir, "eval_", samples, None, after, tracker)
+    save_eval_report(run_dir, "eval_", samples, None, after, tracker, DEFAULT_MAX_PIXELS)
     grid = log_sample_images(tracker, run_dir / "eval_predictions.jsonl", run_dir / "grid.png")
     tracker.end()
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
+from lmmtune.rundir import RunDir, base_model_file
 from lmmtune.weights import require_safetensors
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 RUN_SECTIONS = ("model", "quant", "peft", "data", "eval")
 """Sections read from the run's config.yaml; the rest (tracking, export, predict) from the command."""
 ADAPTER_CONFIG = "adapter_config.json"
-BASE_RECORD = "lmmtune_base.json"
 """Written by training next to the adapter: the resolved base model path."""
 
 
@@ -42,7 +42,7 @@ def find_run_dir(cfg: DictConfig, adapter: str | None) -> Path | None:
     candidates = [Path(cfg.output_dir)]
     if adapter is not None:
         candidates += list(Path(adapter).resolve().parents)[:2]
-    return next((c for c in candidates if (c / "config.yaml").is_file()), None)
+    return next((c for c in candidates if RunDir(c).config.is_file()), None)
 
 
 def run_settings(
@@ -62,7 +62,7 @@ def run_settings(
         OmegaConf.structured(_schema()), OmegaConf.to_container(cfg, resolve=True)
     )
     if run_dir is not None:
-        _apply_run_config(settings, cfg, run_dir / "config.yaml", keys)
+        _apply_run_config(settings, cfg, RunDir(run_dir).config, keys)
     trained_on = trained_base(adapter) if adapter is not None else None
     if trained_on and not {"model", "model.path"} & set(keys):
         settings.model.path = trained_on
@@ -88,7 +88,7 @@ def trained_base(adapter: Path) -> str | None:
     """The resolved base directory the adapter was trained on, if it is still there."""
     import json
 
-    record = adapter / BASE_RECORD
+    record = base_model_file(adapter)
     try:
         path = json.loads(record.read_text())["base_model"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -104,7 +104,7 @@ def _schema():
 
 def find_adapter(adapter: str | None, run_dir: Path | None, cfg: DictConfig) -> Path:
     """The adapter directory (`adapter` or RUN/adapter); a clear error if it holds no adapter."""
-    path = Path(adapter) if adapter else Path(run_dir or cfg.output_dir) / "adapter"
+    path = Path(adapter) if adapter else RunDir(run_dir or cfg.output_dir).adapter
     if not (path / ADAPTER_CONFIG).is_file():
         raise LmmtuneError(
             f"no adapter in {path} ({ADAPTER_CONFIG} missing): pass output_dir=RUN of a finished "
@@ -119,7 +119,7 @@ def source_run_id(run_dir: Path | None) -> str | None:
     """The training run's MLflow run id (RUN/tracking.json), to link eval and export runs to it."""
     import json
 
-    state = run_dir / "tracking.json" if run_dir else None
+    state = RunDir(run_dir).tracking if run_dir else None
     if state is None or not state.is_file():
         return None
     try:
@@ -220,25 +220,3 @@ def _inspect(data_cfg, processor):
 
     with tempfile.TemporaryDirectory(prefix="lmmtune-eval-") as work_dir:
         return inspect_data(data_cfg, processor, Path(work_dir))
-
-
-def open_tracker(tracking_cfg, experiment: str, run_name: str, required: bool = False):
-    """An MLflow run of its own for a command (a no-op tracker with tracking=none).
-
-    If MLflow cannot be reached the command goes on untracked (its files are written
-    anyway), unless tracking is `required` (registering a model).
-    """
-    from lmmtune.track.mlflow_tracker import MlflowTracker, NullTracker
-    from lmmtune.track.redact import redact_value
-
-    if tracking_cfg.backend == "none":
-        return NullTracker()
-    if tracking_cfg.backend != "mlflow":
-        raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
-    try:
-        return MlflowTracker(tracking_cfg, experiment, run_name)
-    except Exception as exc:  # the backend raises many types (connection, sqlite, auth)
-        if required:
-            raise LmmtuneError(f"could not start an MLflow run: {redact_value(str(exc))}") from None
-        log.warning("MLflow unavailable (%s); going on without tracking", redact_value(str(exc)))
-        return NullTracker()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 EXPERIMENT = "demo-eval"
 
@@ -64,6 +64,7 @@ def test_training_metrics_keep_accuracy_and_add_the_vqa_metrics(demo_run):
 
 def test_eval_writes_its_own_outputs_and_never_the_training_metrics(demo_run, eval_cli):
     written = {"metrics.json", "predictions.jsonl", "before_after.png"}
+    written |= {"images"}  # small copies of the eval images: MLflow thumbnails, sample grid
     assert {p.name for p in eval_cli["dir"].iterdir()} == written | {".lmmtune.json"}
     manifest = json.loads((eval_cli["dir"] / ".lmmtune.json").read_text())
     assert manifest == {"kind": "eval", "files": sorted(written)}  # what eval.overwrite clears
@@ -108,8 +109,7 @@ def test_training_run_logs_the_predictions_table_and_chart(demo_run):
 def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, eval_cli, tmp_path):
     from lmmtune.errors import LmmtuneError
     from lmmtune.eval.run import run_eval
-
-    from .conftest import compose_config
+    from tests.conftest import compose_config
 
     again = compose_config([f"output_dir={demo_run['run_dir']}", "tracking=none"])
     empty = compose_config([f"output_dir={tmp_path}", "tracking=none"])

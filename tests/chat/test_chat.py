@@ -20,10 +20,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lmmtune.errors import LmmtuneError
-
-from .conftest import compose_config
-from .data.test_images import _png_claiming, _write_dicom
-from .test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
+from tests.conftest import compose_config
+from tests.data.test_images import _png_claiming, _write_dicom
+from tests.track.test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
 
 gradio_client = pytest.importorskip("gradio_client")
 LEAD_SCREENSHOT = Path("/tmp/lmmtune_chat_app.png")
@@ -242,8 +241,7 @@ def test_chat_without_gradio_names_the_extra(monkeypatch):
 def test_registered_model_is_one_merged_answer(demo_run):
     from lmmtune.chat.generation import Answerer, Settings, conversation
     from lmmtune.chat.model import load_chat_model
-
-    from .test_export import REGISTERED, export_once
+    from tests.export.test_export import REGISTERED, export_once
 
     export_once(demo_run)
     cfg = compose_config(

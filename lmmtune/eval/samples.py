@@ -14,8 +14,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lmmtune.data.images import open_image
-
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "eval_samples.png"
@@ -29,7 +27,7 @@ def log_sample_images(tracker, predictions: Path, out: Path, count: int = 8) -> 
     if not predictions.is_file():
         return None
     rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
-    rows = [row for row in rows if row.get("image")][:count]
+    rows = [row for row in rows if row.get("image_file")][:count]
     tiles = [tile for tile in (_tile(row) for row in rows) if tile is not None]
     if not tiles:
         return None
@@ -49,9 +47,10 @@ def grid(tiles: list[Image.Image], columns: int = 4) -> Image.Image:
 
 def _tile(row: dict) -> Image.Image | None:
     try:
-        # as training read it (EXIF rotation, DICOM, 16-bit); an in-table image from its copy
-        image = open_image(row.get("image_file") or row["image"])
-    except (OSError, ValueError):  # a file gone or unreadable: leave the sample out
+        # the eval report's small copy, opened as training opened the image (eval/report.py)
+        with Image.open(row["image_file"]) as opened:
+            image = opened.convert("RGB")
+    except (KeyError, OSError, ValueError):  # no copy (the file was gone): leave it out
         return None
     scale = TILE / max(image.size)  # small scans are enlarged too, to be seen
     image = image.resize((round(image.width * scale), round(image.height * scale)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).parent.parent / "export" / "pyfunc_model.py"
 PACKAGE_DIR = Path(__file__).parent.parent
 """lmmtune itself, shipped with the model: the pyfunc opens images with its `open_image`."""
 MODEL_NAME = "model"

@@ -228,7 +228,8 @@ def test_eval_steps_log_an_eval_loss_that_falls_to_mlflow(tiny_model_path, tmp_p
 
     from lmmtune.config import TrackingConfig
     from lmmtune.data.dataset import PaddingCollator
-    from lmmtune.track.mlflow_tracker import TrackerCallback, start_tracker
+    from lmmtune.track.mlflow_tracker import TrackerCallback
+    from lmmtune.track.tracker import start_tracker
     from lmmtune.train.trainer import build_trainer
 
     model = _model(False)

@@ -7,7 +7,7 @@ late losses near 0.01). Measured: bit-identical from run to run at one thread co
 1 vs 2 CPU threads differ by at most 2.9e-7 (1.1e-5 relative). After a deliberate
 change to training, data or the demo, regenerate it:
 
-    LMMTUNE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+    LMMTUNE_UPDATE_GOLDEN=1 python -m pytest tests/train/test_golden.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "demo_loss_history.json"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "demo_loss_history.json"
 
 
 def test_demo_loss_history_matches_the_pinned_one(demo_run):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.real_tokenizer import real_processor_dir
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parent.parent.parent
 
 
 @pytest.mark.slow  # minutes: 7B-wide layers on a CPU

@@ -10,9 +10,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from lmmtune.export.registry import PYFUNC_CODE, requirements, signature
+from lmmtune.track.registry import PYFUNC_CODE, requirements, signature
 
-ADAPTER_CODE = Path(__file__).with_name("pyfunc_adapter.py")
+ADAPTER_CODE = Path(__file__).parent.parent / "export" / "pyfunc_adapter.py"
 ADAPTER_MODEL_NAME = "adapter"
 
 

@@ -1,0 +1,117 @@
+"""The package's modules import down the layers only, and no import cycle exists: every
+`import` is read with `ast`, those inside functions included (a deferred import is still a
+dependency)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lmmtune"
+
+LAYERS = {
+    # bottom to top: a module may import its own layer and those below it
+    "errors": 0,
+    "atomic": 0,
+    "config": 0,
+    "config_checks": 0,
+    "weights": 0,
+    "owned": 0,
+    "redact": 0,
+    "distributed": 0,
+    "data": 1,
+    "model": 2,
+    "train": 3,
+    "rundir": 3,
+    "resume": 3,
+    "runs": 3,
+    "track": 4,
+    "eval": 5,
+    "export": 6,
+    "chat": 7,
+    "dpo": 7,
+    "predict": 7,
+    "pipeline": 7,
+    "check": 7,
+    "api": 8,
+    "commands": 8,
+    "bench": 8,
+    "__init__": 9,
+    "__main__": 9,
+}
+"""The top-level module or sub-package of each `lmmtune.X` and its layer."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, name: str) -> set[str]:
+    """Every lmmtune module `path` imports, at the top or inside a function."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    # The package itself (`from lmmtune import __version__`) is no edge: Python imports it
+    # before any of its modules anyway, and its notebook functions import their modules late.
+    return {
+        name: {m for m in imported_modules(path, name) if m in files and m not in (name, "lmmtune")}
+        for name, path in files.items()
+    }
+
+
+def layer(module: str) -> tuple[str, int]:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    assert top in LAYERS, f"{module}: add lmmtune.{top} to LAYERS in {__file__}"
+    return top, LAYERS[top]
+
+
+def test_no_module_imports_up_the_layers():
+    upward = []
+    for name, imports in import_graph().items():
+        top, level = layer(name)
+        for target in imports:
+            target_top, target_level = layer(target)
+            if target_level > level:
+                upward.append(f"{name} ({top}, layer {level}) -> {target} (layer {target_level})")
+    assert not upward, "imports up the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles, state = [], {}
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_graph_sees_function_level_imports():
+    """The check itself: a deferred import counts (this one is known to exist)."""
+    assert "lmmtune.data.dicom" in import_graph()["lmmtune.data.images"]
