@@ -205,6 +205,8 @@ def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp
 
 
 def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
+    import mlflow
+
     from lmmtune.config import TrackingConfig
     from lmmtune.track.mlflow_tracker import MlflowTracker
     from lmmtune.track.record import LocalRecord, ResilientTracker
@@ -220,6 +222,7 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
         {"train/loss": 2.0}, step=2
     )  # blocks for the store's timeout, then falls back
     assert tracker.primary is None and "locked" in tracker.failed_reason
+    assert mlflow.active_run() is None  # let go of in this process: a next run may start
     tracker.log_metrics({"train/loss": 1.0}, step=3)
     tracker.end("FINISHED")
     lock.execute("ROLLBACK")

@@ -160,6 +160,20 @@ class MlflowTracker(NullTracker):
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 
+    def forget(self) -> None:
+        """Let go of the run in this process without calling the store (it has failed): the
+        next run in the same process (a notebook, a test) may start, and the system-metrics
+        thread stops. MLflow has no public call that skips the store, hence its internals."""
+        from mlflow.tracking import fluent
+
+        runs = fluent._active_run_stack.get()
+        if runs and runs[-1].info.run_id == self.run_id:
+            runs.pop()
+            fluent.MLFLOW_RUN_ID.unset()
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+        if monitor is not None:
+            monitor.finish()
+
     def log_table(
         self, rows: list[dict], artifact_file: str, image_column: str | None = None
     ) -> None:

@@ -122,6 +122,12 @@ class ResilientTracker:
         )
         # No more calls to a broken backend (each may block for its timeout); the MLflow run
         # stays open there, and the import completes it from the record.
+        forget = getattr(self.primary, "forget", None)
+        if forget is not None:
+            try:
+                forget()
+            except Exception as problem:  # noqa: BLE001 - MLflow internals moved: keep training
+                log.debug("could not let go of the MLflow run: %s", problem)
         self.primary = None
 
 

@@ -30,7 +30,10 @@ SCREENSHOTS_ENV = "LMMTUNE_SCREENSHOTS"
 def demo_mlflow_run(demo_run):
     client = MlflowClient(tracking_uri=demo_run["tracking_uri"])
     experiment = client.get_experiment_by_name("demo")
-    (run,) = client.search_runs([experiment.experiment_id])
+    # the training run (eval and export runs of other tests share the experiment)
+    run_id = json.loads((demo_run["run_dir"] / "tracking.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.experiment_id == experiment.experiment_id
     return client, experiment, run
 
 

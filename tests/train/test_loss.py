@@ -159,11 +159,6 @@ def test_trainer_training_step_gives_the_same_gradients_with_either_loss(models,
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_unknown_loss_impl_is_refused(tmp_path):
-    with pytest.raises(LmmtuneError, match="loss_impl"):
-        build_training_arguments(TrainConfig(loss_impl="fused"), tmp_path, 0, "float32")
-
-
 def test_chunked_loss_needs_a_fraction_of_the_memory_at_llava_length(tmp_path):
     """576 image tokens + text, LLaVA's 32064-token vocabulary: the logits dominate the default."""
     from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
