@@ -2,7 +2,8 @@
 
 As tests/test_distributed.py does for SFT: the same global batch (1 process x 4 pairs vs
 2 x 2), length grouping off, on top of a short SFT run's adapter. The loss history and
-the adapter must match; rank 0 alone writes the run directory and the MLflow run.
+the adapter must match; rank 0 alone writes the run directory (both ranks agree on
+its default name) and the MLflow run.
 
 This failed before the held-out "before" evaluation moved into the Trainer
 (`eval_on_start`): an `evaluate()` before `train()` marked the model as prepared, so
@@ -59,13 +60,16 @@ def test_torchrun_two_processes_train_the_dpo_stage_one_process_trains(tmp_path)
         running = pool.submit(
             run_cli, [*args, "train.batch_size=4", "tracking=none", "output_dir=run"], single
         )
-        result = launch(TORCHRUN, [*args, "train.batch_size=2", "output_dir=run"], cwd=tmp_path)
+        # default output_dir (outputs/demo_dpo/<time>): both ranks must agree on it
+        result = launch(TORCHRUN, [*args, "train.batch_size=2"], cwd=tmp_path)
         reference = running.result()
     assert reference.returncode == 0, reference.stderr[-4000:]
     assert result.returncode == 0, result.stderr[-6000:]
     assert "process 0 of 2 (gloo)" in result.stderr
 
-    run = tmp_path / "run"
+    run_dirs = list((tmp_path / "outputs" / "demo_dpo").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run = run_dirs[0]
     assert_same_training(run, single / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     # held-out preference before and after (TRL's evaluation loop, split over both processes)
