@@ -99,6 +99,10 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
         args = build_dpo_arguments(
             train_cfg, cfg.dpo, run_dir, cfg.data.num_workers, cfg.model.dtype
         )
+        # The held-out preference before training, measured by the Trainer once it has wrapped
+        # the model: an evaluate() before train() marks the model prepared, and under DDP the
+        # training then runs unwrapped, each process on its own gradients.
+        args.eval_on_start = bool(splits.eval) and resume_from is None
         stop = StopOnSignal()
         collator = PreferenceCollator(
             splits.train + splits.eval, processor, data_cfg.max_length, data_cfg.max_image_pixels
@@ -122,9 +126,9 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
         log.info("%s", report)
         if resume_from is None:
             tracker.log_params(report.as_dict())
-        if splits.eval and resume_from is None:
-            metrics["preference_before"] = held_out_preference(trainer)
         result = run_training(trainer, stop, resume_from, run_dir)
+        if args.eval_on_start:
+            metrics["preference_before"] = preference_at_start(trainer.state.log_history)
         metrics["train"] = train_summary(trainer, result)
         if splits.eval:
             metrics["preference_after"] = held_out_preference(trainer)
@@ -163,7 +167,15 @@ PREFERENCE_KEYS = ("rewards/accuracies", "rewards/margins", "logps/chosen", "log
 
 def held_out_preference(trainer) -> dict:
     """Reward accuracy, margin and log-probs on the eval pairs (TRL's evaluation loop)."""
-    logs = trainer.evaluate()
+    return preference(trainer.evaluate())
+
+
+def preference_at_start(history: list[dict]) -> dict:
+    """The held-out preference the Trainer measured before the first step (`eval_on_start`)."""
+    return preference(next(e for e in history if f"eval_{PREFERENCE_KEYS[0]}" in e))
+
+
+def preference(logs: dict) -> dict:
     found = {key: logs[f"eval_{key}"] for key in PREFERENCE_KEYS if f"eval_{key}" in logs}
     found["logp_margin"] = found["logps/chosen"] - found["logps/rejected"]
     log.info("held-out preference: %s", found)

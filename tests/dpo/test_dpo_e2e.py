@@ -1,5 +1,5 @@
 """`recipe=demo_dpo` on top of the SFT demo, through the CLI: DPO moves held-out preference,
-keeps generation accuracy, is tracked with its SFT parent, and exports and predicts like SFT."""
+keeps generation accuracy, is tracked with its SFT parent, and exports, predicts and chats like SFT."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from lmmtune.predict import predict
 from tests.conftest import compose_config, run_cli
@@ -79,3 +80,29 @@ def test_dpo_adapter_has_no_reference_copy_and_exports_and_predicts(dpo_run, cap
     )
     (answer,) = predict(cfg, overrides=[])
     assert answer["answer"] == row["after"]
+
+
+def test_chat_serves_the_dpo_run_base_and_adapted(dpo_run, demo_run):
+    """The chat app on a DPO run directory: the adapted answer is the DPO run's "after"; the base
+    answer (adapter off) is the base model's, i.e. the SFT run's "before" (the DPO run's own
+    "before" is the SFT adapter's answer)."""
+    from lmmtune.chat.generation import Answerer, Settings, conversation
+    from lmmtune.chat.model import load_chat_model
+
+    run_dir = dpo_run["run_dir"]
+    row = json.loads((run_dir / "eval_predictions.jsonl").read_text().splitlines()[0])
+    sft_rows = (demo_run["run_dir"] / "eval_predictions.jsonl").read_text().splitlines()
+    (sft_row,) = [r for r in map(json.loads, sft_rows) if r["id"] == row["id"]]
+    assert sft_row["question"] == row["question"]
+
+    chat_model = load_chat_model(
+        compose_config([f"output_dir={run_dir}", "chat.examples=0"]), overrides=[]
+    )
+    assert chat_model.has_base and str(run_dir / "adapter") in chat_model.description
+    answerer = Answerer(chat_model)
+    sample = conversation(row["image"], [], row["question"], chat_model.max_length)
+    settings = Settings(OmegaConf.load(run_dir / "config.yaml").eval.max_new_tokens)
+    *_, base = answerer.stream(answerer.inputs(sample), settings, adapter=False)
+    *_, adapted = answerer.stream(answerer.inputs(sample), settings)
+    assert adapted == row["after"]
+    assert base == sft_row["before"] != adapted
