@@ -47,6 +47,7 @@ def test_commands_that_fill_no_run_folder_create_none(tmp_path):
     assert not (tmp_path / "outputs").exists(), list(tmp_path.rglob("*"))
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_record_import_is_a_subcommand(tmp_path):
     from lmmtune.track.record import LocalRecord, ResilientTracker
 

@@ -220,6 +220,7 @@ def test_a_recipes_folder_from_the_environment(composer, tmp_path, monkeypatch):
     assert "ward7" in missing.stderr  # listed among the recipes to choose from
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_a_start_that_fails_late_removes_the_folder_it_made_and_nothing_else(tmp_path):
     """A bad model path is found after config.yaml is written: it once blocked the retry."""
     bad = ["recipe=demo", "model.path=/nonexistent/model", "tracking=none"]

@@ -94,6 +94,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
         torch.testing.assert_close(value, reference_weights[name], atol=ATOL, rtol=0, msg=name)
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_torchrun_two_processes_train_what_one_process_trains(single_run, tmp_path):
     # Default output_dir (outputs/demo/<time>): both ranks must agree on it. Eval on: rank 0
     # generates while rank 1 waits, and it must not change what is trained.

@@ -70,6 +70,7 @@ def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 LATER_EPOCH = [*FAST, "train.max_steps=25", "train.save_steps=5"]
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_resume_after_kill_9_in_a_later_epoch_matches_an_uninterrupted_run(tmp_path):
     reference = run_cli([*LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -132,6 +133,7 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_says_how_to_resume(
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_the_evaluation_marks_the_run_killed_with_the_resume_command(
     tmp_path, signum
@@ -179,6 +181,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp_path):
     result = run_cli(
         [*FAST, "output_dir=run"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
@@ -204,6 +207,7 @@ def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     import mlflow
 

@@ -162,6 +162,7 @@ def test_text_far_past_max_length_is_refused_without_tokenizing(tiny_processor):
     assert lengths[0] == 257 and lengths[1] < 256
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_check_cli_names_each_hostile_record_without_a_traceback(tmp_path):
     save_image(tmp_path / "a.png")
     os.symlink("/etc/passwd", tmp_path / "p.png")

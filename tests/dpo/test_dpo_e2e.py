@@ -12,6 +12,9 @@ from omegaconf import OmegaConf
 from lmmtune.predict import predict
 from tests.conftest import compose_config, run_cli
 
+# A DPO run on top of the SFT demo (about two minutes): CI's slow step runs it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def dpo_run(demo_run, tmp_path_factory) -> dict:

@@ -216,6 +216,7 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
     assert difference < 1e-4
 
 
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_a_killed_export_is_cleaned_up_and_its_run_ended_by_the_next(demo_run, tmp_path):
     import os
     import signal
