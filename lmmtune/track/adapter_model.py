@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from lmmtune.track.registry import PYFUNC_CODE, requirements, signature
+from lmmtune.track.registry import PYFUNC_CODE, requirements, shareable_code, signature
 
 ADAPTER_CODE = Path(__file__).parent.parent / "export" / "pyfunc_adapter.py"
 ADAPTER_MODEL_NAME = "adapter"
@@ -21,7 +21,7 @@ def log_adapter_model(adapter_dir: Path) -> str:
     import mlflow
     import peft
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), shareable_code(ADAPTER_CODE) as code:
         # MLflow's advice to the model's author (type hints, an input example); the signature
         # is given in full, so there is nothing for a user to act on.
         warnings.filterwarnings(
@@ -29,7 +29,7 @@ def log_adapter_model(adapter_dir: Path) -> str:
         )
         info = mlflow.pyfunc.log_model(
             name=ADAPTER_MODEL_NAME,
-            python_model=str(ADAPTER_CODE),
+            python_model=code,
             code_paths=[str(PYFUNC_CODE)],  # the question answering it shares with the export
             artifacts={"adapter": str(adapter_dir)},
             signature=signature(),

@@ -9,6 +9,10 @@ inferring them would load the model once more in a subprocess.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,19 +51,28 @@ def signature():
     )
 
 
+@contextmanager
+def shareable_code(code_file: Path) -> Iterator[str]:
+    """A temporary copy of a model-code file: MLflow records the path it is given in the
+    shared MLmodel file, and the installed one is under the user's home (site-packages)."""
+    with tempfile.TemporaryDirectory(prefix="lmmtune-model-code-") as folder:
+        yield shutil.copy(code_file, folder)
+
+
 def log_pyfunc_model(model_dir: Path, registered_name: str | None = None) -> dict:
     """Log `model_dir` into the active MLflow run; register it as `registered_name` if given."""
     import mlflow
 
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=str(PYFUNC_CODE),
-        artifacts={"model": str(model_dir)},
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature(),
-        pip_requirements=requirements(),
-        registered_model_name=registered_name,
-    )
+    with shareable_code(PYFUNC_CODE) as code:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=code,
+            artifacts={"model": str(model_dir)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(),
+            pip_requirements=requirements(),
+            registered_model_name=registered_name,
+        )
     logged = {"model_uri": info.model_uri}
     if registered_name:
         version = info.registered_model_version

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -94,8 +95,14 @@ def test_demo_adapter_is_a_logged_model_that_answers(demo_run):
     import pandas as pd
 
     client, experiment, run = demo_mlflow_run(demo_run)
-    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert model.name == "adapter" and model.source_run_id == run.info.run_id
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    (model,) = [m for m in models if m.source_run_id == run.info.run_id]  # exports log theirs
+    assert model.name == "adapter"
+    mlmodel = yaml.safe_load(
+        (Path(model.artifact_location.removeprefix("file://")) / "MLmodel").read_text()
+    )
+    code_path = mlmodel["flavors"]["python_function"]["model_code_path"]
+    assert "lmmtune-model-code-" in code_path  # a temporary copy, not the user's install path
     mlflow.set_tracking_uri(demo_run["tracking_uri"])
     answerer = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     data_dir = demo_run["run_dir"] / "demo_data"
