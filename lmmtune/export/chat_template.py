@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 
 from tokenizers import pre_tokenizers
-from transformers import LlavaImageProcessorPil, LlavaProcessor
+from transformers import LlavaProcessor
 
+from lmmtune.data.images import square_padding_processor
 from lmmtune.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, render_prompt
 from lmmtune.data.tokens import chunk_tokenizer
 from lmmtune.errors import LmmtuneError
@@ -62,29 +63,11 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
 )
 
-_IMAGE_SETTINGS = (
-    "size",
-    "crop_size",
-    "do_resize",
-    "do_center_crop",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "resample",
-    "do_convert_rgb",
-)
-
 
 def export_processor(processor) -> LlavaProcessor:
     """The training processor with a padding image processor and the Vicuna v1 chat template."""
-    settings = processor.image_processor.to_dict()
-    image_processor = LlavaImageProcessorPil(
-        **{key: settings[key] for key in _IMAGE_SETTINGS if key in settings}, do_pad=True
-    )
     exported = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=square_padding_processor(processor.image_processor),  # training's pad
         tokenizer=no_prefix_after_specials(processor.tokenizer),
         patch_size=processor.patch_size,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
