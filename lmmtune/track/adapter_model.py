@@ -13,7 +13,8 @@ from pathlib import Path
 from lmmtune.track.registry import PYFUNC_CODE, requirements, shareable_code, signature
 
 ADAPTER_CODE = Path(__file__).parent.parent / "export" / "pyfunc_adapter.py"
-ADAPTER_MODEL_NAME = "adapter"
+ADAPTER_MODEL_NAME = "adapter_model"
+"""Not `adapter`: MLflow would take the run's `adapter/` artifact folder for this model."""
 
 
 def log_adapter_model(adapter_dir: Path) -> str:

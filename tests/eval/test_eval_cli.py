@@ -63,11 +63,14 @@ def test_training_metrics_keep_accuracy_and_add_the_vqa_metrics(demo_run):
 
 
 def test_eval_writes_its_own_outputs_and_never_the_training_metrics(demo_run, eval_cli):
-    written = {"metrics.json", "predictions.jsonl", "before_after.png"}
-    written |= {"images"}  # small copies of the eval images: MLflow thumbnails, sample grid
-    assert {p.name for p in eval_cli["dir"].iterdir()} == written | {".lmmtune.json"}
+    top = {"metrics.json", "predictions.jsonl", "before_after.png"}
+    top |= {"images"}  # small copies of the eval images: MLflow thumbnails, sample grid
+    assert {p.name for p in eval_cli["dir"].iterdir()} == top | {".lmmtune.json"}
+    images = sorted(f"images/{p.name}" for p in (eval_cli["dir"] / "images").iterdir())
+    assert images  # one copy per evaluated image
     manifest = json.loads((eval_cli["dir"] / ".lmmtune.json").read_text())
-    assert manifest == {"kind": "eval", "files": sorted(written)}  # what eval.overwrite clears
+    written = sorted((top - {"images"}) | set(images))
+    assert manifest == {"kind": "eval", "files": written}  # what eval.overwrite clears
     assert (eval_cli["dir"] / "before_after.png").read_bytes()[:4] == b"\x89PNG"
     assert eval_cli["metrics"]["adapter"].endswith("adapter")
 

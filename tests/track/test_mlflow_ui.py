@@ -97,7 +97,7 @@ def test_demo_adapter_is_a_logged_model_that_answers(demo_run):
     client, experiment, run = demo_mlflow_run(demo_run)
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     (model,) = [m for m in models if m.source_run_id == run.info.run_id]  # exports log theirs
-    assert model.name == "adapter"
+    assert model.name == "adapter_model"
     mlmodel = yaml.safe_load(
         (Path(model.artifact_location.removeprefix("file://")) / "MLmodel").read_text()
     )
@@ -271,7 +271,7 @@ def test_mlflow_ui_shows_the_run_its_metrics_and_predictions(demo_run, chromium,
         assert "QLoRA fine-tune of tiny" in page  # the run description
         digest = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
         page = wait_for_text(chromium, [f"train ({digest['train']})", "Logged models (1)"])
-        assert "adapter" in page.split("Logged models (1)")[1]  # the run's model
+        assert "adapter_model" in page.split("Logged models (1)")[1]  # the run's model
         shot = tmp_path / "mlflow_run_page.png"
         chromium.save_screenshot(str(shot))
         if os.environ.get(SCREENSHOTS_ENV):
