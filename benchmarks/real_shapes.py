@@ -186,9 +186,11 @@ def _state_bytes(state) -> int:
     return total + state.code.numel() * state.code.element_size()
 
 
-def step_seconds(train_stdout: str, steps: int) -> float | None:
-    match = re.findall(r"'train_runtime': '?([\d.]+)", train_stdout)
-    return round(float(match[-1]) / steps, 2) if match else None
+def step_seconds(run_dir: Path, steps: int) -> float | None:
+    """The Trainer's runtime per step, from the run's metrics.json (its closing summary)."""
+    summary = json.loads((run_dir / "metrics.json").read_text())["train"].get("summary", {})
+    runtime = summary.get("train_runtime")
+    return round(float(runtime) / steps, 2) if runtime else None
 
 
 def main() -> None:
@@ -205,7 +207,7 @@ def main() -> None:
     shutil.rmtree(args.out / "run", ignore_errors=True)
     checkpoint = build_checkpoint(args.out, args.text_layers, args.vision_layers)
     runs = cli_runs(checkpoint, args.out, args.steps)
-    step = step_seconds(runs["train"]["stdout"] + runs["train"]["stderr"], args.steps)
+    step = step_seconds(args.out / "run", args.steps)
     report = {
         "text_layers": args.text_layers,
         "vision_layers": args.vision_layers,
