@@ -80,3 +80,33 @@ def demo_run(tmp_path_factory) -> dict:
         "result": result,
         "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
     }
+
+
+def wait_until_answering(
+    url: str, server: subprocess.Popen, log: Path, name: str, timeout: float
+) -> None:
+    """Wait until a local server started by a test answers `url` with 200, or fail with its log."""
+    import contextlib
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"{name} exited: {log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+            if response.status == 200:
+                return
+        time.sleep(1)
+    pytest.fail(f"{name} did not answer in {timeout} s: {log.read_text()[-3000:]}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """End a test's server and its whole process group (SIGTERM, then SIGKILL after 20 s)."""
+    import signal
+
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)

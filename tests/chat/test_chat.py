@@ -3,15 +3,12 @@ input; (marked `browser`) a person's session in headless Chromium; the merged an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lmmtune.errors import LmmtuneError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, stop_server, wait_until_answering
 from tests.data.test_images import _png_claiming, _write_dicom
 from tests.track.test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
 
@@ -58,26 +55,10 @@ def chat_server(demo_run, tmp_path_factory):
         )
     try:
         url = f"http://127.0.0.1:{port}/"
-        wait_for_server(url, server, log)
+        wait_until_answering(url, server, log, "chat", timeout=300)
         yield {"url": url, "started": started, "log": log}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-
-
-def wait_for_server(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"chat exited: {log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
-            if response.status == 200:
-                return
-        time.sleep(1)
-    pytest.fail(f"chat did not answer in {timeout} s: {log.read_text()[-3000:]}")
+        stop_server(server)
 
 
 def test_api_answers_as_eval_did_and_survives_bad_input(chat_server, demo_run, tmp_path):

@@ -8,11 +8,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, stop_server, wait_until_answering
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -174,26 +171,11 @@ def mlflow_ui(tracking_uri: str, cwd: Path, log: Path):
             start_new_session=True,
         )
     try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/health", server, log)
+        health = f"http://127.0.0.1:{port}/health"
+        wait_until_answering(health, server, log, "mlflow ui", timeout=240)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow ui exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
-            if response.status == 200:
-                return
-        time.sleep(1)
-    pytest.fail(f"mlflow ui did not answer in {timeout} s: {log.read_text()[-2000:]}")
+        stop_server(server)
 
 
 @pytest.fixture
