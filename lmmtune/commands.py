@@ -83,8 +83,8 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "import",
-            "import a run's local tracking record into MLflow: import RUN_DIR [--tracking-uri URI]",
-            "lmmtune.track.record:main",
+            "import a folder's local tracking record into MLflow: import FOLDER [--tracking-uri URI]",
+            "lmmtune.track.importing:main",
             composes_config=False,
         ),
         Command(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lmmtune.atomic import write_text_atomic
@@ -120,6 +122,27 @@ def claim_folder(
     folder = OwnedFolder(path, kind)
     folder.write_manifest(set())
     return folder
+
+
+@contextmanager
+def listed_when_done(folder: OwnedFolder) -> Iterator[OwnedFolder]:
+    """List what the block writes into `folder` in its manifest, even when the block fails:
+    a later `overwrite=true` clears a failed command's files (its tracking record too)."""
+    try:
+        yield folder
+    finally:
+        folder.record()
+
+
+def add_to_manifest(folder: Path, files: list[Path]) -> None:
+    """List `files` (written into `folder` after its command ended) in its manifest, if it
+    has one: `overwrite=true` clears them with the rest, and they count as lmmtune's."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    names = {os.path.relpath(path, folder) for path in files}
+    listed = {"kind": manifest.get("kind"), "files": sorted(set(manifest["files"]) | names)}
+    write_text_atomic(folder / MANIFEST, json.dumps(listed, indent=1))
 
 
 def foreign_files(path: Path) -> list[str]:

@@ -43,8 +43,9 @@ class RunDir:
 
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.json")
-    tracking = property(lambda self: self.root / "tracking.json")  # the MLflow run id
+    tracking = property(lambda self: self.root / "tracking.json")  # the MLflow run, its experiment
     tracking_record = property(lambda self: self.root / "tracking_record.jsonl")
+    tracking_import = property(lambda self: self.root / "tracking_import.json")  # `import` state
     adapter = property(lambda self: self.root / "adapter")
     base_model_file = property(lambda self: base_model_file(self.adapter))
     checkpoints = property(lambda self: self.root / "checkpoints")

@@ -54,7 +54,7 @@ def test_record_import_is_a_subcommand(tmp_path):
     def unreachable():
         raise ConnectionError("MLflow is down")
 
-    tracker = ResilientTracker(unreachable, LocalRecord(tmp_path))
+    tracker = ResilientTracker(unreachable, LocalRecord(tmp_path), "training")
     for step, loss in ((1, 3.0), (2, 2.0)):
         tracker.log_metrics({"train/loss": loss}, step=step)
     tracker.end("FINISHED")

@@ -187,12 +187,13 @@ def test_unreachable_mlflow_server_falls_back_to_a_local_record_that_imports(tmp
         [*FAST, "output_dir=run"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "could not start" in result.stderr and "python -m lmmtune.track.record" in result.stderr
+    assert "could not start" in result.stderr and "training goes on" in result.stderr
+    assert "python -m lmmtune import run" in result.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
     store = f"sqlite:///{tmp_path}/later.db"
     imported = subprocess.run(
-        [sys.executable, "-m", "lmmtune.track.record", "run", "--tracking-uri", store],
+        [sys.executable, "-m", "lmmtune", "import", "run", "--tracking-uri", store],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -217,7 +218,9 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = ResilientTracker(
-        lambda: MlflowTracker(TrackingConfig(tracking_uri=uri), "exp", "r"), LocalRecord(tmp_path)
+        lambda: MlflowTracker(TrackingConfig(tracking_uri=uri), "exp", "r"),
+        LocalRecord(tmp_path),
+        "training",
     )
     tracker.log_metrics({"train/loss": 3.0}, step=1)
     lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
@@ -238,7 +241,7 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
 
     def import_record() -> str:
         imported = subprocess.run(
-            [sys.executable, "-m", "lmmtune.track.record", str(tmp_path), "--tracking-uri", uri],
+            [sys.executable, "-m", "lmmtune", "import", str(tmp_path), "--tracking-uri", uri],
             capture_output=True,
             text=True,
             timeout=300,

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.owned import OwnedFolder, claim_folder
+from lmmtune.owned import OwnedFolder, claim_folder, listed_when_done
 from lmmtune.rundir import RunDir
 from lmmtune.runs import (
     command_tags,
@@ -30,7 +30,7 @@ from lmmtune.runs import (
     run_settings,
 )
 from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.tracker import open_tracker
+from lmmtune.track.tracker import start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     samples = eval_samples(settings, run_dir, processor, eval_cfg.data)
     model = load_adapted_model(settings.model, settings.quant, adapter)
 
-    tracker = open_tracker(cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval")
-    with tracked_run(tracker):
+    tracker = start_tracker(
+        cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval", out_dir, "the evaluation"
+    )
+    with tracked_run(tracker), listed_when_done(out_folder):
         eval_data = eval_cfg.data or "run eval split"
         tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
         tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
@@ -84,7 +86,6 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             eval_cfg.table_images,
         )
         tracker.log_artifact(metrics_file, "eval")
-        out_folder.record()
     log.info("eval written to %s", out_dir)
     return metrics
 

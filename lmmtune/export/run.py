@@ -20,6 +20,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +38,13 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
-from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
+from lmmtune.owned import (
+    OwnedFolder,
+    add_to_manifest,
+    files_under,
+    foreign_files,
+    read_manifest,
+)
 from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
 from lmmtune.runs import (
@@ -49,7 +57,7 @@ from lmmtune.runs import (
     source_run_id,
 )
 from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.tracker import open_tracker
+from lmmtune.track.tracker import start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +78,15 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     check_target(target, export_cfg.overwrite, protected=[base_dir, adapter])
     processor = export_processor(load_run_processor(adapter, settings.model))
 
-    tracker = open_tracker(
+    tracker = start_tracker(  # the record goes into the export folder once it is complete
         cfg.tracking,
         settings.name,
         f"{base_dir.name}-export",
-        required=bool(export_cfg.register_name),
+        None,
+        "the export",
+        required_for="export.register_name needs MLflow" if export_cfg.register_name else None,
     )
-    with tracked_run(tracker):
+    with tracking_files_listed(target), tracked_run(tracker):  # listed after the end status
         tags = command_tags("export", settings, run_dir, adapter, export_format=export_cfg.format)
         tracker.set_tags(tags)
         tracker.log_params({f"export.{k}": v for k, v in export_cfg.items()})
@@ -103,9 +113,17 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
             mark_export(tmp)
         log.info("export written to %s", target)
+        # A record only if MLflow missed a call: a shared model folder carries none otherwise.
+        tracker.keep_record_in(target, only_if_needed=True)
         report["mlflow"] = log_export(tracker, target, export_cfg)
         if report["mlflow"]:
             (target / REPORT).write_text(json.dumps(report, indent=2))
+    if export_cfg.register_name and not report["mlflow"]:
+        raise LmmtuneError(
+            f"the export is complete in {target}, but registering it as "
+            f"'{export_cfg.register_name}' failed (MLflow stopped answering). When MLflow is "
+            f"back, `python -m lmmtune import {target}` logs and registers it"
+        )
     return report
 
 
@@ -181,6 +199,17 @@ def end_killed_exports(stale: list[dict], tracking_cfg) -> None:
                 log.warning(
                     "could not end a killed export's MLflow run: %s", redact_value(str(exc))
                 )
+
+
+@contextmanager
+def tracking_files_listed(folder: Path) -> Iterator[None]:
+    """The tracking record and its state, when written into the export, are its files too:
+    `export.overwrite=true` replaces them with the rest."""
+    try:
+        yield
+    finally:
+        written = [RunDir(folder).tracking_record, RunDir(folder).tracking]
+        add_to_manifest(folder, [path for path in written if path.exists()])
 
 
 def mark_export(folder: Path) -> None:

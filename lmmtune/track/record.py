@@ -1,15 +1,16 @@
 """A local record of everything sent to the tracker, and a tracker that survives MLflow failures.
 
-Every call (params, metrics, tags, artifacts, the end status) is appended to
-`RUN/tracking_record.jsonl` before it goes to MLflow. When MLflow is unreachable
-at the start, or fails mid-run (server down, sqlite locked), training goes on with
-a warning and the record keeps everything; `python -m lmmtune.track.record RUN_DIR`
-imports it into MLflow afterwards.
+One fault policy for every command that tracks (train, the DPO stage, eval, export): every
+call (params, metrics, tags, artifacts, the end status) is appended to the folder's
+`tracking_record.jsonl` before it goes to MLflow, marked delivered or not. When MLflow is
+unreachable at the start, or fails mid-command (server down, sqlite locked), a failed call is
+retried, then the command goes on with a warning and the record keeps everything;
+`python -m lmmtune import FOLDER` (`lmmtune.track.importing`) sends it to MLflow afterwards.
+`tracking.json` beside it names the MLflow run, its experiment and run name.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -23,34 +24,85 @@ from lmmtune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-IMPORT_STATE = "tracking_import.json"
 RETRY_DELAYS = (1.0, 4.0)
-"""Seconds to wait before each retry of a failed MLflow call, then the run goes on locally."""
+"""Seconds to wait before each retry of a failed MLflow call, then the command goes on locally."""
 
 
 class LocalRecord:
-    def __init__(self, run_dir: Path):
-        self.path = RunDir(run_dir).tracking_record
+    """The calls of one tracked command, in `FOLDER/tracking_record.jsonl`, and its state in
+    `FOLDER/tracking.json` (the MLflow run id, which a resumed run continues; experiment; name).
+
+    Kept in memory while the folder is unknown (`folder=None`: an export's folder appears
+    only when it is complete) and, with `only_if_needed`, until a call misses MLflow: a
+    model folder that is shared then carries no record when MLflow had everything.
+    """
+
+    def __init__(self, folder: Path | None, only_if_needed: bool = False):
+        self.folder: Path | None = None
+        self.only_if_needed = only_if_needed
+        self._in_memory: list[dict] = []
+        self._state: dict = {}
+        self._state_written = False
+        if folder is not None:
+            self.keep_in(folder, only_if_needed)
+
+    @property
+    def path(self) -> Path | None:
+        """The record file, once it is written (or due to be written) into its folder."""
+        return None if self.folder is None else RunDir(self.folder).tracking_record
+
+    @property
+    def state_file(self) -> Path | None:
+        return None if self.folder is None else RunDir(self.folder).tracking
+
+    def keep_in(self, folder: Path, only_if_needed: bool = False) -> None:
+        """The record (and its state) goes into `folder` from now on, the calls so far first."""
+        self.folder, self.only_if_needed = folder, only_if_needed
+        self._write_when_due()
 
     def append(
         self, method: str, args: tuple, kwargs: dict, delivered: bool = True, run_id=None
     ) -> None:
         """One call, and whether it reached MLflow run `run_id` (what an import replays)."""
+        # Paths absolute: an import from another working directory finds the files.
+        args = [str(arg.absolute()) if isinstance(arg, Path) else arg for arg in args]
         if method != "log_metrics":  # metrics are numbers: never masked (token_f1 stays a number)
             args = [redact(arg) if isinstance(arg, dict) else redact_value(arg) for arg in args]
         event = {"time": time.time(), "method": method, "args": args, "kwargs": kwargs}
         event.update(delivered=delivered, run_id=run_id)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event, default=str) + "\n")
+        self._in_memory.append(json.loads(json.dumps(event, default=str)))
+        self._write_when_due()
+
+    def _write_when_due(self) -> None:
+        if self.folder is None:
+            return
+        missed = any(not event["delivered"] for event in self._in_memory)
+        if self.only_if_needed and not missed and not self.path.exists():
+            return
+        if self._in_memory:
+            with self.path.open("a", encoding="utf-8") as handle:
+                for event in self._in_memory:
+                    handle.write(json.dumps(event) + "\n")
+            self._in_memory = []
+        if self._state and not self._state_written:
+            write_text_atomic(self.state_file, json.dumps(self._state))
+            self._state_written = True
 
     def events(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [
-            json.loads(line)
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        written = []
+        if self.path is not None and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            written = [json.loads(line) for line in lines if line.strip()]
+        return written + self._in_memory
+
+    def state(self) -> dict:
+        if self.state_file is None or not self.state_file.exists():
+            return dict(self._state)
+        return json.loads(self.state_file.read_text())
+
+    def write_state(self, state: dict) -> None:
+        self._state, self._state_written = dict(state), False
+        self._write_when_due()
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -65,23 +117,43 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 class ResilientTracker:
-    """Forward every call to the primary tracker; on its first failure keep going locally."""
+    """Forward every call to the primary tracker; on its first failure keep going locally.
 
-    def __init__(self, start_primary: Callable[[], Any], record: LocalRecord):
+    `doing` names the command in the warning ("training", "the evaluation", "the export").
+    """
+
+    def __init__(
+        self,
+        start_primary: Callable[[], Any],
+        record: LocalRecord,
+        doing: str,
+        run_id: str | None = None,
+    ):
+        """`run_id`: the MLflow run the calls belong to if the primary cannot start (the run a
+        resumed training continues): the import completes it."""
         self.record = record
+        self.doing = doing
+        self._run_id = run_id
         self.primary = None
         self.failed_reason: str | None = None
         try:
             self.primary = start_primary()
-        except Exception as exc:  # any failure of the tracking backend must not stop training
+        except Exception as exc:  # any failure of the tracking backend must not stop the command
             self._fail("could not start", exc)
+
+    def keep_record_in(self, folder: Path, only_if_needed: bool = False) -> None:
+        """The record, kept in memory so far, goes to `folder` (now complete) from here on;
+        `only_if_needed`: only once a call has missed MLflow."""
+        self.record.keep_in(folder, only_if_needed)
+        if self.failed_reason is not None:
+            log.warning("the tracking record is in %s. %s", self.record.path, import_hint(folder))
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run, kept after MLflow fails: the import completes that run."""
         if self.primary is not None:
             self._run_id = getattr(self.primary, "run_id", None)
-        return getattr(self, "_run_id", None)
+        return self._run_id
 
     def __getattr__(self, method: str) -> Callable[..., None]:
         if method.startswith("_"):
@@ -112,13 +184,14 @@ class ResilientTracker:
     def _fail(self, what: str, exc: Exception) -> None:
         reason = redact_value(f"{type(exc).__name__}: {exc}")
         self.failed_reason = reason.splitlines()[0][:300] if reason else type(exc).__name__
+        where = self.record.path or "memory until its folder is written"
         log.warning(
-            "MLflow %s (%s); training goes on and everything is kept in %s. "
-            "Import it later with: python -m lmmtune.track.record %s",
+            "MLflow %s (%s); %s goes on and everything is kept in %s. %s",
             what,
             self.failed_reason,
-            self.record.path,
-            self.record.path.parent,
+            self.doing,
+            where,
+            import_hint(self.record.path.parent) if self.record.path else "",
         )
         # No more calls to a broken backend (each may block for its timeout); the MLflow run
         # stays open there, and the import completes it from the record.
@@ -131,66 +204,5 @@ class ResilientTracker:
         self.primary = None
 
 
-def import_record(run_dir: Path, tracker, events: list[dict]) -> int:
-    """Replay `events` (calls that did not reach MLflow) into `tracker`; end it as the run ended."""
-    replayed = 0
-    for event in events:
-        if event["method"] == "end":
-            continue
-        getattr(tracker, event["method"])(*event["args"], **event["kwargs"])
-        replayed += 1
-    final = [e for e in LocalRecord(run_dir).events() if e["method"] == "end"]
-    tracker.end(*(final[-1]["args"] if final else ["FINISHED"]))
-    return replayed
-
-
-def pending_events(run_dir: Path) -> tuple[list[dict], str | None, int]:
-    """The recorded calls not yet in MLflow (never delivered, not imported before), the MLflow
-    run they belong to (None: MLflow was down from the start), and the record's length."""
-    events = LocalRecord(run_dir).events()
-    state_file = run_dir / IMPORT_STATE
-    done = json.loads(state_file.read_text())["imported_through"] if state_file.exists() else 0
-    pending = [e for e in events[done:] if not e.get("delivered", False)]
-    run_ids = [e.get("run_id") for e in pending if e.get("run_id")]
-    return pending, (run_ids[0] if run_ids else None), len(events)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lmmtune.config import TrackingConfig
-    from lmmtune.track.mlflow_tracker import MlflowTracker
-
-    parser = argparse.ArgumentParser(
-        description="Import a run's local tracking record into MLflow."
-    )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
-    )
-    parser.add_argument("--experiment", default=None, help="default: the run's recipe name")
-    args = parser.parse_args(argv)
-    from omegaconf import OmegaConf
-
-    pending, run_id, total = pending_events(args.run_dir)
-    if not pending:
-        print(f"nothing to import: every recorded call of {args.run_dir} is in MLflow")
-        return
-    config = OmegaConf.load(RunDir(args.run_dir).config)
-    tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
-    tracker = None
-    if run_id is not None:  # complete the run MLflow lost contact with
-        try:
-            tracker = MlflowTracker(tracking, config.name, None, resume_run_id=run_id)
-        except Exception as exc:  # noqa: BLE001 - not in this store: a new run gets everything
-            print(f"run {run_id} is not in this MLflow store ({exc}); importing into a new run")
-            pending = LocalRecord(args.run_dir).events()
-    if tracker is None:
-        tracker = MlflowTracker(tracking, config.name, f"{args.run_dir.name} (imported)")
-        tracker.set_tags({"lmmtune.imported_from": str(args.run_dir.resolve())})
-    count = import_record(args.run_dir, tracker, pending)
-    state = {"imported_through": total, "run_id": tracker.run_id}
-    write_text_atomic(args.run_dir / IMPORT_STATE, json.dumps(state))
-    print(f"imported {count} calls into MLflow run {tracker.run_id}")
-
-
-if __name__ == "__main__":
-    main()
+def import_hint(folder: Path) -> str:
+    return f"Import it later with: python -m lmmtune import {folder}"

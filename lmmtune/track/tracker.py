@@ -1,5 +1,6 @@
-"""What the rest of lmmtune sees of tracking: the `Tracker` protocol and the factories that
-give one (MLflow, or a no-op tracker with `tracking.backend=none` or off rank 0).
+"""What the rest of lmmtune sees of tracking: the `Tracker` protocol and the one factory that
+gives one (MLflow behind a local record, or a no-op tracker with `tracking.backend=none` or
+off rank 0), with one fault policy for every command: see `lmmtune.track.record`.
 
 `track/` carries data to MLflow and nothing else: what to say about a run (description,
 sample images, headline metrics) is written by `eval/`, and handed over through these
@@ -8,17 +9,14 @@ methods.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 from lmmtune import distributed
-from lmmtune.atomic import write_text_atomic
 from lmmtune.config import TrackingConfig
 from lmmtune.errors import LmmtuneError
-from lmmtune.redact import redact_value
-from lmmtune.rundir import RunDir
+from lmmtune.redact import redact, redact_value
 from lmmtune.track.mlflow_tracker import MlflowTracker, NullTracker
 from lmmtune.track.record import LocalRecord, ResilientTracker
 from lmmtune.track.sweep import sweep_job
@@ -45,55 +43,56 @@ class Tracker(Protocol):
         self, name: str, source: str, digest: str, context: str, samples: int
     ) -> None: ...
     def log_adapter_model(self, adapter_dir: Path) -> str | None: ...
+    def keep_record_in(self, folder: Path, only_if_needed: bool = False) -> None: ...
 
 
 def start_tracker(
-    tracking_cfg: TrackingConfig, experiment: str, run_name: str | None, run_dir: Path
+    tracking_cfg: TrackingConfig,
+    experiment: str,
+    run_name: str | None,
+    folder: Path | None,
+    doing: str = "training",
+    required_for: str | None = None,
 ) -> Tracker:
-    """The run's tracker: MLflow behind a local record that keeps everything if MLflow fails.
+    """The tracker of a command: MLflow behind a local record in `folder` that keeps
+    everything if MLflow fails, so that `python -m lmmtune import FOLDER` completes it later.
 
-    A resumed run (RUN/tracking.json holds its MLflow run id) continues the same MLflow run;
-    a job of a Hydra multirun becomes a child of its sweep's run, named after its swept
-    values. Under torchrun / accelerate launch only rank 0 tracks: the others get a NullTracker.
+    `folder=None` keeps the record in memory until `keep_record_in(folder)` (an export's
+    folder appears only when it is complete). A folder whose tracking.json holds an MLflow
+    run id (a resumed run) continues that run; a job of a Hydra multirun becomes a child of
+    its sweep's run, named after its swept values. `required_for` (registering a model):
+    MLflow must be reachable at the start, or the command stops before any work. Under
+    torchrun / accelerate launch only rank 0 tracks: the others get a NullTracker.
     """
     if tracking_cfg.backend == "none" or not distributed.is_main():
         return NullTracker()
     if tracking_cfg.backend != "mlflow":
         raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
-    state_file = RunDir(run_dir).tracking
-    resume_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
+    record = LocalRecord(folder)
+    resume_run_id = record.state().get("run_id")
     job = sweep_job()
-    tracker = ResilientTracker(
-        lambda: MlflowTracker(
+    run_name = tracking_cfg.run_name or (job.run_name if job else run_name)
+    experiment = tracking_cfg.experiment or experiment
+
+    def start_mlflow() -> MlflowTracker:
+        return MlflowTracker(
             tracking_cfg,
             experiment,
-            job.run_name if job else run_name,
-            resume_run_id=resume_id,
+            run_name,
+            resume_run_id=resume_run_id,
             parent_run_id=job.parent_run_id if job else None,
-        ),
-        LocalRecord(run_dir),
-    )
-    if tracker.run_id is not None:
-        write_text_atomic(state_file, json.dumps({"run_id": tracker.run_id}))
+        )
+
+    if required_for is not None:
+        try:
+            primary = start_mlflow()
+        except Exception as exc:  # the backend raises many types (connection, sqlite, auth)
+            raise LmmtuneError(
+                f"{required_for}, and MLflow could not be reached: {redact_value(str(exc))}"
+            ) from None
+        tracker = ResilientTracker(lambda: primary, record, doing)
+    else:
+        tracker = ResilientTracker(start_mlflow, record, doing, run_id=resume_run_id)
+    state = {"run_id": tracker.run_id, "experiment": experiment, "run_name": run_name}
+    record.write_state(redact(state))
     return tracker
-
-
-def open_tracker(
-    tracking_cfg: TrackingConfig, experiment: str, run_name: str, required: bool = False
-) -> Tracker:
-    """An MLflow run of its own for a command (a no-op tracker with tracking=none).
-
-    If MLflow cannot be reached the command goes on untracked (its files are written
-    anyway), unless tracking is `required` (registering a model).
-    """
-    if tracking_cfg.backend == "none":
-        return NullTracker()
-    if tracking_cfg.backend != "mlflow":
-        raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
-    try:
-        return MlflowTracker(tracking_cfg, experiment, run_name)
-    except Exception as exc:  # the backend raises many types (connection, sqlite, auth)
-        if required:
-            raise LmmtuneError(f"could not start an MLflow run: {redact_value(str(exc))}") from None
-        log.warning("MLflow unavailable (%s); going on without tracking", redact_value(str(exc)))
-        return NullTracker()

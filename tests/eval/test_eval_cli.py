@@ -65,6 +65,7 @@ def test_training_metrics_keep_accuracy_and_add_the_vqa_metrics(demo_run):
 def test_eval_writes_its_own_outputs_and_never_the_training_metrics(demo_run, eval_cli):
     top = {"metrics.json", "predictions.jsonl", "before_after.png"}
     top |= {"images"}  # small copies of the eval images: MLflow thumbnails, sample grid
+    top |= {"tracking.json", "tracking_record.jsonl"}  # the MLflow run; what was sent to it
     assert {p.name for p in eval_cli["dir"].iterdir()} == top | {".lmmtune.json"}
     images = sorted(f"images/{p.name}" for p in (eval_cli["dir"] / "images").iterdir())
     assert images  # one copy per evaluated image
