@@ -206,3 +206,9 @@ class ResilientTracker:
 
 def import_hint(folder: Path) -> str:
     return f"Import it later with: python -m lmmtune import {folder}"
+
+
+if __name__ == "__main__":  # the import command's old name, printed by earlier versions
+    import sys
+
+    sys.exit("the import moved: python -m lmmtune import FOLDER [--tracking-uri URI]")
