@@ -135,8 +135,9 @@ def listed_when_done(folder: OwnedFolder) -> Iterator[OwnedFolder]:
 
 
 def add_to_manifest(folder: Path, files: list[Path]) -> None:
-    """List `files` (written into `folder` after its command ended) in its manifest, if it
-    has one: `overwrite=true` clears them with the rest, and they count as lmmtune's."""
+    """List `files` (about to be written into `folder`, or written after its command ended)
+    in its manifest, if it has one: `overwrite=true` clears them with the rest, and they
+    count as lmmtune's."""
     manifest = read_manifest(folder)
     if manifest is None:
         return

@@ -107,7 +107,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     guard.phase = "loading the model"
     model = load_model(cfg.model, cfg.quant)
 
-    tracker = start_tracker(cfg.tracking, cfg.name, run_dir.name, run_dir)
+    tracker = start_tracker(cfg.tracking, cfg.name, run_dir.name, run_dir, resume=True)
     with tracked_run(tracker):
         tracker.set_tags(
             {"recipe": cfg.name, "base_model": cfg.model.path, "run_dir": str(run_dir.resolve())}

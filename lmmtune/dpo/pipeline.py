@@ -71,7 +71,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
     guard.phase = "loading the model"
     model = load_model(cfg.model, cfg.quant)
 
-    tracker = start_tracker(cfg.tracking, cfg.name, run_dir.name, run_dir)
+    tracker = start_tracker(cfg.tracking, cfg.name, run_dir.name, run_dir, resume=True)
     with tracked_run(tracker):
         tracker.set_tags(
             {

@@ -20,8 +20,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,13 +36,7 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
-from lmmtune.owned import (
-    OwnedFolder,
-    add_to_manifest,
-    files_under,
-    foreign_files,
-    read_manifest,
-)
+from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
 from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
 from lmmtune.runs import (
@@ -78,15 +70,17 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     check_target(target, export_cfg.overwrite, protected=[base_dir, adapter])
     processor = export_processor(load_run_processor(adapter, settings.model))
 
-    tracker = start_tracker(  # the record goes into the export folder once it is complete
+    record_folder = tracking_record_folder(target)
+    tracker = start_tracker(
         cfg.tracking,
         settings.name,
         f"{base_dir.name}-export",
-        None,
+        record_folder,
         "the export",
+        only_if_needed=True,  # no tracking files in or beside a model folder MLflow has whole
         required_for="export.register_name needs MLflow" if export_cfg.register_name else None,
     )
-    with tracking_files_listed(target), tracked_run(tracker):  # listed after the end status
+    with tracked_run(tracker):
         tags = command_tags("export", settings, run_dir, adapter, export_format=export_cfg.format)
         tracker.set_tags(tags)
         tracker.log_params({f"export.{k}": v for k, v in export_cfg.items()})
@@ -113,8 +107,6 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
             mark_export(tmp)
         log.info("export written to %s", target)
-        # A record only if MLflow missed a call: a shared model folder carries none otherwise.
-        tracker.keep_record_in(target, only_if_needed=True)
         report["mlflow"] = log_export(tracker, target, export_cfg)
         if report["mlflow"]:
             (target / REPORT).write_text(json.dumps(report, indent=2))
@@ -122,7 +114,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         raise LmmtuneError(
             f"the export is complete in {target}, but registering it as "
             f"'{export_cfg.register_name}' failed (MLflow stopped answering). When MLflow is "
-            f"back, `python -m lmmtune import {target}` logs and registers it"
+            f"back, `python -m lmmtune import {record_folder}` logs and registers it"
         )
     return report
 
@@ -201,15 +193,11 @@ def end_killed_exports(stale: list[dict], tracking_cfg) -> None:
                 )
 
 
-@contextmanager
-def tracking_files_listed(folder: Path) -> Iterator[None]:
-    """The tracking record and its state, when written into the export, are its files too:
-    `export.overwrite=true` replaces them with the rest."""
-    try:
-        yield
-    finally:
-        written = [RunDir(folder).tracking_record, RunDir(folder).tracking]
-        add_to_manifest(folder, [path for path in written if path.exists()])
+def tracking_record_folder(target: Path) -> Path:
+    """Where the export keeps its tracking record if MLflow misses a call: beside the export
+    (`RUN/export-merged.tracking-20260101-120000`), never inside a model folder people share
+    (the record holds this machine's paths), and written even when the export fails."""
+    return target.with_name(f"{target.name}.tracking-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def mark_export(folder: Path) -> None:

@@ -3,9 +3,10 @@
 Every tracked command (train, the DPO stage, eval, export) keeps `tracking_record.jsonl` in
 its folder (see `lmmtune.track.record`). The calls that never reached MLflow are replayed
 into the MLflow run they belong to, which is then ended as the command ended; when MLflow
-was down from the start, into a new run. A run folder's own eval and export folders
-(`RUN/eval`, `RUN/export-merged`) are imported with it. `tracking_import.json` remembers
-how far each record was imported: importing twice adds nothing.
+was down from the start, into a new run. A run folder's evaluation (`RUN/eval`) and the
+records of its exports that MLflow missed (`RUN/export-merged.tracking-*`) are imported
+with it. `tracking_import.json` remembers how far each record was imported, and into
+which run: importing twice adds nothing, and an interrupted import goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from lmmtune.errors import LmmtuneError
 from lmmtune.owned import add_to_manifest, read_manifest
 from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
-from lmmtune.track.record import LocalRecord
+from lmmtune.track.record import TRACKING_KIND, LocalRecord
 
-IMPORTED_WITH_A_RUN = ("eval", "export")
-"""Kinds of lmmtune folders inside a run folder whose records `import RUN` takes along."""
+IMPORTED_WITH_A_RUN = ("eval", TRACKING_KIND)
+"""Kinds of lmmtune folders inside a run folder whose records `import RUN` takes along: its
+evaluations, and the records of exports that MLflow missed (`RUN/export-merged.tracking-*`)."""
 
 
 def folders_to_import(folder: Path) -> list[Path]:
@@ -47,27 +49,44 @@ def folders_to_import(folder: Path) -> list[Path]:
     return found
 
 
-def pending_events(folder: Path) -> tuple[list[dict], str | None, int]:
-    """The recorded calls not yet in MLflow (never delivered, not imported before), the MLflow
-    run they belong to (None: MLflow was down from the start), and the record's length."""
-    events = LocalRecord(folder).events()
+def import_state(folder: Path) -> dict:
+    """How far the record was imported (`imported_through` calls) and into which MLflow run."""
     state_file = RunDir(folder).tracking_import
-    done = json.loads(state_file.read_text())["imported_through"] if state_file.exists() else 0
-    pending = [e for e in events[done:] if not e.get("delivered", False)]
-    run_ids = [e.get("run_id") for e in pending if e.get("run_id")]
-    return pending, (run_ids[0] if run_ids else None), len(events)
+    return json.loads(state_file.read_text()) if state_file.exists() else {}
 
 
-def replay(folder: Path, tracker, events: list[dict]) -> int:
-    """Replay `events` into `tracker`; end it as the command ended."""
+def pending_events(folder: Path) -> tuple[list[tuple[int, dict]], str | None]:
+    """The recorded calls not yet in MLflow (never delivered, not imported before) with their
+    place in the record, and the MLflow run they go to (None: a new one)."""
+    events = LocalRecord(folder).events()
+    state = import_state(folder)
+    done = state.get("imported_through", 0)
+    pending = [(i, e) for i, e in enumerate(events) if i >= done and not e.get("delivered")]
+    run_ids = [e["run_id"] for _, e in pending if e.get("run_id")]
+    # An earlier import (interrupted, or before a resumed training added calls) chose the run.
+    return pending, state.get("run_id") or (run_ids[0] if run_ids else None)
+
+
+def replay(folder: Path, tracker, pending: list[tuple[int, dict]]) -> int:
+    """Replay `pending` into `tracker`, then end it as the command ended. How far it got is
+    saved after every call that fails, so that the next import starts there, in the same run."""
+    events = LocalRecord(folder).events()
+    imported_through = pending[0][0] if pending else len(events)
     replayed = 0
-    for event in events:
-        if event["method"] == "end":
-            continue
-        getattr(tracker, event["method"])(*event["args"], **event["kwargs"])
-        replayed += 1
-    final = [e for e in LocalRecord(folder).events() if e["method"] == "end"]
-    tracker.end(*(final[-1]["args"] if final else ["FINISHED"]))
+    try:
+        for index, event in pending:
+            if event["method"] != "end":
+                getattr(tracker, event["method"])(*event["args"], **event["kwargs"])
+                replayed += 1
+            imported_through = index + 1
+        final = [e for e in events if e["method"] == "end"]
+        tracker.end(*(final[-1]["args"] if final else ["FINISHED"]))
+        imported_through = len(events)
+    finally:
+        state = {"imported_through": imported_through, "run_id": tracker.run_id}
+        state_file = RunDir(folder).tracking_import
+        write_text_atomic(state_file, json.dumps(state))
+        add_to_manifest(folder, [state_file])
     return replayed
 
 
@@ -88,7 +107,7 @@ def import_folder(folder: Path, tracking: TrackingConfig) -> str:
     """Import one folder's record; say what was done."""
     from lmmtune.track.mlflow_tracker import MlflowTracker
 
-    pending, run_id, total = pending_events(folder)
+    pending, run_id = pending_events(folder)
     if not pending:
         return f"nothing to import: every recorded call of {folder} is in MLflow"
     experiment, run_name = names_of(folder)
@@ -97,18 +116,17 @@ def import_folder(folder: Path, tracking: TrackingConfig) -> str:
         try:
             tracker = MlflowTracker(tracking, experiment, None, resume_run_id=run_id)
         except Exception as exc:  # noqa: BLE001 - not in this store: a new run gets everything
-            print(
-                f"run {run_id} is not in this MLflow store ({redact_value(str(exc))[:200]}); "
-                "importing into a new run"
-            )
-            pending = LocalRecord(folder).events()
+            reason = redact_value(str(exc)).splitlines()[0][:200] if str(exc) else ""
+            print(f"run {run_id} is not in this MLflow store ({reason}); importing into a new run")
+            pending = list(enumerate(LocalRecord(folder).events()))
     if tracker is None:
         tracker = MlflowTracker(tracking, experiment, f"{run_name} (imported)")
         tracker.set_tags({"lmmtune.imported_from": str(folder.resolve())})
-    count = replay(folder, tracker, pending)
-    state_file = RunDir(folder).tracking_import
-    write_text_atomic(state_file, json.dumps({"imported_through": total, "run_id": tracker.run_id}))
-    add_to_manifest(folder, [state_file])
+    try:
+        count = replay(folder, tracker, pending)
+    except Exception:
+        tracker.forget()  # the run stays open in MLflow for the next import; this process lets go
+        raise
     return f"imported {count} calls of {folder} into MLflow run {tracker.run_id}"
 
 
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise LmmtuneError(
                     f"could not import {folder} ({type(exc).__name__}: "
                     f"{redact_value(str(exc)).splitlines()[0][:300] if str(exc) else ''}); "
-                    "nothing of it is marked imported: run the import again"
+                    "run the import again when MLflow answers: it goes on where it stopped"
                 ) from None
     except LmmtuneError as exc:
         print(f"lmmtune import: error: {exc}", file=sys.stderr)

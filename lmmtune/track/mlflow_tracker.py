@@ -71,9 +71,6 @@ class NullTracker:
         """Log the run's adapter as an MLflow model of this run; its model URI."""
         return None
 
-    def keep_record_in(self, folder: Path, only_if_needed: bool = False) -> None:
-        """Where the local record goes once its folder exists (`ResilientTracker` keeps one)."""
-
 
 def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
     """tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""

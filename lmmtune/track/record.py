@@ -4,7 +4,8 @@ One fault policy for every command that tracks (train, the DPO stage, eval, expo
 call (params, metrics, tags, artifacts, the end status) is appended to the folder's
 `tracking_record.jsonl` before it goes to MLflow, marked delivered or not. When MLflow is
 unreachable at the start, or fails mid-command (server down, sqlite locked), a failed call is
-retried, then the command goes on with a warning and the record keeps everything;
+retried (not a model upload, not the end status), then the command goes on with a warning
+and the record keeps everything;
 `python -m lmmtune import FOLDER` (`lmmtune.track.importing`) sends it to MLflow afterwards.
 `tracking.json` beside it names the MLflow run, its experiment and run name.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
+from lmmtune.owned import OwnedFolder
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
 
@@ -26,39 +28,33 @@ log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (1.0, 4.0)
 """Seconds to wait before each retry of a failed MLflow call, then the command goes on locally."""
+NOT_RETRIED = ("end", "log_model", "log_adapter_model")
+"""Calls not sent twice: a model upload of gigabytes may have half succeeded (a second logged
+model or registered version); the import replays them once, later."""
+
+
+TRACKING_KIND = "tracking"
+"""The manifest kind of a folder that holds a command's tracking record and nothing else."""
 
 
 class LocalRecord:
     """The calls of one tracked command, in `FOLDER/tracking_record.jsonl`, and its state in
-    `FOLDER/tracking.json` (the MLflow run id, which a resumed run continues; experiment; name).
+    `FOLDER/tracking.json` (the MLflow run id, which a resumed training continues; the
+    experiment; the run name).
 
-    Kept in memory while the folder is unknown (`folder=None`: an export's folder appears
-    only when it is complete) and, with `only_if_needed`, until a call misses MLflow: a
-    model folder that is shared then carries no record when MLflow had everything.
+    `only_if_needed`: kept in memory until a call misses MLflow, then written, creating
+    `folder` (with a manifest of its own) if it does not exist: an export keeps its record
+    beside the model folder, which people share, and only when MLflow did not get it all.
     """
 
-    def __init__(self, folder: Path | None, only_if_needed: bool = False):
-        self.folder: Path | None = None
+    def __init__(self, folder: Path, only_if_needed: bool = False):
+        self.folder = Path(folder)
+        self.path = RunDir(self.folder).tracking_record
+        self.state_file = RunDir(self.folder).tracking
         self.only_if_needed = only_if_needed
         self._in_memory: list[dict] = []
         self._state: dict = {}
         self._state_written = False
-        if folder is not None:
-            self.keep_in(folder, only_if_needed)
-
-    @property
-    def path(self) -> Path | None:
-        """The record file, once it is written (or due to be written) into its folder."""
-        return None if self.folder is None else RunDir(self.folder).tracking_record
-
-    @property
-    def state_file(self) -> Path | None:
-        return None if self.folder is None else RunDir(self.folder).tracking
-
-    def keep_in(self, folder: Path, only_if_needed: bool = False) -> None:
-        """The record (and its state) goes into `folder` from now on, the calls so far first."""
-        self.folder, self.only_if_needed = folder, only_if_needed
-        self._write_when_due()
 
     def append(
         self, method: str, args: tuple, kwargs: dict, delivered: bool = True, run_id=None
@@ -73,12 +69,15 @@ class LocalRecord:
         self._in_memory.append(json.loads(json.dumps(event, default=str)))
         self._write_when_due()
 
+    def write_state(self, state: dict) -> None:
+        self._state, self._state_written = dict(state), False
+        self._write_when_due()
+
     def _write_when_due(self) -> None:
-        if self.folder is None:
-            return
-        missed = any(not event["delivered"] for event in self._in_memory)
-        if self.only_if_needed and not missed and not self.path.exists():
-            return
+        if self.only_if_needed and not self.path.exists():
+            if all(event["delivered"] for event in self._in_memory):
+                return
+            self._create_folder()
         if self._in_memory:
             with self.path.open("a", encoding="utf-8") as handle:
                 for event in self._in_memory:
@@ -88,21 +87,23 @@ class LocalRecord:
             write_text_atomic(self.state_file, json.dumps(self._state))
             self._state_written = True
 
+    def _create_folder(self) -> None:
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            files = {self.path.name, self.state_file.name}
+            OwnedFolder(self.folder, TRACKING_KIND).write_manifest(files)
+
     def events(self) -> list[dict]:
         written = []
-        if self.path is not None and self.path.exists():
+        if self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             written = [json.loads(line) for line in lines if line.strip()]
         return written + self._in_memory
 
     def state(self) -> dict:
-        if self.state_file is None or not self.state_file.exists():
+        if not self.state_file.exists():
             return dict(self._state)
         return json.loads(self.state_file.read_text())
-
-    def write_state(self, state: dict) -> None:
-        self._state, self._state_written = dict(state), False
-        self._write_when_due()
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -141,13 +142,6 @@ class ResilientTracker:
         except Exception as exc:  # any failure of the tracking backend must not stop the command
             self._fail("could not start", exc)
 
-    def keep_record_in(self, folder: Path, only_if_needed: bool = False) -> None:
-        """The record, kept in memory so far, goes to `folder` (now complete) from here on;
-        `only_if_needed`: only once a call has missed MLflow."""
-        self.record.keep_in(folder, only_if_needed)
-        if self.failed_reason is not None:
-            log.warning("the tracking record is in %s. %s", self.record.path, import_hint(folder))
-
     @property
     def run_id(self) -> str | None:
         """The MLflow run, kept after MLflow fails: the import completes that run."""
@@ -175,7 +169,7 @@ class ResilientTracker:
             try:
                 return getattr(self.primary, method)(*args, **kwargs), True
             except Exception as exc:  # noqa: BLE001 - see above
-                if delay is None or method == "end":
+                if delay is None or method in NOT_RETRIED:
                     self._fail(f"failed in {method} (after {attempt + 1} tries)", exc)
                     return None, False
                 time.sleep(delay)
@@ -184,14 +178,13 @@ class ResilientTracker:
     def _fail(self, what: str, exc: Exception) -> None:
         reason = redact_value(f"{type(exc).__name__}: {exc}")
         self.failed_reason = reason.splitlines()[0][:300] if reason else type(exc).__name__
-        where = self.record.path or "memory until its folder is written"
         log.warning(
             "MLflow %s (%s); %s goes on and everything is kept in %s. %s",
             what,
             self.failed_reason,
             self.doing,
-            where,
-            import_hint(self.record.path.parent) if self.record.path else "",
+            self.record.path,
+            import_hint(self.record.folder),
         )
         # No more calls to a broken backend (each may block for its timeout); the MLflow run
         # stays open there, and the import completes it from the record.

@@ -1,6 +1,7 @@
 """What the rest of lmmtune sees of tracking: the `Tracker` protocol and the one factory that
 gives one (MLflow behind a local record, or a no-op tracker with `tracking.backend=none` or
-off rank 0), with one fault policy for every command: see `lmmtune.track.record`.
+off rank 0), with one fault policy for every command (train, DPO, eval, export): see
+`lmmtune.track.record`.
 
 `track/` carries data to MLflow and nothing else: what to say about a run (description,
 sample images, headline metrics) is written by `eval/`, and handed over through these
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from lmmtune import distributed
 from lmmtune.config import TrackingConfig
 from lmmtune.errors import LmmtuneError
+from lmmtune.owned import add_to_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.track.mlflow_tracker import MlflowTracker, NullTracker
 from lmmtune.track.record import LocalRecord, ResilientTracker
@@ -43,33 +45,37 @@ class Tracker(Protocol):
         self, name: str, source: str, digest: str, context: str, samples: int
     ) -> None: ...
     def log_adapter_model(self, adapter_dir: Path) -> str | None: ...
-    def keep_record_in(self, folder: Path, only_if_needed: bool = False) -> None: ...
 
 
 def start_tracker(
     tracking_cfg: TrackingConfig,
     experiment: str,
     run_name: str | None,
-    folder: Path | None,
+    folder: Path,
     doing: str = "training",
+    *,
+    resume: bool = False,
+    only_if_needed: bool = False,
     required_for: str | None = None,
 ) -> Tracker:
     """The tracker of a command: MLflow behind a local record in `folder` that keeps
     everything if MLflow fails, so that `python -m lmmtune import FOLDER` completes it later.
 
-    `folder=None` keeps the record in memory until `keep_record_in(folder)` (an export's
-    folder appears only when it is complete). A folder whose tracking.json holds an MLflow
-    run id (a resumed run) continues that run; a job of a Hydra multirun becomes a child of
-    its sweep's run, named after its swept values. `required_for` (registering a model):
-    MLflow must be reachable at the start, or the command stops before any work. Under
-    torchrun / accelerate launch only rank 0 tracks: the others get a NullTracker.
+    `doing` names the command in the warning. `resume` (training): continue the MLflow run
+    that `folder`'s tracking.json names. A job of a Hydra multirun becomes a child of its
+    sweep's run, named after its swept values. `only_if_needed`: write the record only
+    once MLflow misses a call (see `LocalRecord`). `required_for` (registering a model):
+    MLflow must answer at the start, or the command stops before any work. Under torchrun /
+    accelerate launch only rank 0 tracks: the others get a NullTracker.
     """
     if tracking_cfg.backend == "none" or not distributed.is_main():
         return NullTracker()
     if tracking_cfg.backend != "mlflow":
         raise LmmtuneError(f"tracking.backend must be mlflow or none, not '{tracking_cfg.backend}'")
-    record = LocalRecord(folder)
-    resume_run_id = record.state().get("run_id")
+    record = LocalRecord(folder, only_if_needed)
+    # Listed before they are written: a kill cannot leave them for the next command to read.
+    add_to_manifest(folder, [record.path, record.state_file])
+    resume_run_id = record.state().get("run_id") if resume else None
     job = sweep_job()
     run_name = tracking_cfg.run_name or (job.run_name if job else run_name)
     experiment = tracking_cfg.experiment or experiment

@@ -1,5 +1,5 @@
 """One fault policy for every tracked command: when MLflow is down, train, eval and export go
-on, keep a local record in their own folder, and `python -m lmmtune import` completes it."""
+on, keep a local record, and `python -m lmmtune import` completes it later."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from lmmtune.config import TrackingConfig
 from lmmtune.errors import LmmtuneError
-from lmmtune.owned import claim_folder, listed_when_done, read_manifest
+from lmmtune.owned import claim_folder, read_manifest
 from lmmtune.track.importing import main as import_main
 from lmmtune.track.importing import pending_events
 from lmmtune.track.tracker import start_tracker
@@ -37,8 +37,7 @@ def test_eval_and_export_keep_a_record_that_imports_without_a_run_config(
 ):
     caplog.set_level(logging.WARNING)
     folder = tmp_path / "out"
-    folder.mkdir()
-    tracker = start_tracker(DOWN, "exp", "run-eval", folder, doing)
+    tracker = start_tracker(DOWN, "exp", "run-eval", folder, doing, only_if_needed=True)
     tracker.set_tags({"command": "eval"})
     tracker.log_metrics({"parity/max_abs_diff": 0.25}, step=None)
     tracker.end("FINISHED")
@@ -47,7 +46,7 @@ def test_eval_and_export_keep_a_record_that_imports_without_a_run_config(
     assert f"{doing} goes on" in warning and f"python -m lmmtune import {folder}" in warning
     state = json.loads((folder / "tracking.json").read_text())
     assert state == {"run_id": None, "experiment": "exp", "run_name": "run-eval"}
-    assert not (folder / "config.yaml").exists()  # an eval or export folder holds none
+    assert not (folder / "config.yaml").exists()  # an eval or export record has none
 
     uri = f"sqlite:///{tmp_path}/later.db"
     assert "imported 2 calls" in import_into(folder, uri, capsys)
@@ -57,59 +56,86 @@ def test_eval_and_export_keep_a_record_that_imports_without_a_run_config(
     assert "nothing to import" in import_into(folder, uri, capsys)  # twice: nothing twice
 
 
-def test_a_record_kept_in_memory_lands_whole_in_the_folder_it_is_given(tmp_path):
-    tracker = start_tracker(DOWN, "exp", "run-export", None, "the export")
-    tracker.log_params({"export.format": "merged"})
-    folder = tmp_path / "export-merged"  # appears only when the export is complete
-    folder.mkdir()
-    tracker.keep_record_in(folder)
-    tracker.log_artifact(folder / "export_report.json", "export")
-    tracker.end("FINISHED")
-
-    events = [json.loads(line) for line in (folder / "tracking_record.jsonl").open()]
-    assert [e["method"] for e in events] == ["log_params", "log_artifact", "end"]
-    assert events[1]["args"][0] == str((folder / "export_report.json").absolute())
-    assert json.loads((folder / "tracking.json").read_text())["run_name"] == "run-export"
-
-
-def test_a_shared_model_folder_gets_no_record_when_mlflow_had_everything(tmp_path):
-    tracker = start_tracker(
-        TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db"), "e", "x", None
-    )
-    tracker.log_params({"export.format": "merged"})
-    folder = tmp_path / "export-merged"
-    folder.mkdir()
-    tracker.keep_record_in(folder, only_if_needed=True)
+def test_an_export_record_is_written_beside_the_model_only_when_mlflow_missed_a_call(tmp_path):
+    healthy = tmp_path / "export-merged.tracking-1"
+    store = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    tracker = start_tracker(store, "e", "x", healthy, "the export", only_if_needed=True)
     tracker.log_metrics({"parity/max_abs_diff": 0.0}, step=None)
     tracker.end("FINISHED")
-    assert list(folder.iterdir()) == []
-    assert MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(tracker.run_id).info.status == (
-        "FINISHED"
-    )
+    assert not healthy.exists()  # MLflow got everything: nothing beside the model
+    assert MlflowClient(store.tracking_uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+    missed = tmp_path / "export-merged.tracking-2"
+    tracker = start_tracker(DOWN, "e", "x", missed, "the export", only_if_needed=True)
+    tracker.log_params({"export.format": "merged"})
+    tracker.log_artifact(tmp_path / "export-merged" / "export_report.json", "export")
+    tracker.end("FAILED")  # a failed export keeps its record too: the folder is its own
+    events = [json.loads(line) for line in (missed / "tracking_record.jsonl").open()]
+    assert [e["method"] for e in events] == ["log_params", "log_artifact", "end"]
+    assert events[1]["args"][0] == str(tmp_path / "export-merged" / "export_report.json")
+    assert read_manifest(missed) == {
+        "kind": "tracking",
+        "files": ["tracking.json", "tracking_record.jsonl"],
+    }
+
+
+def test_a_model_upload_that_fails_is_not_sent_again(tmp_path):
+    """A failed call is retried after 1 s and 4 s, but not a model upload (gigabytes, perhaps
+    half registered): it fails over to the record at once, for the import to send once."""
+    import time
+
+    store = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    tracker = start_tracker(store, "e", "x", tmp_path / "record", "the export")
+    started = time.monotonic()
+    assert tracker.log_model(tmp_path / "no-such-export", None) is None
+    assert time.monotonic() - started < 4.0 and tracker.primary is None
+    (event,) = [json.loads(line) for line in (tmp_path / "record/tracking_record.jsonl").open()]
+    assert event["method"] == "log_model" and not event["delivered"]
+    assert event["run_id"] == tracker.run_id  # the import completes that run
+    tracker.end("FINISHED")
 
 
 def test_a_resume_with_mlflow_down_keeps_the_run_it_continues(tmp_path):
     (tmp_path / "tracking.json").write_text(json.dumps({"run_id": "abc123"}))
-    tracker = start_tracker(DOWN, "demo", "run", tmp_path)
+    tracker = start_tracker(DOWN, "demo", "run", tmp_path, resume=True)
     tracker.log_metrics({"train/loss": 1.0}, step=5)
     assert json.loads((tmp_path / "tracking.json").read_text())["run_id"] == "abc123"
-    _, run_id, _ = pending_events(tmp_path)
+    _, run_id = pending_events(tmp_path)
     assert run_id == "abc123"  # the import completes that run, not a new one
 
 
 def test_registering_refuses_to_start_when_mlflow_is_down(tmp_path):
     with pytest.raises(LmmtuneError, match="export.register_name needs MLflow.*127.0.0.1:9"):
-        start_tracker(DOWN, "exp", "x", None, "the export", "export.register_name needs MLflow")
+        start_tracker(
+            DOWN, "e", "x", tmp_path / "t", required_for="export.register_name needs MLflow"
+        )
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_killed_eval_leaves_nothing_the_next_one_continues(tmp_path):
+    """Tracking files are listed before they are written: after a kill, `eval.overwrite=true`
+    clears them, and an eval never continues an MLflow run a folder names (training does)."""
+    path = tmp_path / "eval"
+    claim_folder(path, "eval", False, "eval.output", "eval.overwrite")
+    start_tracker(DOWN, "exp", "first", path, "the evaluation").log_metrics({"a": 1.0})
+    # killed here: no end status, no listing of the files at the end
+    assert {"tracking.json", "tracking_record.jsonl"} <= set(read_manifest(path)["files"])
+    claim_folder(path, "eval", True, "eval.output", "eval.overwrite")
+    assert sorted(p.name for p in path.iterdir()) == [".lmmtune.json"]
+
+    (path / "tracking.json").write_text(json.dumps({"run_id": "left-by-an-older-lmmtune"}))
+    tracker = start_tracker(DOWN, "exp", "second", path, "the evaluation")
+    assert tracker.run_id is None
 
 
 def test_an_imported_eval_folder_is_cleared_whole_by_overwrite(tmp_path, capsys):
     """The import's state is listed in the folder's manifest: left behind by
     `eval.overwrite=true`, it would mark the next evaluation's calls as imported already."""
     path = tmp_path / "eval"
-    with listed_when_done(claim_folder(path, "eval", False, "eval.output", "eval.overwrite")):
-        tracker = start_tracker(DOWN, "exp", "first", path, "the evaluation")
-        tracker.log_metrics({"eval/accuracy": 0.5}, step=None)
-        tracker.end("FINISHED")
+    claim_folder(path, "eval", False, "eval.output", "eval.overwrite")
+    tracker = start_tracker(DOWN, "exp", "first", path, "the evaluation")
+    tracker.log_metrics({"eval/accuracy": 0.5}, step=None)
+    tracker.end("FINISHED")
     import_into(path, f"sqlite:///{tmp_path}/mlflow.db", capsys)
     assert "tracking_import.json" in read_manifest(path)["files"]
 
@@ -118,27 +144,54 @@ def test_an_imported_eval_folder_is_cleared_whole_by_overwrite(tmp_path, capsys)
     tracker = start_tracker(DOWN, "exp", "second", path, "the evaluation")
     tracker.log_metrics({"eval/accuracy": 0.75}, step=None)
     tracker.end("FINISHED")
-    pending, _, _ = pending_events(path)
-    assert len(pending) == 2
+    pending, run_id = pending_events(path)
+    assert len(pending) == 2 and run_id is None  # a new run, not the first eval's
 
 
-def test_importing_a_run_takes_its_eval_and_export_folders_along(tmp_path, capsys):
+def test_an_interrupted_import_goes_on_in_the_same_run_without_doubles(tmp_path, capsys):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    tracker = start_tracker(DOWN, "exp", "run-eval", folder, "the evaluation")
+    tracker.log_metrics({"eval/accuracy": 0.5}, step=1)
+    tracker.log_artifact(folder / "metrics.json", "eval")  # not there yet: the import stops
+    tracker.log_metrics({"eval/accuracy": 0.75}, step=2)
+    tracker.end("FINISHED")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(SystemExit):
+        import_into(folder, uri, capsys)
+    assert "goes on where it stopped" in capsys.readouterr().err
+    (folder / "metrics.json").write_text("{}")
+    import_into(folder, uri, capsys)
+
+    (run,) = runs_of(uri, "exp").values()
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "eval/accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
+    assert run.info.status == "FINISHED"
+    files = [a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval")]
+    assert files == ["eval/metrics.json"]
+
+
+def test_importing_a_run_takes_its_eval_and_missed_export_records_along(tmp_path, capsys):
     run = tmp_path / "run"
-    with listed_when_done(claim_folder(run, "run", False, "output_dir", "overwrite")):
-        start_tracker(DOWN, "demo", "run", run).end("FINISHED")
-    for name, kind in (("eval", "eval"), ("export-merged", "export"), ("notes", None)):
-        folder = run / name
-        if kind:
-            claim_folder(folder, kind, False, "x", "y")
-        else:
-            folder.mkdir()  # a user's folder: never imported
-        tracker = start_tracker(DOWN, "demo", f"run-{name}", folder, "the evaluation")
+    claim_folder(run, "run", False, "output_dir", "overwrite")
+    start_tracker(DOWN, "demo", "run", run, resume=True).end("FINISHED")
+    claim_folder(run / "eval", "eval", False, "eval.output", "eval.overwrite")
+    (run / "notes").mkdir()
+    folders = {
+        "eval": run / "eval",
+        "export": run / "export-merged.tracking-20260101-120000",  # made by the record
+        "notes": run / "notes",  # a user's folder: never imported
+    }
+    for name, folder in folders.items():
+        tracker = start_tracker(DOWN, "demo", f"run-{name}", folder, only_if_needed=True)
+        tracker.log_metrics({f"{name}/score": 1.0}, step=1)
         tracker.end("FINISHED")
 
     out = import_into(run, f"sqlite:///{tmp_path}/mlflow.db", capsys)
-    assert out.count("imported 0 calls") == 3, out
-    names = set(runs_of(f"sqlite:///{tmp_path}/mlflow.db", "demo"))
-    assert names == {"run (imported)", "run-eval (imported)", "run-export-merged (imported)"}
+    runs = runs_of(f"sqlite:///{tmp_path}/mlflow.db", "demo")
+    assert set(runs) == {"run (imported)", "run-eval (imported)", "run-export (imported)"}, out
+    assert runs["run-eval (imported)"].data.metrics == {"eval/score": 1.0}
+    assert runs["run-export (imported)"].data.metrics == {"export/score": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -175,10 +228,11 @@ def test_eval_and_export_with_mlflow_down_finish_and_import_later(demo_run, tmp_
     exported = run_cli(["export", "output_dir=run"], cwd=tmp_path, env=down)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "the export goes on" in exported.stderr
-    for folder in (tmp_path / "run" / "eval", tmp_path / "run" / "export-merged"):
-        listed = read_manifest(folder)["files"]
-        assert {"tracking_record.jsonl", "tracking.json"} <= set(listed), folder
-        assert foreign_files(folder) == []  # export.overwrite=true may replace it later
+    (record,) = (tmp_path / "run").glob("export-merged.tracking-*")  # beside the model
+    assert not list((tmp_path / "run" / "export-merged").glob("tracking*"))  # shared: kept clean
+    for folder in (tmp_path / "run" / "eval", tmp_path / "run" / "export-merged", record):
+        assert foreign_files(folder) == []  # overwrite=true replaces them whole later
+    assert "tracking_record.jsonl" in read_manifest(tmp_path / "run" / "eval")["files"]
 
     registering = run_cli(
         ["export", "output_dir=run", "export.dir=registered", "export.register_name=demo-model"],
