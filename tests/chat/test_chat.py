@@ -183,7 +183,9 @@ def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, ch
             for name in ("base-answers", "adapted-answers")
         }
         finished = "answered in" in d.find_element(By.ID, "status").text
-        return found if finished and len(found["adapted-answers"]) == count else False
+        # both columns rendered: the status can reach the page before the base column does
+        rendered = all(len(column) == count for column in found.values())
+        return found if finished and rendered else False
 
     shown = wait.until(answers)
     cfg = compose_config(
