@@ -257,3 +257,36 @@ def test_eval_and_export_with_mlflow_down_finish_and_import_later(demo_run, tmp_
     assert export.data.metrics["parity/argmax_agreement"] == 1.0
     models = client.search_logged_models([export.info.experiment_id])
     assert [m.source_run_id for m in models] == [export.info.run_id]  # the pyfunc model
+
+
+@pytest.mark.slow  # an export and an import of the demo model: run by CI's slow step
+def test_a_registration_that_fails_mid_export_keeps_the_export_and_imports_later(
+    demo_run, tmp_path
+):
+    """MLflow answers at the start but cannot store artifacts (its artifact folder is blocked
+    by a file): the export is kept, exits 1 naming its record, and the import, once the
+    store works, logs and registers the model in the export's own MLflow run."""
+    from tests.conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    blocker = tmp_path / "artifact-store"
+    blocker.write_text("a file where MLflow wants a folder")
+    MlflowClient(uri).create_experiment("registry", artifact_location=str(blocker / "runs"))
+    args = [f"output_dir={demo_run['run_dir']}", f"export.dir={tmp_path / 'exported'}"]
+    args += ["tracking.experiment=registry", "export.register_name=demo-model"]
+    exported = run_cli(["export", *args], cwd=tmp_path)
+    assert exported.returncode == 1, exported.stderr[-3000:]
+    (record,) = tmp_path.glob("exported.tracking-*")
+    message = exported.stderr.strip().splitlines()[-1]
+    assert "registering it as 'demo-model' failed" in message and str(record) in message
+    assert (tmp_path / "exported" / "model.safetensors").exists()  # the export is kept
+    assert not list((tmp_path / "exported").glob("tracking*"))
+
+    blocker.unlink()  # the store works again
+    imported = run_cli(["import", str(record), "--tracking-uri", uri], cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    client = MlflowClient(uri)
+    version = client.get_model_version("demo-model", "1")
+    run = client.get_run(version.run_id)
+    assert run.info.run_id == json.loads((record / "tracking.json").read_text())["run_id"]
+    assert run.info.status == "FINISHED" and run.data.tags["command"] == "export"
