@@ -45,6 +45,12 @@ def files_under(folder: Path) -> set[str]:
     return found
 
 
+def write_manifest(folder: Path, kind: str, files: set[str]) -> None:
+    """`folder`'s manifest: made by lmmtune for `kind`, holding `files` (relative paths)."""
+    data = {"kind": kind, "files": sorted(files)}
+    write_text_atomic(folder / MANIFEST, json.dumps(data, indent=1))
+
+
 class OwnedFolder:
     """A folder lmmtune made for `kind`; `record()` adds the files written since it was opened."""
 
@@ -54,8 +60,7 @@ class OwnedFolder:
         self._existing = files_under(path) if path.is_dir() else set()
 
     def write_manifest(self, files: set[str]) -> None:
-        data = {"kind": self.kind, "files": sorted(files)}
-        write_text_atomic(self.path / MANIFEST, json.dumps(data, indent=1))
+        write_manifest(self.path, self.kind, files)
 
     def tracked(self) -> set[str]:
         manifest = read_manifest(self.path)
@@ -142,8 +147,7 @@ def add_to_manifest(folder: Path, files: list[Path]) -> None:
     if manifest is None:
         return
     names = {os.path.relpath(path, folder) for path in files}
-    listed = {"kind": manifest.get("kind"), "files": sorted(set(manifest["files"]) | names)}
-    write_text_atomic(folder / MANIFEST, json.dumps(listed, indent=1))
+    write_manifest(folder, manifest.get("kind"), set(manifest["files"]) | names)
 
 
 def foreign_files(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
-from lmmtune.owned import OwnedFolder
+from lmmtune.owned import write_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
 
@@ -52,7 +52,8 @@ class LocalRecord:
         self.path = RunDir(self.folder).tracking_record
         self.state_file = RunDir(self.folder).tracking
         self.only_if_needed = only_if_needed
-        self._in_memory: list[dict] = []
+        self._unwritten: list[str] = []  # JSON lines not yet in the file
+        self._missed = False  # a call did not reach MLflow: the record is needed
         self._state: dict = {}
         self._state_written = False
 
@@ -66,7 +67,8 @@ class LocalRecord:
             args = [redact(arg) if isinstance(arg, dict) else redact_value(arg) for arg in args]
         event = {"time": time.time(), "method": method, "args": args, "kwargs": kwargs}
         event.update(delivered=delivered, run_id=run_id)
-        self._in_memory.append(json.loads(json.dumps(event, default=str)))
+        self._unwritten.append(json.dumps(event, default=str))
+        self._missed = self._missed or not delivered
         self._write_when_due()
 
     def write_state(self, state: dict) -> None:
@@ -75,14 +77,13 @@ class LocalRecord:
 
     def _write_when_due(self) -> None:
         if self.only_if_needed and not self.path.exists():
-            if all(event["delivered"] for event in self._in_memory):
+            if not self._missed:
                 return
             self._create_folder()
-        if self._in_memory:
+        if self._unwritten:
             with self.path.open("a", encoding="utf-8") as handle:
-                for event in self._in_memory:
-                    handle.write(json.dumps(event) + "\n")
-            self._in_memory = []
+                handle.writelines(line + "\n" for line in self._unwritten)
+            self._unwritten = []
         if self._state and not self._state_written:
             write_text_atomic(self.state_file, json.dumps(self._state))
             self._state_written = True
@@ -90,15 +91,11 @@ class LocalRecord:
     def _create_folder(self) -> None:
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
-            files = {self.path.name, self.state_file.name}
-            OwnedFolder(self.folder, TRACKING_KIND).write_manifest(files)
+            write_manifest(self.folder, TRACKING_KIND, {self.path.name, self.state_file.name})
 
     def events(self) -> list[dict]:
-        written = []
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            written = [json.loads(line) for line in lines if line.strip()]
-        return written + self._in_memory
+        written = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        return [json.loads(line) for line in written + self._unwritten if line.strip()]
 
     def state(self) -> dict:
         if not self.state_file.exists():
