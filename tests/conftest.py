@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -82,11 +83,27 @@ def demo_run(tmp_path_factory) -> dict:
     }
 
 
+@contextlib.contextmanager
+def local_server(
+    command: list[str], cwd: Path, env: dict, log: Path, probe_url: str, name: str, timeout: float
+):
+    """A server a test starts (its own process group, its output in `log`), once it answers
+    `probe_url`; stopped with its whole process group after, whatever happens."""
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_answering(probe_url, server, log, name, timeout)
+        yield server
+    finally:
+        stop_server(server)
+
+
 def wait_until_answering(
     url: str, server: subprocess.Popen, log: Path, name: str, timeout: float
 ) -> None:
     """Wait until a local server started by a test answers `url` with 200, or fail with its log."""
-    import contextlib
     import time
     import urllib.request
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lmmtune.errors import LmmtuneError
-from tests.conftest import compose_config, stop_server, wait_until_answering
+from tests.conftest import compose_config, local_server
 from tests.data.test_images import _png_claiming, _write_dicom
 from tests.track.test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
 
@@ -44,21 +43,9 @@ def chat_server(demo_run, tmp_path_factory):
     command.append("chat.queue_size=1")  # one request may wait: a third is turned away
     env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"], "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command,
-            cwd=demo_run["workdir"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_answering(url, server, log, "chat", timeout=300)
+    url = f"http://127.0.0.1:{port}/"
+    with local_server(command, demo_run["workdir"], env, log, url, "chat", timeout=300):
         yield {"url": url, "started": started, "log": log}
-    finally:
-        stop_server(server)
 
 
 def test_api_answers_as_eval_did_and_survives_bad_input(chat_server, demo_run, tmp_path):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import run_cli, stop_server, wait_until_answering
+from tests.conftest import local_server, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -161,21 +160,9 @@ def mlflow_ui(tracking_uri: str, cwd: Path, log: Path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = ["mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1"]
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=cwd,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        health = f"http://127.0.0.1:{port}/health"
-        wait_until_answering(health, server, log, "mlflow ui", timeout=240)
+    health = f"http://127.0.0.1:{port}/health"
+    with local_server([*command, "--port", str(port)], cwd, env, log, health, "mlflow ui", 240):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture
