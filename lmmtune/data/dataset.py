@@ -105,8 +105,7 @@ def token_lengths(
             count + (extra if s.image is not None else 0)
             for count, s in zip(chunks.count(texts), chunk, strict=True)
         ]
-        answer_texts = [answer for s in chunk for _, answer in s.turns]
-        answers += [len(i) for i in tokenizer(answer_texts, add_special_tokens=False)["input_ids"]]
+        answers += chunks.text_lengths([answer for s in chunk for _, answer in s.turns])
     return lengths, answers
 
 

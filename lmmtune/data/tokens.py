@@ -1,4 +1,4 @@
-"""Token ids as LLaVA 1.5's own preprocessing gives them, whatever the tokenizer's `legacy` flag.
+"""Token ids as LLaVA 1.5's own preprocessing gives them, whatever the tokenizer file says.
 
 LLaVA 1.5 (`tokenizer_image_token`) tokenizes the text around each `<image>`
 separately, so every chunk starts a new text: SentencePiece puts its `▁` in front
@@ -6,25 +6,38 @@ of it, also of the `\\n` right after the image (`..., 29871, <image>, 29871, 13,
 Inside a chunk, text after a special token such as `</s>` gets no `▁`: a second
 turn starts with `USER` (11889), as LLaVA's current code gives it.
 
-Tokenizing the whole rendered string in one call, as a fast tokenizer does, differs
-by the tokenizer's `legacy` flag (transformers builds the pre-tokenizer from it):
-`legacy=false` drops the `▁` after the image, `legacy=true` adds one after `</s>`.
-So this module splits the text at special tokens itself and decides the `▁` per
-chunk, with two copies of the tokenizer's own model: one that prepends `▁`, one that
-never does. Tokenizers without a Metaspace (`▁`) pre-tokenizer are used as they are.
+Published Llama tokenizer.json files mark word starts in different ways: transformers
+4.3x wrote a normalizer (`Prepend("▁")` + `Replace(" ", "▁")`, no pre-tokenizer) that
+puts a `▁` after every special token; transformers 5 writes a Metaspace pre-tokenizer
+(`prepend_scheme` first or always, or the older `add_prefix_space` key), and rebuilds
+it from `legacy` when it loads a folder without a model `config.json`. Tokenizing the
+whole rendered string in one call therefore depends on the file. This module does not:
+it reads the pipeline (`text_pipeline`), refuses one it does not understand, and
+encodes with two copies of the tokenizer's own vocabulary in one fixed SentencePiece
+pipeline, one that prepends `▁` and one that never does, deciding per chunk.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
+from dataclasses import dataclass
 
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer
 
 from lmmtune.data.template import IMAGE_PLACEHOLDER
+from lmmtune.errors import LmmtuneError
 
 Offsets = list[tuple[int, int]]
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SPACE_MARKERS = ("Prepend", "Replace")
+"""The normalizers of a SentencePiece-style pipeline (transformers 4.3x's Llama converter)."""
+WORD_MODELS = ("BPE", "Unigram")
+
+
+class UnknownTokenizer(LmmtuneError):
+    """A tokenizer.json pipeline lmmtune cannot reproduce LLaVA's ids with: refused at start."""
 
 
 def chunk_tokenizer(tokenizer) -> ChunkTokenizer:
@@ -34,10 +47,86 @@ def chunk_tokenizer(tokenizer) -> ChunkTokenizer:
     return _CACHE[tokenizer]
 
 
+@dataclass(frozen=True)
+class TextPipeline:
+    """How a tokenizer.json turns text into pieces, as far as ids depend on it."""
+
+    replacement: str
+    """SentencePiece's word marker (`▁`) that stands for a space."""
+    found: str
+    """The pipeline in words (`normalizer Prepend+Replace, pre_tokenizer none`)."""
+
+
+def text_pipeline(backend: Tokenizer | dict) -> TextPipeline:
+    """Read the normalizer and pre-tokenizer of a tokenizer (or its tokenizer.json content);
+    raise `UnknownTokenizer` naming what was found."""
+    state = backend if isinstance(backend, dict) else json.loads(backend.to_str())
+    normalizers = _parts(state.get("normalizer"), "normalizers")
+    pre_tokenizers = _parts(state.get("pre_tokenizer"), "pretokenizers")
+    model = (state.get("model") or {}).get("type", "?")
+    found = (
+        f"normalizer {_names(normalizers)}, pre_tokenizer {_names(pre_tokenizers)}, model {model}"
+    )
+    markers = {part.get("prepend") for part in normalizers if part.get("type") == "Prepend"}
+    markers |= {
+        part.get("content")
+        for part in normalizers
+        if part.get("type") == "Replace" and part.get("pattern") == {"String": " "}
+    }
+    markers |= {part.get("replacement") for part in pre_tokenizers if part.get("type") == "Metaspace"}
+    understood = (
+        model in WORD_MODELS
+        and all(part.get("type") in SPACE_MARKERS for part in normalizers)
+        and all(part.get("type") == "Metaspace" for part in pre_tokenizers)
+        and len(markers) == 1
+        and None not in markers
+        and (_replaces_spaces(normalizers) or pre_tokenizers)
+    )
+    if not understood:
+        raise UnknownTokenizer(
+            f"tokenizer.json has a pipeline lmmtune does not understand ({found}); lmmtune "
+            "reads SentencePiece-style Llama tokenizers: a Prepend/Replace('▁') normalizer or a "
+            "Metaspace pre-tokenizer over a BPE or Unigram model"
+        )
+    return TextPipeline(replacement=markers.pop(), found=found)
+
+
+def _parts(component: dict | None, key: str) -> list[dict]:
+    """The steps of a normalizer or pre-tokenizer: none, one, or those of a Sequence."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        return [part for step in component.get(key, []) for part in _parts(step, key)]
+    return [component]
+
+
+def _names(parts: list[dict]) -> str:
+    return "+".join(str(part.get("type")) for part in parts) or "none"
+
+
+def _replaces_spaces(normalizers: list[dict]) -> bool:
+    return any(part.get("type") == "Replace" for part in normalizers)
+
+
+def sentencepiece_copy(state: dict, replacement: str, prepend: bool) -> Tokenizer:
+    """The tokenizer of `state` (tokenizer.json's content) in SentencePiece's own pipeline:
+    spaces become `replacement`, and with `prepend` the text starts with one (as
+    `add_dummy_prefix` does, even before a space). No pre-tokenizer splits the text, as
+    SentencePiece splits nothing."""
+    state = dict(state)
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": replacement}
+    steps = [{"type": "Prepend", "prepend": replacement}] if prepend else []
+    state["normalizer"] = {"type": "Sequence", "normalizers": [*steps, replace]}
+    state["pre_tokenizer"] = None
+    return Tokenizer.from_str(json.dumps(state))
+
+
 class ChunkTokenizer:
     """Encode rendered prompts (BOS once, specials by id, `▁` per chunk) with character offsets."""
 
     def __init__(self, tokenizer):
+        state = json.loads(tokenizer.backend_tokenizer.to_str())  # read once: 32k pieces
+        self.pipeline = text_pipeline(state)
         self.bos_id = tokenizer.bos_token_id
         specials = [tokenizer.eos_token or "</s>", IMAGE_PLACEHOLDER]
         if tokenizer.bos_token:
@@ -45,8 +134,9 @@ class ChunkTokenizer:
         self.special_ids = {text: tokenizer.convert_tokens_to_ids(text) for text in specials}
         pattern = "|".join(re.escape(text) for text in sorted(specials, key=len, reverse=True))
         self.splitter = re.compile(f"({pattern})")
-        self.prefixed = _with_prepend(tokenizer.backend_tokenizer, "always")
-        self.plain = _with_prepend(tokenizer.backend_tokenizer, "never")
+        marker = self.pipeline.replacement
+        self.prefixed = sentencepiece_copy(state, marker, prepend=True)
+        self.plain = sentencepiece_copy(state, marker, prepend=False)
 
     def pieces(self, text: str) -> list[tuple[int, str, bool]]:
         """(start, text, is_special) parts of `text`, split at special tokens."""
@@ -92,19 +182,13 @@ class ChunkTokenizer:
                 counts[index] += len(encoding.ids)
         return counts
 
+    def text_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each text on its own (a new text: `▁` in front), without BOS."""
+        encodings = self.prefixed.encode_batch(texts, add_special_tokens=False)
+        return [len(encoding.ids) for encoding in encodings]
+
     def _encoder(self, previous_special: str | None) -> Tokenizer:
         """A chunk at the start or after an image starts a new text (`▁`); after `</s>` not."""
         if previous_special is None or previous_special == IMAGE_PLACEHOLDER:
             return self.prefixed
         return self.plain
-
-
-def _with_prepend(backend: Tokenizer, scheme: str) -> Tokenizer:
-    """A copy of `backend` whose Metaspace pre-tokenizer prepends `▁` by `scheme`."""
-    copy = Tokenizer.from_str(backend.to_str())
-    metaspace = copy.pre_tokenizer
-    if isinstance(metaspace, pre_tokenizers.Metaspace):
-        copy.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=metaspace.replacement, prepend_scheme=scheme, split=metaspace.split
-        )
-    return copy

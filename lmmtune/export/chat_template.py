@@ -10,11 +10,13 @@ and the image processor pads to a square with the mean colour before resizing
 (`do_pad`), as lmmtune's training does, instead of centre-cropping the edges away.
 
 Token ids, not only text, must equal training's (`lmmtune.data.tokens`): a `▁` after
-`<s>` and after `<image>`, none after `</s>`. The exported tokenizer is therefore set
-to add no `▁` after special tokens (`legacy=false`; Metaspace `prepend_scheme=first`),
-and the template writes that `▁` as a space: `<s> A chat ...`, `<image> \n...`. So the
-ids are the same whatever `legacy` the base model's tokenizer had; `export_processor`
-checks it on a probe conversation.
+`<s>` and after `<image>`, none after `</s>`. The exported tokenizer.json is therefore
+rewritten into one pipeline that adds no `▁` after special tokens (no normalizer, a
+Metaspace pre-tokenizer with `prepend_scheme=first`, `legacy=false`), whatever the base
+model's file said (transformers 4.3x's `Prepend`/`Replace` normalizer, Metaspace
+`always`/`never`, `legacy` true or false); transformers 5 loads that pipeline as written,
+with or without a model config.json beside it. The template writes the `▁` as a space:
+`<s> A chat ...`, `<image> \n...`. `export_processor` checks the ids on probe conversations.
 """
 
 from __future__ import annotations
@@ -79,18 +81,24 @@ def export_processor(processor) -> LlavaProcessor:
 
 
 def no_prefix_after_specials(tokenizer):
-    """A copy of `tokenizer` that puts no `▁` after special tokens (the template writes it)."""
+    """A copy of `tokenizer` that puts no `▁` after special tokens (the template writes it).
+
+    The copy's tokenizer.json has no normalizer and a Metaspace pre-tokenizer that prepends
+    `▁` at the start of the text only, split nowhere: the pipeline transformers 5 writes for
+    a `legacy=false` Llama tokenizer, and rebuilds from `legacy=false` when it loads the
+    folder without a model config.json. The input's own pipeline must be one lmmtune reads.
+    """
+    marker = chunk_tokenizer(tokenizer).pipeline.replacement
     tokenizer = copy.deepcopy(tokenizer)
     if hasattr(tokenizer, "legacy"):  # transformers rebuilds Llama's pre-tokenizer from it
         tokenizer.legacy = False
-        tokenizer.init_kwargs["legacy"] = False
+    tokenizer.init_kwargs["legacy"] = False
+    tokenizer.init_kwargs.pop("add_prefix_space", None)  # a False here would mean "never"
     backend = tokenizer.backend_tokenizer
-    if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=backend.pre_tokenizer.replacement,
-            prepend_scheme="first",
-            split=backend.pre_tokenizer.split,
-        )
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=marker, prepend_scheme="first", split=False
+    )
     return tokenizer
 
 

@@ -23,6 +23,7 @@ from transformers import (
 
 from lmmtune import distributed
 from lmmtune.config import ModelConfig, QuantConfig
+from lmmtune.data.tokens import UnknownTokenizer, chunk_tokenizer
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.tiny import TINY_NAME, tiny_model_dir
 
@@ -173,6 +174,10 @@ def load_processor(model_cfg: ModelConfig, source: str | Path | None = None):
         )
     except OSError as exc:
         raise LmmtuneError(f"could not load the processor from {source or path}: {exc}") from None
+    try:  # ids must not depend on how tokenizer.json was written: refuse what cannot be read
+        chunk_tokenizer(getattr(processor, "tokenizer", processor))
+    except UnknownTokenizer as exc:
+        raise UnknownTokenizer(f"{source or path}: {exc}") from None
     return match_vision_config(processor, config)
 
 
