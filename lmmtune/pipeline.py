@@ -5,6 +5,7 @@ config -> data -> model -> eval before -> LoRA -> train -> save adapter -> eval 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -31,9 +32,16 @@ from lmmtune.eval.description import describe_run
 from lmmtune.eval.evaluate import EvalResult, evaluate, summary
 from lmmtune.eval.report import save_eval_report, scalar_tags
 from lmmtune.eval.samples import SAMPLES_FILE, log_sample_images
-from lmmtune.export.model_card import save_standalone_processor, write_model_card
+from lmmtune.export.model_card import write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
+from lmmtune.preflight import (
+    check_eval_prompts,
+    check_export_settings,
+    check_exported_processor,
+    check_space_for_checkpoints,
+    dry_run_save,
+)
 from lmmtune.resume import check_resume, save_data_digest
 from lmmtune.rundir import (
     RecordRunFiles,
@@ -53,6 +61,7 @@ from lmmtune.track.mlflow_tracker import (
 from lmmtune.track.record import last_logged_step
 from lmmtune.track.tracker import start_tracker
 from lmmtune.train.best import KeepBestAdapter
+from lmmtune.train.checkpoints import completed_checkpoints
 from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
 from lmmtune.train.liger import require_liger
 from lmmtune.train.memory import fit_to_memory
@@ -97,7 +106,11 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     run_dir = run.root
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
+    exported = check_exported_processor(processor)  # what adapter/ and exports ship
+    on_main(check_export_settings, cfg.export, cfg.tracking.backend, run_dir)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
+    evaluates_after = cfg.eval.after and bool(splits.eval)
+    on_main(check_eval_prompts, splits.eval, processor, cfg.data, evaluates_after)
     train_set = SupervisedDataset(
         splits.train, processor, cfg.data.max_length, cfg.data.max_image_pixels
     )
@@ -143,6 +156,8 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
         if resume_from is None:
             tracker.log_params(report.as_dict())
         describe_run(tracker, cfg, train_cfg, metrics, report)
+        guard.phase = "checking that the run can finish"
+        on_main(check_saving, model, exported, processor, train_cfg, len(splits.train), run_dir)
 
         args = build_training_arguments(train_cfg, run_dir, cfg.data.num_workers, cfg.model.dtype)
         args.ddp_find_unused_parameters = find_unused_parameters(
@@ -186,7 +201,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
         if not is_main():
             return metrics  # what follows (adapter, eval, metrics, artifacts) is rank 0's
         guard.phase = "evaluating after training (the adapter is saved)"
-        finish_run(cfg, model, processor, splits, run, tracker, metrics, before, evaluates)
+        finish_run(cfg, model, exported, splits, run, tracker, metrics, before, evaluates)
         describe_run(tracker, cfg, train_cfg, metrics, report)
         log_run_files(run, tracker, metrics, cfg, train_cfg, report)
     log.info("run finished: %s", run_dir)
@@ -231,40 +246,85 @@ def eval_before(
 def finish_run(
     cfg, model, processor, splits, run: RunDir, tracker, metrics: dict, before, evaluates: bool
 ) -> None:
-    """Rank 0 after training: save the adapter (unless sharded), evaluate it, write the report."""
-    if not shards_model():
-        model.save_pretrained(run.adapter)
-    save_standalone_processor(processor, run.adapter)  # loads alone: padding, chat template
-    run.base_model_file.write_text(json.dumps({"base_model": resolve_model_path(cfg.model)}))
+    """Rank 0 after training: save the adapter (unless sharded), evaluate it, write the report.
+
+    `processor` is the exported one (`check_exported_processor`): the adapter folder ships
+    it. A step that fails keeps what training made and names the command that redoes it.
+    """
+    with after_training("saving the adapter", run):
+        if not shards_model():
+            model.save_pretrained(run.adapter)
+        processor.save_pretrained(run.adapter)  # loads alone: padding, chat template
+        run.base_model_file.write_text(json.dumps({"base_model": resolve_model_path(cfg.model)}))
     after = None
-    if cfg.eval.after and evaluates:
-        after = evaluate(
-            model, processor, splits.eval, cfg.eval, cfg.data.max_image_pixels, "eval after"
-        )
-        metrics["eval_after"] = after.metrics
-        log.info("eval after training: %s", summary(after.metrics))
-        tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
-    if before is not None or after is not None:  # predictions table and chart
-        save_eval_report(
-            run.root,
-            "eval_",
-            splits.eval,
-            before,
-            after,
-            tracker,
-            cfg.data.max_image_pixels,
-            cfg.eval.table_images,
-        )
-        log_sample_images(tracker, run.eval_predictions, run.root / SAMPLES_FILE)
+    with after_training("evaluating after training", run):
+        if cfg.eval.after and evaluates:
+            after = evaluate(
+                model, processor, splits.eval, cfg.eval, cfg.data.max_image_pixels, "eval after"
+            )
+            metrics["eval_after"] = after.metrics
+            log.info("eval after training: %s", summary(after.metrics))
+            tracker.set_tags(scalar_tags("eval_after", after.metrics))  # no one-bar charts
+        if before is not None or after is not None:  # predictions table and chart
+            save_eval_report(
+                run.root,
+                "eval_",
+                splits.eval,
+                before,
+                after,
+                tracker,
+                cfg.data.max_image_pixels,
+                cfg.eval.table_images,
+            )
+            log_sample_images(tracker, run.eval_predictions, run.root / SAMPLES_FILE)
 
 
 def log_run_files(run: RunDir, tracker, metrics: dict, cfg, train_cfg, report) -> None:
     """The adapter's model card, metrics.json, and the run's files and model in MLflow."""
-    write_model_card(run.adapter, cfg, train_cfg, metrics, report)
-    write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
-    for artifact in (run.config, run.metrics, run.adapter):
-        tracker.log_artifact(artifact)
-    tracker.log_adapter_model(run.adapter)  # the run's model in MLflow, loadable as pyfunc
+    with after_training("writing the model card and metrics.json", run):
+        write_model_card(run.adapter, cfg, train_cfg, metrics, report)
+        write_text_atomic(run.metrics, json.dumps(metrics, indent=2))
+    with after_training(
+        "logging the run to MLflow", run, redo=f"python -m lmmtune import {run.root}"
+    ):
+        for artifact in (run.config, run.metrics, run.adapter):
+            tracker.log_artifact(artifact)
+        tracker.log_adapter_model(run.adapter)  # the run's model in MLflow, loadable as pyfunc
+
+
+@contextlib.contextmanager
+def after_training(step: str, run: RunDir, redo: str | None = None):
+    """Turn a failure of a step after training into one line: what failed, where the trained
+    weights are kept, and the command that redoes it (by default: resume from the last
+    checkpoint, which trains no step again and does everything after training)."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the run keeps its weights
+        redo = redo or (
+            f"the same command plus: output_dir={run.root} train.resume=auto (it continues "
+            "from the last checkpoint: no training step is repeated)"
+        )
+        reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise LmmtuneError(
+            f"training finished, but {step} failed: {reason}. The trained weights are kept in "
+            f"{kept_weights(run)}; nothing of the run was deleted. Redo it with {redo}"
+        ) from exc
+
+
+def kept_weights(run: RunDir) -> Path:
+    """Where the trained weights are: the adapter folder once saved, else the last checkpoint."""
+    if any(run.adapter.glob("adapter_model.*")):
+        return run.adapter
+    checkpoints = completed_checkpoints(run.checkpoints)
+    return checkpoints[-1] if checkpoints else run.checkpoints
+
+
+def check_saving(model, exported, processor, train_cfg, samples: int, run_dir: Path) -> None:
+    """Rank 0, before the first step: the dry-run save, then the disk space for checkpoints."""
+    adapter_bytes = dry_run_save(model, exported, processor, run_dir)
+    check_space_for_checkpoints(model, adapter_bytes, train_cfg, samples, run_dir)
 
 
 def best_adapter_keeper(train_cfg, run_dir: Path) -> KeepBestAdapter | None:

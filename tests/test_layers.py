@@ -32,6 +32,7 @@ LAYERS = {
     "dpo": 7,
     "predict": 7,
     "pipeline": 7,
+    "preflight": 7,
     "check": 7,
     "api": 8,
     "commands": 8,

@@ -73,7 +73,9 @@ def text_pipeline(backend: Tokenizer | dict) -> TextPipeline:
         for part in normalizers
         if part.get("type") == "Replace" and part.get("pattern") == {"String": " "}
     }
-    markers |= {part.get("replacement") for part in pre_tokenizers if part.get("type") == "Metaspace"}
+    markers |= {
+        part.get("replacement") for part in pre_tokenizers if part.get("type") == "Metaspace"
+    }
     understood = (
         model in WORD_MODELS
         and all(part.get("type") in SPACE_MARKERS for part in normalizers)

@@ -24,6 +24,7 @@ from lmmtune.eval.description import describe_run
 from lmmtune.model.adapters import PROJECTOR, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
 from lmmtune.pipeline import (
+    check_saving,
     eval_before,
     finish_run,
     in_run_dir,
@@ -31,6 +32,7 @@ from lmmtune.pipeline import (
     run_training,
     whole_run_loss,
 )
+from lmmtune.preflight import check_eval_prompts, check_export_settings, check_exported_processor
 from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, tracked_run
 from lmmtune.track.record import last_logged_step
@@ -59,8 +61,11 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
     run_dir = run.root
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
+    exported = check_exported_processor(processor)  # what adapter/ and exports ship
+    on_main(check_export_settings, cfg.export, cfg.tracking.backend, run_dir)
     data_cfg = on_main(pair_data_config, cfg.data, run_dir)  # demo pairs are written once
     splits = on_main(load_splits, data_cfg, run_dir, processor)
+    on_main(check_eval_prompts, splits.eval, processor, data_cfg, cfg.eval.after)
     require_pairs(splits.train + splits.eval, data_cfg.train)
     lengths = pair_lengths(splits.train, splits.report.train_lengths, processor, data_cfg)
     train_cfg = fit_to_memory(
@@ -124,6 +129,8 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
         log.info("%s", report)
         if resume_from is None:
             tracker.log_params(report.as_dict())
+        guard.phase = "checking that the run can finish"
+        on_main(check_saving, model, exported, processor, train_cfg, len(splits.train), run_dir)
         result = run_training(trainer, stop, resume_from, run_dir)
         if args.eval_on_start:
             metrics["preference_before"] = preference_at_start(trainer.state.log_history)
@@ -138,7 +145,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
         if not is_main():
             return metrics
         guard.phase = "evaluating after training (the adapter is saved)"
-        finish_run(cfg, model, processor, splits, run, tracker, metrics, before, evaluates)
+        finish_run(cfg, model, exported, splits, run, tracker, metrics, before, evaluates)
         describe_run(tracker, cfg, train_cfg, metrics, report)
         log_run_files(run, tracker, metrics, cfg, train_cfg, report)
     log.info("run finished: %s", run_dir)

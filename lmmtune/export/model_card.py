@@ -3,9 +3,9 @@
 peft's `save_pretrained` writes a blank model-card template naming the local cache path
 as `base_model`; this replaces it with what a reader needs: the base model's id, the
 data, the numbers before and after training, and how to load the adapter with plain
-peft and transformers. The processor saved beside it is the export's (pad-to-square
-image processing and the Vicuna v1 chat template), so `AutoProcessor` gives what
-training saw.
+peft and transformers. The processor the training saves beside it is the export's
+(`lmmtune.export.chat_template.export_processor`: pad-to-square image processing and the
+Vicuna v1 chat template), so `AutoProcessor` gives what training saw.
 """
 
 from __future__ import annotations
@@ -17,14 +17,8 @@ import yaml
 
 from lmmtune.eval.description import run_description
 from lmmtune.eval.report import HEADLINE
-from lmmtune.export.chat_template import export_processor
 
 CARD_FILE = "README.md"
-
-
-def save_standalone_processor(processor, adapter_dir: Path) -> None:
-    """The training processor as the export ships it: padding, and the training chat template."""
-    export_processor(processor).save_pretrained(adapter_dir)
 
 
 def write_model_card(adapter_dir: Path, cfg, train_cfg, metrics: dict, report) -> Path:

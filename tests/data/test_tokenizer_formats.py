@@ -87,7 +87,9 @@ def test_every_format_gives_llavas_ids_and_labels(written, reference_tokenize):
     for name, (turns, has_image) in SAMPLES.items():
         sample = Sample(id=name, turns=turns, image="x.png" if has_image else None, source="t")
         ids, labels = tokenize(sample)
-        assert (ids, labels) == preprocess_v1(turns, has_image, reference_tokenize, 32000, 576), name
+        assert (ids, labels) == preprocess_v1(turns, has_image, reference_tokenize, 32000, 576), (
+            name
+        )
         assert token_lengths([sample], processor)[0] == [len(ids)]
     multi = tokenize(Sample(id="m", turns=SAMPLES["multi-turn"][0], image="x.png", source="t"))[0]
     assert multi[multi.index(2) + 1] == 11889  # 'USER' after </s>, in every format
@@ -127,7 +129,9 @@ def test_the_export_reproduces_training_ids_loaded_either_way(exported_from, tmp
             *history, (question, _) = turns
             sample = Sample(id=name, turns=turns, image="x.png" if has_image else None)
             messages = chat_messages(history, question, has_image)
-            text = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = exported.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
             ids = exported.tokenizer(text, add_special_tokens=False).input_ids
             expected = tokenize.chunks.encode(
                 render_prompt(question, has_image, "<image>", history)
