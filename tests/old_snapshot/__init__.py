@@ -47,6 +47,7 @@ LLAVA_HF_CHAT_TEMPLATE = (
 )
 """llava-hf's chat template as its snapshots carry it: `USER: <image>\\n... ASSISTANT:`, no
 system line, no `</s>` after answers (lmmtune trains and exports its own)."""
+FULL_DEPTH = {"7b": "32", "13b": "40"}
 PROCESSOR_CONFIG = {
     "patch_size": 14,
     "processor_class": "LlavaProcessor",
@@ -78,7 +79,8 @@ def side_python() -> Path:
 
 
 def old_snapshot_dir(width: str = "7b", weights: bool = True) -> Path:
-    """The cached snapshot (`width` 7b or 13b, 2 text and 3 vision layers), written once."""
+    """The cached snapshot (`width` 7b or 13b), written once: with random weights at 2 text
+    and 3 vision layers, or without weights at the real depth (40 and 24 layers for 13B)."""
     vocab = real_processor_dir(False) / "tokenizer.json"
     spec = f"{width}-{weights}-" + hashlib.sha256(WRITER.read_bytes()).hexdigest()[:10]
     target = default_cache_dir() / f"llava-hf-4.36-snapshot-{spec}"
@@ -87,7 +89,10 @@ def old_snapshot_dir(width: str = "7b", weights: bool = True) -> Path:
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     command = [str(side_python()), str(WRITER), "--vocab", str(vocab), "--out", str(tmp)]
-    command += ["--width", width] + (["--weights"] if weights else [])
+    command += ["--width", width]
+    command += (
+        ["--weights"] if weights else ["--text-layers", FULL_DEPTH[width], "--vision-layers", "24"]
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_HF_CHAT_TEMPLATE}))
