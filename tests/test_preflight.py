@@ -142,7 +142,8 @@ def fail(monkeypatch, target: str) -> None:
     original = getattr(owner, name)
 
     def failing(*args, **kwargs):
-        if any(part in str(a) for a in args for part in (".preflight", "checkpoint")):
+        paths = [str(a) for a in args if isinstance(a, str | Path)]
+        if any(part in path for path in paths for part in (".preflight", "checkpoint")):
             return original(*args, **kwargs)
         raise OSError(28, "No space left on device")
 

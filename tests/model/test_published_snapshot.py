@@ -148,7 +148,8 @@ def test_the_whole_cli_runs_on_a_7b_wide_published_snapshot(tmp_path):
     assert adapter_tokenizer["normalizer"] is None  # rewritten: no "▁" after </s>
 
     cli_ok(["eval", "output_dir=run", "tracking=none", "eval.max_new_tokens=4"], tmp_path)
-    assert json.loads((run / "eval" / "metrics.json").read_text())["after"]["samples"] == 2
+    again = json.loads((run / "eval" / "metrics.json").read_text())["eval_after"]
+    assert again["samples"] == 2 and again["exact_match"] == metrics["eval_after"]["exact_match"]
     cli_ok(["export", "output_dir=run", "tracking=none", "export.parity_samples=2",
             "export.dtype=float32"], tmp_path)  # fmt: skip
     report = json.loads((run / "export-merged" / "export_report.json").read_text())
