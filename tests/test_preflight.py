@@ -51,6 +51,19 @@ def refused_before_training(result, cwd: Path, *needles: str) -> None:
     assert "'loss'" not in result.stdout + result.stderr
 
 
+def refused_in_process(overrides: list[str], cwd: Path, *needles: str) -> None:
+    """`lmmtune.finetune` (what the CLI runs) refuses before the first step, leaving no run."""
+    from lmmtune.api import finetune
+
+    with pytest.raises(LmmtuneError) as raised:
+        finetune(compose_config([*TINY_RUN, f"output_dir={cwd / 'run'}", *overrides]))
+    message = str(raised.value)
+    assert message.startswith("refused before training") and "\n" not in message
+    for needle in needles:
+        assert needle in message
+    assert not (cwd / "run").exists()
+
+
 def test_an_export_target_that_cannot_be_written_is_refused_before_the_first_step(tmp_path):
     target = unwritable_folder(tmp_path) / "export"
     result = run_cli(["train", *TINY_RUN, "output_dir=run", f"export.dir={target}"], tmp_path)
@@ -72,8 +85,7 @@ def test_an_impossible_chat_template_is_refused_before_the_first_step(tiny_model
     for token in config.get("added_tokens_decoder", {}).values():
         token["rstrip"] = token["rstrip"] or token["content"] == "<image>"
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    result = run_cli(["train", *TINY_RUN, "output_dir=run", f"model.path={model}"], tmp_path)
-    refused_before_training(result, tmp_path, "chat template does not reproduce")
+    refused_in_process([f"model.path={model}"], tmp_path, "chat template does not reproduce")
 
 
 def test_an_eval_image_that_cannot_open_is_refused_before_the_first_step(tmp_path):
@@ -93,9 +105,8 @@ def test_an_eval_image_that_cannot_open_is_refused_before_the_first_step(tmp_pat
     (tmp_path / "train.json").write_text(json.dumps(records[:3]))
     (tmp_path / "eval.json").write_text(json.dumps(records[3:]))
     (tmp_path / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # cut short
-    args = [*TINY_RUN, "data.train=train.json", "data.eval=eval.json", "data.verify_images=false"]
-    result = run_cli(["train", *args, "output_dir=run"], tmp_path)
-    refused_before_training(result, tmp_path, "eval sample", "(id 3)")
+    data = [f"data.train={tmp_path / 'train.json'}", f"data.eval={tmp_path / 'eval.json'}"]
+    refused_in_process([*data, "data.verify_images=false"], tmp_path, "eval sample", "(id 3)")
 
 
 def test_checkpoint_space_is_the_adapter_and_optimizer_state_times_the_checkpoints_kept(

@@ -70,6 +70,23 @@ def test_the_snapshot_processor_gives_llavas_ids(additional, tmp_path):
         assert tokenize(sample) == expected
 
 
+def test_the_exported_processor_feeds_the_pyfunc_model_training_ids(tmp_path):
+    """The processor the run's adapter/ and the exports ship, saved from the snapshot's and
+    loaded as the pyfunc models load it (with and without config.json beside it)."""
+    from lmmtune.config import ModelConfig
+    from lmmtune.export.chat_template import export_processor
+    from lmmtune.model.load import load_processor
+
+    snapshot = snapshot_copy(tmp_path / "llava", False, weights=False)
+    Image.effect_noise((500, 300), 40).convert("RGB").save(tmp_path / "scan.png")
+    questions = [{"question": q, "image": str(tmp_path / "scan.png")} for q, _ in QUESTIONS]
+    exported = tmp_path / "adapter"
+    export_processor(load_processor(ModelConfig(path=str(snapshot)))).save_pretrained(exported)
+    check_training_ids(snapshot, questions, pyfunc_prompt_ids(exported, questions))
+    (exported / "config.json").write_text((snapshot / "config.json").read_text())
+    check_training_ids(snapshot, questions, pyfunc_prompt_ids(exported, questions))
+
+
 def write_data(folder) -> dict:
     """Train/eval records (one multi-turn, one text-only), questions and DPO pairs."""
     (folder / "images").mkdir(parents=True)
@@ -165,6 +182,8 @@ def test_the_whole_cli_runs_on_a_7b_wide_published_snapshot(tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     plain_rows = json.loads(plain.stdout.splitlines()[-1])
     check_training_ids(snapshot, questions, [row["ids"] for row in plain_rows])
+    for folder in ("export-merged", "export-adapter", "adapter"):  # the pyfunc models' prompts
+        check_training_ids(snapshot, questions, pyfunc_prompt_ids(run / folder, questions))
 
     predicted = tmp_path / "answers.jsonl"
     cli_ok(["predict", f"predict.model={run / 'export-merged'}", f"predict.input={tmp_path / 'questions.jsonl'}",
@@ -190,6 +209,17 @@ def check_training_ids(snapshot, questions, plain_ids) -> None:
     for question, ids in zip(questions, plain_ids, strict=True):
         sample = Sample(id="q", turns=[(question["question"], "")], image=question["image"])
         assert ids == tokenize.prompt_ids(sample)
+
+
+def pyfunc_prompt_ids(folder, questions) -> list[list[int]]:
+    """The ids the MLflow pyfunc model (merged export or adapter) feeds its model."""
+    from transformers import AutoProcessor
+
+    from lmmtune.export.pyfunc_model import LlavaAnswerer
+
+    answerer = LlavaAnswerer()
+    answerer.processor = AutoProcessor.from_pretrained(folder)
+    return [answerer.model_inputs(q)["input_ids"][0].tolist() for q in questions]
 
 
 def chat_answer(run, question: dict) -> str:
