@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
-from lmmtune.owned import write_manifest
+from lmmtune.owned import adopt, write_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
 
@@ -92,6 +92,7 @@ class LocalRecord:
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             write_manifest(self.folder, TRACKING_KIND, {self.path.name, self.state_file.name})
+            adopt(self.folder)  # beside an export in a run: the run's overwrite=true clears it
 
     def events(self) -> list[dict]:
         written = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []

@@ -1,0 +1,59 @@
+"""Manifests and overwrite=true, tried as a hostile user would: a run folder someone sends may
+hold any manifest and any links, and clearing it must never reach a file outside it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lmmtune.errors import LmmtuneError
+from lmmtune.owned import MANIFEST
+from lmmtune.rundir import prepare_run_dir
+from tests.test_rundir import make_run
+
+
+def tamper(folder, files) -> None:
+    """Rewrite `folder`'s manifest file list as a crafted run folder would have it."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"] = files
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "ABSOLUTE", "adapter/../../victim.txt"])
+def test_a_manifest_entry_outside_the_folder_is_refused_and_nothing_is_deleted(tmp_path, entry):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    run = make_run(tmp_path / "run")
+    entry = str(victim) if entry == "ABSOLUTE" else entry
+    tamper(run.root, ["config.yaml", entry])
+    with pytest.raises(LmmtuneError, match=f"{MANIFEST}.*not a valid lmmtune manifest"):
+        prepare_run_dir(run.root, overwrite=True, resume=None)
+    assert victim.read_text() == "the user's"
+    assert run.config.is_file()  # refused before anything was cleared
+
+
+def test_a_link_in_the_run_is_never_entered_by_overwrite(tmp_path):
+    mine = tmp_path / "my_adapter"
+    mine.mkdir()
+    (mine / "adapter_model.safetensors").write_text("the user's weights")
+    run = make_run(tmp_path / "run")
+    (run.adapter / "adapter_model.safetensors").unlink()
+    (run.adapter / "adapter_config.json").unlink()
+    run.adapter.rmdir()
+    run.adapter.symlink_to(mine, target_is_directory=True)  # RUN/adapter -> the user's folder
+    with pytest.raises(LmmtuneError, match="is a link"):
+        prepare_run_dir(run.root, overwrite=True, resume=None)
+    assert (mine / "adapter_model.safetensors").read_text() == "the user's weights"
+    assert run.config.is_file()
+
+
+def test_overwrite_never_clears_another_run_kept_inside_the_run(tmp_path):
+    run = make_run(tmp_path / "run")
+    backup = make_run(run.root / "previous_run_backup")  # a copy with its own manifest
+    kept = sorted(str(p) for p in backup.root.rglob("*"))
+    prepare_run_dir(run.root, overwrite=True, resume=None)
+    assert not run.config.exists() and not run.adapter.exists()
+    assert sorted(str(p) for p in backup.root.rglob("*")) == kept
+    assert (backup.adapter / "adapter_model.safetensors").read_text() == "weights"
