@@ -262,7 +262,9 @@ class PredictConfig:
     input: str | None = None
     """JSONL of questions: `question`, optional `image` (relative to the file) and `id`."""
     output: str | None = None
-    """Where the answers of `input` go (JSONL); null prints them."""
+    """Where the answers of `input` go (JSONL, a new file); null prints them."""
+    overwrite: bool = False
+    """Replace an existing `output` that an earlier predict wrote (never any other file)."""
     model: str | None = None
     """An exported model directory; null uses the base model + adapter."""
     adapter: str | None = None

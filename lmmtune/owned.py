@@ -320,10 +320,14 @@ def check_claim(path: Path, kind: str, overwrite: bool, option: str, overwrite_k
         return
     manifest = read_manifest(path)
     if manifest is None or manifest.get("kind") != kind:
-        found = f"holds {label(manifest['kind'])}" if manifest else "was not made by lmmtune"
+        found = (
+            f"holds {label(manifest['kind'])}, not {label(kind)}"
+            if manifest
+            else "holds files and was not made by lmmtune"
+        )
         raise LmmtuneError(
-            f"{path} {found}, not {label(kind)}: lmmtune never writes into or clears it. "
-            f"Choose an empty or new {option}"
+            f"{path} {found}: lmmtune never writes into or clears it. Choose an empty or new "
+            f"{option}"
         )
     if not overwrite:
         raise LmmtuneError(
@@ -332,6 +336,25 @@ def check_claim(path: Path, kind: str, overwrite: bool, option: str, overwrite_k
         )
     refuse_links(path, option)
     OwnedFolder(path, kind).planned_deletions()
+
+
+@contextmanager
+def claimed_for_this_command(claim, path: Path, *args) -> Iterator[OwnedFolder]:
+    """`claim(path, *args)`'s folder for the block; when the block fails, what it wrote is
+    removed again if the folder was new or empty (and a new one itself): a failed command
+    leaves no folder that would refuse the corrected one."""
+    was_new = not path.exists()
+    was_empty = was_new or not any(path.iterdir())
+    folder = claim(path, *args)
+    try:
+        yield folder
+    except BaseException:
+        if was_empty:
+            folder.clear()
+            (path / MANIFEST).unlink(missing_ok=True)
+            if was_new and not any(path.iterdir()):
+                path.rmdir()
+        raise
 
 
 def label(kind: str) -> str:
@@ -358,6 +381,22 @@ def add_to_manifest(folder: Path, files: list[Path]) -> None:
     names = {os.path.relpath(path, folder) for path in files}
     folders = recorded_folders(folder, manifest) if manifest["kind"] == RUN_KIND else None
     write_manifest(folder, manifest["kind"], set(manifest["files"]) | names, folders)
+
+
+def owning_folder(path: Path) -> Path | None:
+    """The lmmtune folder `path` belongs to: one above it whose manifest lists it, or a
+    run's own folder (an evaluation, an export) that holds it; None when it is nobody's."""
+    path = path.absolute()
+    for folder in path.parents:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        inside = path.relative_to(folder)
+        if str(inside) in manifest["files"] or inside.parts[0] in recorded_folders(
+            folder, manifest
+        ):
+            return folder
+    return None
 
 
 def foreign_files(path: Path) -> list[str]:

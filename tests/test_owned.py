@@ -4,7 +4,6 @@ hold any manifest and any links, and clearing it must never reach a file outside
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -57,3 +56,33 @@ def test_overwrite_never_clears_another_run_kept_inside_the_run(tmp_path):
     assert not run.config.exists() and not run.adapter.exists()
     assert sorted(str(p) for p in backup.root.rglob("*")) == kept
     assert (backup.adapter / "adapter_model.safetensors").read_text() == "weights"
+
+
+def test_a_folder_claimed_by_a_command_that_fails_is_removed_again(tmp_path):
+    from lmmtune.owned import claim_folder, claimed_for_this_command
+
+    user_empty = tmp_path / "empty"
+    user_empty.mkdir()
+    for path in (tmp_path / "new", user_empty):
+        with (
+            pytest.raises(RuntimeError),
+            claimed_for_this_command(
+                claim_folder, path, "eval", False, "eval.output", "eval.overwrite"
+            ) as folder,
+        ):
+            (folder.path / "tracking_record.jsonl").write_text("{}")
+            folder.record()
+            raise RuntimeError("the evaluation failed")
+    assert not (tmp_path / "new").exists()
+    assert user_empty.is_dir() and list(user_empty.iterdir()) == []
+
+
+def test_the_refusal_of_a_user_folder_reads_as_a_sentence(tmp_path):
+    from lmmtune.owned import claim_folder
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LmmtuneError) as refused:
+        claim_folder(tmp_path, "eval", True, "eval.output", "eval.overwrite")
+    assert str(refused.value).startswith(
+        f"{tmp_path} holds files and was not made by lmmtune: lmmtune never writes into"
+    )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
+from lmmtune.errors import LmmtuneError
 from lmmtune.owned import adopt, write_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
@@ -95,8 +96,20 @@ class LocalRecord:
             adopt(self.folder)  # beside an export in a run: the run's overwrite=true clears it
 
     def events(self) -> list[dict]:
+        """Every recorded call; a line that is no JSON is named (file and line) in one line."""
         written = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
-        return [json.loads(line) for line in written + self._unwritten if line.strip()]
+        events = []
+        for number, line in enumerate(written + self._unwritten, start=1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except (ValueError, RecursionError):
+                raise LmmtuneError(
+                    f"{self.path}:{number}: not a JSON line: the record is damaged (a last "
+                    "line cut short by a kill may be deleted; the call on it is lost)"
+                ) from None
+        return events
 
     def state(self) -> dict:
         if not self.state_file.exists():
