@@ -3,14 +3,13 @@ adapter in safetensors that loads, or the base model when asked for by name."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from safetensors.torch import save_file
 
 from lmmtune.config_checks import validate
 from lmmtune.dpo.model import check_init_adapter
 from lmmtune.errors import LmmtuneError
+from lmmtune.owned import LOCK
 from tests.conftest import compose_config, run_cli
 
 
@@ -74,16 +73,20 @@ def test_an_adapter_that_is_no_safetensors_adapter_is_refused_in_one_line(
     assert "\n" not in str(refused.value)
 
 
-def test_dpo_pointed_at_its_own_sft_run_with_overwrite_deletes_nothing(demo_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(demo_run["run_dir"], run, symlinks=True)
-    before = {p: p.read_bytes() for p in (run / "adapter").rglob("*") if p.is_file()}
+def test_dpo_pointed_at_its_own_sft_run_with_overwrite_deletes_nothing(tmp_path):
+    import torch
+
+    from tests.test_rundir import make_run
+
+    run = make_run(tmp_path / "run")  # a finished SFT run: its adapter, checkpoints, metrics
+    save_file({"w": torch.zeros(4)}, str(run.adapter / "adapter_model.safetensors"))
+    before = run_files(run.root)
 
     result = run_cli(
         [
             "recipe=demo_dpo",
-            f"dpo.init_adapter={run / 'adapter'}",
-            f"output_dir={run}",
+            f"dpo.init_adapter={run.adapter}",
+            f"output_dir={run.root}",
             "overwrite=true",
             "tracking=none",
         ],
@@ -91,6 +94,10 @@ def test_dpo_pointed_at_its_own_sft_run_with_overwrite_deletes_nothing(demo_run,
     )
 
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"overwrite=true would delete dpo.init_adapter={run / 'adapter'}" in result.stderr
-    assert {p: p.read_bytes() for p in (run / "adapter").rglob("*") if p.is_file()} == before
-    assert (run / "metrics.json").is_file() and (run / "checkpoints").is_dir()
+    assert f"overwrite=true would delete dpo.init_adapter={run.adapter}" in result.stderr
+    assert run_files(run.root) == before
+
+
+def run_files(root) -> dict:
+    """Every file of a run and its bytes (the lock holds the pid of the last process)."""
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != LOCK}

@@ -123,20 +123,18 @@ def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, ev
         run_eval(empty, overrides=[])
 
 
-def test_a_failed_eval_leaves_no_folder_that_refuses_the_corrected_one(demo_run, tmp_path):
-    import shutil
+def test_a_failed_eval_leaves_no_folder_that_refuses_the_corrected_one(tmp_path):
+    from lmmtune.owned import check_claim
+    from tests.test_rundir import make_run
 
-    run = tmp_path / "run"
-    shutil.copytree(demo_run["run_dir"], run, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    run = make_run(tmp_path / "run")
 
     failed = run_cli(
-        ["eval", f"output_dir={run}", "eval.data=/nonexistent.json", "tracking=none"],
+        ["eval", f"output_dir={run.root}", "eval.data=/nonexistent.json", "tracking=none"],
         cwd=tmp_path,
     )
+
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "/nonexistent.json" in failed.stderr
-    assert not (run / "eval").exists()
-
-    corrected = run_cli(["eval", f"output_dir={run}", "tracking=none"], cwd=tmp_path)
-    assert corrected.returncode == 0, corrected.stderr[-3000:]
-    assert json.loads((run / "eval" / "metrics.json").read_text())["eval_after"]["accuracy"] > 0.8
+    assert not run.eval.exists()
+    check_claim(run.eval, "eval", False, "eval.output", "eval.overwrite")  # the next is welcome
