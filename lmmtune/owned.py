@@ -55,9 +55,10 @@ def read_manifest(folder: Path) -> dict | None:
     except OSError as exc:
         reason = "it is a link" if path.is_symlink() else f"unreadable: {exc.strerror}"
         raise invalid_manifest(path, reason) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, a FIFO, a device
+        os.close(fd)
+        raise invalid_manifest(path, "it is not a plain file")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise invalid_manifest(path, "it is not a plain file")
         raw = handle.read(MAX_MANIFEST_BYTES + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
         raise invalid_manifest(path, f"larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
@@ -150,7 +151,7 @@ def write_manifest(folder: Path, kind: str, files: set[str], folders: set[str] |
     """`folder`'s manifest: made by lmmtune for `kind`, holding `files` (relative paths) and,
     for a run, the `folders` of its own that later commands made inside it."""
     data: dict = {"kind": kind, "files": sorted(files)}
-    if folders is not None or kind == RUN_KIND:
+    if kind == RUN_KIND:  # only a run holds folders of its own
         data["folders"] = sorted(folders or ())
     write_text_atomic(folder / MANIFEST, json.dumps(data, indent=1))
 
@@ -199,9 +200,11 @@ class OwnedFolder:
         entry reached through a link, or an own folder that is a link, is refused."""
         manifest = read_manifest(self.path) or {"files": []}
         doomed = []
+        folders: dict[str, bool] = {}  # checked folders on the way: a real folder or not
         for entry in manifest["files"]:
+            if not real_folder(self.path, os.path.dirname(entry), folders):
+                continue  # nothing below a missing folder
             target = self.path / entry
-            refuse_link_on_the_way(self.path, target)
             if target.is_symlink() or target.is_file():
                 doomed.append(target)  # a listed link is removed as a link, never entered
         for inner in own_folders(self.path, manifest):
@@ -234,17 +237,25 @@ def own_folders(folder: Path, manifest: dict) -> list[Path]:
     return found
 
 
-def refuse_link_on_the_way(root: Path, target: Path) -> None:
-    """Refuse `target` when a folder between `root` and it is a link (or not a folder)."""
-    for parent in reversed(target.relative_to(root).parents[:-1]):
-        step = root / parent
-        if step.is_symlink():
+def real_folder(root: Path, relative: str, known: dict[str, bool]) -> bool:
+    """Whether `root/relative` is a folder reached through no link (`known`: the answers so
+    far, one check per folder); a link on the way is refused."""
+    if not relative:
+        return True
+    if relative not in known:
+        parent_ok = real_folder(root, os.path.dirname(relative), known)
+        try:
+            mode = os.lstat(os.path.join(root, relative)).st_mode if parent_ok else 0
+        except OSError:  # missing
+            mode = 0
+        if stat.S_ISLNK(mode):
+            step = os.path.join(root, relative)
             raise LmmtuneError(
                 f"{step} is a link (to {os.readlink(step)}): lmmtune never clears through a "
                 "link it did not make. Remove the link first"
             )
-        if not step.is_dir():
-            return  # nothing below it exists
+        known[relative] = stat.S_ISDIR(mode)
+    return known[relative]
 
 
 def remove_empty_parents(path: Path, root: Path) -> None:
@@ -386,7 +397,7 @@ def add_to_manifest(folder: Path, files: list[Path]) -> None:
 def owning_folder(path: Path) -> Path | None:
     """The lmmtune folder `path` belongs to: one above it whose manifest lists it, or a
     run's own folder (an evaluation, an export) that holds it; None when it is nobody's."""
-    path = path.absolute()
+    path = path.resolve()  # `..` and links in the folders on the way resolved
     for folder in path.parents:
         manifest = read_manifest(folder)
         if manifest is None:

@@ -97,7 +97,10 @@ def take_lock(run: RunDir) -> None:
     if key in _locks:
         return
     run.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a lock file that is a link is refused, never truncated through
+        fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LmmtuneError(f"{run.lock} cannot be used as the run's lock: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ FILE_ARGUMENTS = {
 }
 """The calls lmmtune records (the import replays no other), and which of their arguments name
 local files to upload: those must lie inside the record's own folder."""
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 ARTIFACT_NAMES = ("artifact_path", "artifact_file")
 """Arguments that name a place in the MLflow run's artifacts: plain relative paths only."""
 
@@ -99,19 +101,25 @@ def call_problem(event, roots: list[Path]) -> str | None:
     """What makes one recorded call unsafe or unusable (None: nothing)."""
     from lmmtune.track.mlflow_tracker import NullTracker
 
-    if not isinstance(event, dict) or event.get("method") not in FILE_ARGUMENTS:
-        method = event.get("method") if isinstance(event, dict) else None
+    method = event.get("method") if isinstance(event, dict) else None
+    if not isinstance(method, str) or method not in FILE_ARGUMENTS:
         return f"{str(method)[:60]!r} is not a call lmmtune records"
     args, kwargs = event.get("args"), event.get("kwargs")
     if not isinstance(args, list) or not isinstance(kwargs, dict):
-        return f"{event['method']}: args must be a list and kwargs an object"
+        return f"{method}: args must be a list and kwargs an object"
+    if not isinstance(event.get("run_id"), str | None) or not isinstance(
+        event.get("delivered", False), bool
+    ):
+        return f"{method}: run_id must be text and delivered true or false"
     try:
-        bound = inspect.signature(getattr(NullTracker, event["method"])).bind(None, *args, **kwargs)
+        bound = inspect.signature(getattr(NullTracker, method)).bind(None, *args, **kwargs)
     except TypeError as exc:
-        return f"{event['method']}: {exc}"
+        return f"{method}: {exc}"
     named = bound.arguments
-    files = [named.get(name) for name in FILE_ARGUMENTS[event["method"]]]
-    if event["method"] == "log_table" and named.get("image_column"):
+    if method == "end" and named.get("status", "FINISHED") not in END_STATUSES:
+        return f"end: status {str(named['status'])[:40]!r} is not one of {', '.join(END_STATUSES)}"
+    files = [named.get(name) for name in FILE_ARGUMENTS[method]]
+    if method == "log_table" and named.get("image_column"):
         rows = named.get("rows")
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             return "log_table: rows must be a list of objects"
@@ -119,23 +127,31 @@ def call_problem(event, roots: list[Path]) -> str | None:
     for value in files:
         if not isinstance(value, str) or not inside(value, roots):
             return (
-                f"{event['method']} names {str(value)[:200]!r}, outside {roots[0]} (links "
-                "resolved): an import uploads files of the record's own folder only (a record "
-                "holds absolute paths: import the folder where its command wrote it)"
+                f"{method} names {str(value)[:200]!r}, which lies (or holds a link that leads) "
+                f"outside {roots[0]}: an import uploads files of the record's own folder only "
+                "(a record holds absolute paths: import the folder where its command wrote it)"
             )
     for name in ARTIFACT_NAMES:
         value = named.get(name)
         if value is not None and (not isinstance(value, str) or entry_problem(value)):
-            return f"{event['method']}: {name} {str(value)[:80]!r} is no plain relative path"
+            return f"{method}: {name} {str(value)[:80]!r} is no plain relative path"
     return None
 
 
 def inside(path: str, roots: list[Path]) -> bool:
+    """Whether `path`, and for a folder every link below it (an upload copies what they
+    point to), resolves inside one of `roots`."""
     try:
         resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            return False
+        for folder, dirs, files in os.walk(resolved):
+            links = [Path(folder, name) for name in dirs + files]
+            if not all(inside(str(link), roots) for link in links if link.is_symlink()):
+                return False
     except (OSError, RuntimeError, ValueError):  # a link loop, a NUL
         return False
-    return any(resolved.is_relative_to(root) for root in roots)
+    return True
 
 
 def store_key(uri: str) -> str:
@@ -159,9 +175,18 @@ def import_progress(folder: Path) -> dict:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         state = None
-    if not isinstance(state, dict):
+    stores = state.get("stores", {"": state}) if isinstance(state, dict) else None
+    if not isinstance(stores, dict) or not all(map(valid_progress, stores.values())):
         raise LmmtuneError(f"{state_file} is damaged: delete it to import the whole record again")
-    return state.get("stores", {"": state} if "imported_through" in state else {})
+    return stores
+
+
+def valid_progress(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("imported_through", 0), int)
+        and isinstance(entry.get("run_id"), str | None)
+    )
 
 
 def existing_run(uri: str, run_id: str | None) -> str | None:
@@ -236,7 +261,15 @@ def save_progress(folder: Path, uri: str, entry: dict) -> None:
 def names_of(folder: Path) -> tuple[str, str]:
     """(experiment, run name) the command used: from tracking.json, else (records written
     before it named them) the run's recipe name and the folder's name."""
-    state = LocalRecord(folder).state()
+    record = LocalRecord(folder)
+    try:
+        state = record.state()
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(key), str | None) for key in ("experiment", "run_name")
+    ):
+        raise LmmtuneError(f"{record.state_file} is damaged: it names no MLflow run")
     experiment = state.get("experiment")
     config = RunDir(folder).config
     if experiment is None and config.is_file():
@@ -259,9 +292,13 @@ def import_folder(folder: Path, tracking: TrackingConfig) -> str:
         return f"nothing to import: every recorded call of {folder} is in MLflow at {redact_value(uri)}"
     experiment, run_name = names_of(folder)
     if run_id is not None:  # complete the run MLflow lost contact with, or an earlier import's
-        tracker = MlflowTracker(tracking, experiment, None, resume_run_id=run_id)
+        tracker = MlflowTracker(
+            tracking, experiment, None, resume_run_id=run_id, system_metrics=False
+        )
     else:
-        tracker = MlflowTracker(tracking, experiment, f"{run_name} (imported)")
+        tracker = MlflowTracker(
+            tracking, experiment, f"{run_name} (imported)", system_metrics=False
+        )
         tracker.set_tags({"lmmtune.imported_from": str(folder.resolve())})
     try:
         count = replay(folder, tracker, pending, events, uri)

@@ -143,7 +143,10 @@ class MlflowTracker(NullTracker):
         run_name: str | None,
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        system_metrics: bool = True,
     ):
+        """`system_metrics`: sample this machine's CPU, memory, ... into the run (off for an
+        import: the numbers would be the importing process's, not the command's)."""
         # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
@@ -153,10 +156,9 @@ class MlflowTracker(NullTracker):
         self.mlflow = mlflow
         uri = resolve_tracking_uri(tracking_cfg)
         mlflow.set_tracking_uri(uri)
+        sample = system_metrics and system_metrics_wanted()
         if resume_run_id is not None:
-            self.run = mlflow.start_run(
-                run_id=resume_run_id, log_system_metrics=system_metrics_wanted()
-            )
+            self.run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=sample)
         else:
             from mlflow.tracking import MlflowClient
 
@@ -166,7 +168,7 @@ class MlflowTracker(NullTracker):
             self.run = mlflow.start_run(
                 run_name=redact_value(tracking_cfg.run_name or run_name),
                 parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep
-                log_system_metrics=system_metrics_wanted(),
+                log_system_metrics=sample,
             )
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, redact_value(uri))

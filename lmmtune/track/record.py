@@ -97,12 +97,12 @@ class LocalRecord:
 
     def events(self) -> list[dict]:
         """Every recorded call; a line that is no JSON is named (file and line) in one line."""
-        written = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        written = self.path.read_bytes().splitlines() if self.path.exists() else []
         events = []
         for number, line in enumerate(written + self._unwritten, start=1):
             if not line.strip():
                 continue
-            try:
+            try:  # bytes: JSON is UTF-8, and a line that is not is named like any bad line
                 events.append(json.loads(line))
             except (ValueError, RecursionError):
                 raise LmmtuneError(
