@@ -86,3 +86,55 @@ def test_the_refusal_of_a_user_folder_reads_as_a_sentence(tmp_path):
     assert str(refused.value).startswith(
         f"{tmp_path} holds files and was not made by lmmtune: lmmtune never writes into"
     )
+
+
+@pytest.mark.parametrize("shape", ["folder", "fifo", "link", "deep", "huge"])
+def test_a_manifest_that_is_no_plain_small_json_file_is_refused_without_hanging(tmp_path, shape):
+    import os
+
+    from lmmtune.owned import MAX_MANIFEST_BYTES
+
+    run = make_run(tmp_path / "run")
+    manifest = run.root / MANIFEST
+    manifest.unlink()
+    if shape == "folder":
+        manifest.mkdir()
+    elif shape == "fifo":
+        os.mkfifo(manifest)  # reading it would block forever
+    elif shape == "link":
+        (tmp_path / "other.json").write_text(json.dumps({"kind": "run", "files": []}))
+        manifest.symlink_to(tmp_path / "other.json")
+    elif shape == "deep":
+        manifest.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        manifest.write_text(" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(LmmtuneError, match="not a valid lmmtune manifest"):
+        prepare_run_dir(run.root, overwrite=True, resume=None)
+    assert run.config.is_file()
+
+
+def test_a_planted_temporary_link_is_never_written_through(tmp_path):
+    """`write_text_atomic` writes `.NAME.tmp-PID` first: a link planted under that name in a
+    folder someone else made must not lead the write to a file of the user's."""
+    import os
+
+    from lmmtune.atomic import write_text_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / f".out.json.tmp-{os.getpid()}").symlink_to(victim)
+    write_text_atomic(folder / "out.json", "{}")
+    assert victim.read_text() == "the user's" and (folder / "out.json").read_text() == "{}"
+
+
+def test_the_run_lock_is_never_a_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    run = make_run(tmp_path / "run", finished=False)  # a run to resume
+    (run.root / ".lmmtune.lock").unlink(missing_ok=True)
+    (run.root / ".lmmtune.lock").symlink_to(victim)
+    with pytest.raises(LmmtuneError, match="is a link"):
+        prepare_run_dir(run.root, overwrite=False, resume="auto")
+    assert victim.read_text() == "the user's"

@@ -133,3 +133,23 @@ def test_a_record_mlflow_got_whole_is_copied_whole_into_another_store(tmp_path, 
     assert "imported 1 calls" in import_into(folder, other, capsys)
     (copy,) = runs_of(other, "exp").values()
     assert copy.data.metrics == {"eval/accuracy": 0.75} and copy.info.run_id != tracker.run_id
+
+
+def test_a_folder_inside_that_holds_a_link_out_is_not_uploaded(tmp_path, capsys):
+    """An upload copies what a link points to: a folder of the record's own may not hold a
+    link that leads out (the adapter folder with a link to the user's keys)."""
+    folder = tmp_path / "eval"
+    record = recorded_eval(folder)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id_ed25519").write_text("SECRET")
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    (folder / "adapter" / "keys").symlink_to(tmp_path / "keys")
+    line = append(record, "log_artifact", [str(folder / "adapter")])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    err = refused(folder, uri, capsys)
+
+    assert f"{record}:{line}: log_artifact names" in err and "holds a link" in err
+    assert nothing_in(uri)
+    assert not [p for p in tmp_path.rglob("id_ed25519") if "keys" not in p.parts]
