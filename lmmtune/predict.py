@@ -74,7 +74,10 @@ def check_output(predict_cfg) -> None:
     elif path.exists() and not path.is_file():
         problem = f"is not a file; {other}"
     elif owner is not None:
-        problem = f"is a file of the lmmtune folder {owner}, never replaced by predict; {other}"
+        problem = (
+            f"belongs to the lmmtune folder {owner} (predict never replaces a file lmmtune "
+            f"wrote, nor writes into an evaluation or export); {other}"
+        )
     elif not path.exists():
         return
     elif source is not None and source.exists() and path.samefile(source):
