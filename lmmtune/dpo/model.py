@@ -32,7 +32,8 @@ def start_policy(model: torch.nn.Module, cfg) -> PeftModel:
         )
     checkpointing = cfg.train.gradient_checkpointing
     if not cfg.dpo.from_base:
-        policy = load_trainable_adapter(model, Path(cfg.dpo.init_adapter), checkpointing)
+        adapter_dir = Path(cfg.dpo.init_adapter).expanduser()
+        policy = load_trainable_adapter(model, adapter_dir, checkpointing)
     else:
         peft_cfg = OmegaConf.merge(cfg.peft, {"train_projector": cfg.dpo.train_projector})
         policy = apply_lora(model, peft_cfg, checkpointing)
@@ -55,6 +56,12 @@ def check_init_adapter(dpo_cfg, base_path: str) -> None:
             f"dpo.init_adapter={adapter_dir}: no adapter there ({ADAPTER_CONFIG} missing); "
             "pass the adapter directory of a finished SFT run (RUN/adapter)"
         )
+    try:
+        settings = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {ADAPTER_CONFIG} is damaged")
     require_adapter_weights(adapter_dir, "dpo.init_adapter")
     check_base(adapter_dir, base_path)
 
@@ -81,7 +88,12 @@ def check_base(adapter_dir: Path, base_path: str) -> None:
     record = base_model_file(adapter_dir)
     if not record.is_file():
         return
-    trained_on = json.loads(record.read_text()).get("base_model")
+    try:
+        trained_on = json.loads(record.read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {record.name} is damaged") from None
+    if not isinstance(trained_on, str | None):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {record.name} is damaged")
     moved = trained_on and Path(trained_on).exists()  # a hub id or a moved base: not compared
     if moved and Path(trained_on).resolve() != Path(base_path).resolve():
         raise LmmtuneError(

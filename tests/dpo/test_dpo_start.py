@@ -101,3 +101,21 @@ def test_dpo_pointed_at_its_own_sft_run_with_overwrite_deletes_nothing(tmp_path)
 def run_files(root) -> dict:
     """Every file of a run and its bytes (the lock holds the pid of the last process)."""
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != LOCK}
+
+
+@pytest.mark.parametrize(
+    ("damaged", "message"),
+    [
+        ("adapter_config.json", "adapter_config.json is damaged"),
+        ("lmmtune_base.json", "is damaged"),
+    ],
+)
+def test_a_damaged_adapter_record_is_named_not_a_traceback(tmp_path, damaged, message):
+    import torch
+
+    write_adapter(tmp_path / "adapter", "none")
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / damaged).write_text("[not json")
+    cfg = compose_config(["recipe=demo_dpo", f"dpo.init_adapter={tmp_path / 'adapter'}"])
+    with pytest.raises(LmmtuneError, match=message):
+        check_init_adapter(cfg.dpo, "tiny")
