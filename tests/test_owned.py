@@ -138,3 +138,29 @@ def test_the_run_lock_is_never_a_link(tmp_path):
     with pytest.raises(LmmtuneError, match="is a link"):
         prepare_run_dir(run.root, overwrite=False, resume="auto")
     assert victim.read_text() == "the user's"
+
+
+@pytest.mark.parametrize("manifest", ["records_folders", "written_before_folders_were_recorded"])
+def test_overwrite_clears_the_runs_own_eval_and_export_folders(tmp_path, manifest):
+    from lmmtune.export.run import mark_export
+    from lmmtune.owned import adopt, claim_folder
+
+    run = make_run(tmp_path / "run")
+    evaluation = claim_folder(run.eval, "eval", False, "eval.output", "eval.overwrite")
+    (run.eval / "metrics.json").write_text("{}")
+    evaluation.record()
+    export = run.root / "export-merged"
+    export.mkdir()
+    (export / "model.safetensors").write_text("w")
+    mark_export(export)
+    adopt(export)
+    if manifest == "written_before_folders_were_recorded":
+        data = json.loads((run.root / MANIFEST).read_text())
+        del data["folders"]
+        (run.root / MANIFEST).write_text(json.dumps(data))
+    else:
+        assert json.loads((run.root / MANIFEST).read_text())["folders"] == ["eval", "export-merged"]
+
+    prepare_run_dir(run.root, overwrite=True, resume=None)
+
+    assert not run.eval.exists() and not export.exists()
