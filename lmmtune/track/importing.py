@@ -5,8 +5,13 @@ its folder (see `lmmtune.track.record`). The calls that never reached MLflow are
 into the MLflow run they belong to, which is then ended as the command ended; when MLflow
 was down from the start, into a new run. A run folder's evaluation (`RUN/eval`) and the
 records of its exports that MLflow missed (`RUN/export-merged.tracking-*`) are imported
-with it. `tracking_import.json` remembers how far each record was imported, and into
-which run: importing twice adds nothing, and an interrupted import goes on where it stopped.
+with it. `tracking_import.json` remembers, per tracking store, how far each record was
+imported and into which run: importing twice adds nothing, an interrupted import goes on
+where it stopped, and another store gets the whole record in a run of its own.
+
+A record may come from someone else (a run folder that was sent), so it is checked whole
+before anything is sent: only the calls lmmtune records, with their own arguments, and only
+files inside the record's own folder, links resolved. A bad line is named; nothing is sent.
 """
 
 from __future__ import annotations

@@ -153,3 +153,12 @@ def test_a_folder_inside_that_holds_a_link_out_is_not_uploaded(tmp_path, capsys)
     assert f"{record}:{line}: log_artifact names" in err and "holds a link" in err
     assert nothing_in(uri)
     assert not [p for p in tmp_path.rglob("id_ed25519") if "keys" not in p.parts]
+
+
+def test_the_allow_list_is_the_trackers_calls():
+    """Every call a command can record is importable, and nothing else is."""
+    from lmmtune.track.importing import FILE_ARGUMENTS
+    from lmmtune.track.tracker import Tracker
+
+    calls = {name for name in vars(Tracker) if not name.startswith("_") and name != "run_id"}
+    assert set(FILE_ARGUMENTS) == calls
