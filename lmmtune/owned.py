@@ -140,11 +140,16 @@ def refuse_links(folder: Path, option: str) -> None:
         for name in dirs + files:
             path = Path(root, name)
             if path.is_symlink():
-                raise LmmtuneError(
-                    f"{path} is a link (to {os.readlink(path)}): lmmtune never writes or clears "
-                    f"through a link it did not make. Remove the link, or choose another {option}"
-                )
+                raise link_refused(path, f"Remove the link, or choose another {option}")
         dirs[:] = [d for d in dirs if not os.path.lexists(os.path.join(root, d, MANIFEST))]
+
+
+def link_refused(path: Path, advice: str = "Remove the link first") -> LmmtuneError:
+    """The one-line refusal of a link where lmmtune would write or clear."""
+    return LmmtuneError(
+        f"{path} is a link (to {os.readlink(path)}): lmmtune never writes or clears through a "
+        f"link it did not make. {advice}"
+    )
 
 
 def write_manifest(folder: Path, kind: str, files: set[str], folders: set[str] | None = None):
@@ -228,10 +233,7 @@ def own_folders(folder: Path, manifest: dict) -> list[Path]:
     for name in sorted(recorded_folders(folder, manifest)):
         inner = folder / name
         if inner.is_symlink():
-            raise LmmtuneError(
-                f"{inner} is a link (to {os.readlink(inner)}): lmmtune never clears through a "
-                "link it did not make. Remove the link first"
-            )
+            raise link_refused(inner)
         if inner.is_dir() and (read_manifest(inner) or {}).get("kind") in NESTED_KINDS:
             found.append(inner)
     return found
@@ -249,11 +251,7 @@ def real_folder(root: Path, relative: str, known: dict[str, bool]) -> bool:
         except OSError:  # missing
             mode = 0
         if stat.S_ISLNK(mode):
-            step = os.path.join(root, relative)
-            raise LmmtuneError(
-                f"{step} is a link (to {os.readlink(step)}): lmmtune never clears through a "
-                "link it did not make. Remove the link first"
-            )
+            raise link_refused(root / relative)
         known[relative] = stat.S_ISDIR(mode)
     return known[relative]
 
@@ -321,10 +319,7 @@ def claim_folder(
 def check_claim(path: Path, kind: str, overwrite: bool, option: str, overwrite_key: str) -> None:
     """What `claim_folder` refuses, checked without creating or clearing anything."""
     if path.is_symlink():
-        raise LmmtuneError(
-            f"{option}={path} is a link (to {os.readlink(path)}): lmmtune never writes or "
-            f"clears through a link. Give the folder itself, or choose another {option}"
-        )
+        raise link_refused(path, f"Give {option} the folder itself, or choose another")
     if path.exists() and not path.is_dir():
         raise LmmtuneError(f"{path} is a file, not a folder; choose another {option}")
     if not (path.is_dir() and any(path.iterdir())):
