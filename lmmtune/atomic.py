@@ -23,7 +23,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: never an empty or half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
+    tmp.unlink(missing_ok=True)  # one a killed process left; a link planted there is removed
+    # A new file only (O_EXCL), never through a link: in a folder someone else made.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    with open(os.open(tmp, flags, 0o644), "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -72,6 +75,8 @@ def staged_directory(
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink():  # planted there: removed as a link, never entered
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     if marked:
         tmp.mkdir()

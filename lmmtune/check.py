@@ -28,7 +28,8 @@ def check(cfg: Config) -> DataReport:
 
     processor = load_processor(cfg.model)
     with tempfile.TemporaryDirectory(prefix="lmmtune-check-") as work_dir:  # `demo` writes here
-        report = inspect_data(stage_data(cfg, Path(work_dir)), processor, Path(work_dir))
+        data_cfg = stage_data(cfg, Path(work_dir))
+        report = inspect_data(data_cfg, processor, Path(work_dir), pairs_only=cfg.dpo.enabled)
     print(format_report(report), flush=True)
     if report.problems:
         valid = report.records - report.invalid_records

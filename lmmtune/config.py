@@ -262,7 +262,9 @@ class PredictConfig:
     input: str | None = None
     """JSONL of questions: `question`, optional `image` (relative to the file) and `id`."""
     output: str | None = None
-    """Where the answers of `input` go (JSONL); null prints them."""
+    """Where the answers of `input` go (JSONL, a new file); null prints them."""
+    overwrite: bool = False
+    """Replace an existing `output` that an earlier predict wrote (never any other file)."""
     model: str | None = None
     """An exported model directory; null uses the base model + adapter."""
     adapter: str | None = None
@@ -306,8 +308,10 @@ class DpoConfig:
     enabled: bool = False
     """Train on preference pairs (image, prompt, chosen, rejected) instead of answers."""
     init_adapter: str | None = None
-    """Adapter directory to start from (an SFT run's RUN/adapter), loaded trainable into the
-    quantized base; null starts a fresh LoRA (peft.*) on the base."""
+    """Adapter directory to start from (an SFT run's RUN/adapter, safetensors), loaded
+    trainable into the quantized base; required unless `from_base`."""
+    from_base: bool = False
+    """Start from the base model with a fresh LoRA (peft.*) instead of an SFT adapter."""
     beta: float = 0.1
     """Strength of the pull towards the reference (higher: stay closer to it)."""
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])

@@ -80,6 +80,7 @@ def validate(cfg: DictConfig, command: str = "train") -> None:
         problems += cross_field(cfg)
         problems += training_data(cfg) if command in ("train", "check") else []
         problems += trainer_names(cfg) if command in ("train", "check") else []
+        problems += dpo_start(cfg.dpo) if command == "train" else []
         problems += output_dir_problems(cfg.output_dir, writes=command == "train")
     if problems:
         raise LmmtuneError("invalid settings:\n  " + "\n  ".join(problems))
@@ -123,6 +124,24 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs export.format=merged (a loadable model)"
     if export.register_name and (cfg.tracking.backend == "none" or not export.log_model):
         yield "export.register_name needs tracking on and export.log_model=true"
+
+
+def dpo_start(dpo: DictConfig) -> Iterator[str]:
+    """The preference stage starts from an SFT adapter, or from the base when asked to."""
+    if not dpo.enabled:
+        return
+    if dpo.init_adapter is None and not dpo.from_base:
+        yield (
+            "dpo.init_adapter is not set: DPO starts from an SFT run's adapter "
+            "(dpo.init_adapter=RUN/adapter). For recipe=demo_dpo, run the SFT demo first "
+            "(python -m lmmtune recipe=demo output_dir=outputs/demo_sft) and pass "
+            "dpo.init_adapter=outputs/demo_sft/adapter; dpo.from_base=true starts from the "
+            "base model on purpose"
+        )
+    elif dpo.init_adapter is not None and not dpo.init_adapter.strip():
+        yield "dpo.init_adapter='': empty; pass RUN/adapter of an SFT run, or dpo.from_base=true"
+    elif dpo.init_adapter is not None and dpo.from_base:
+        yield "dpo.from_base=true and dpo.init_adapter exclude each other: choose one"
 
 
 def training_data(cfg: DictConfig) -> Iterator[str]:

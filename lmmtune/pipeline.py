@@ -6,6 +6,7 @@ config -> data -> model -> eval before -> LoRA -> train -> save adapter -> eval 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import signal
@@ -85,7 +86,9 @@ def in_run_dir(cfg: Config | DictConfig, stage) -> dict:
     """
     run_dir = Path(cfg.output_dir)
     # Under torchrun / accelerate launch, rank 0 writes and checks; the other ranks get its results.
-    resume_from = on_main(prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume)
+    resume_from = on_main(
+        prepare_run_dir, run_dir, cfg.overwrite, cfg.train.resume, command_inputs(cfg)
+    )
     hint = f"Resume with the same command plus: output_dir={run_dir} train.resume=auto"
     try:
         with InterruptOutsideTraining(hint) as guard:  # SIGINT/SIGTERM: marked KILLED, a message
@@ -99,6 +102,26 @@ def in_run_dir(cfg: Config | DictConfig, stage) -> dict:
         if is_main():
             record_run_files(run_dir)  # what overwrite=true may clear later
             release_lock(run_dir)
+
+
+def command_inputs(cfg: Config | DictConfig) -> list[tuple[str, str]]:
+    """The paths a training reads (setting, path): overwrite=true never deletes one of them.
+    A data glob stands for the files it matches."""
+    resume = cfg.train.resume if cfg.train.resume != "auto" else None
+    settings = {
+        "model.path": cfg.model.path,
+        "data.train": cfg.data.train,
+        "data.eval": cfg.data.eval,
+        "data.image_root": cfg.data.image_root,
+        "dpo.init_adapter": cfg.dpo.init_adapter,
+        "train.resume": resume,
+    }
+    return [
+        (key, path)
+        for key, value in settings.items()
+        if value
+        for path in (glob.glob(value, recursive=True) if glob.has_magic(value) else [value])
+    ]
 
 
 def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, guard) -> dict:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lmmtune.atomic import write_text_atomic
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.generate import generate_answers
-from lmmtune.eval.report import write_predictions
+from lmmtune.owned import owning_folder
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
     """Answer `predict.question` (about `predict.image`) or every line of `predict.input`."""
     predict_cfg = cfg.predict
     samples = questions(predict_cfg)
+    check_output(predict_cfg)  # before the model loads
     model, processor, max_image_pixels = load_predictor(cfg, overrides)
     answers = generate_answers(
         model,
@@ -43,7 +45,8 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
         for s, a in zip(samples, answers, strict=True)
     ]
     if predict_cfg.output:
-        write_predictions(rows, Path(predict_cfg.output))
+        lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_text_atomic(Path(predict_cfg.output).expanduser(), "".join(lines))
         print(f"wrote {len(rows)} answer(s) to {predict_cfg.output}", flush=True)
     elif predict_cfg.input:
         for row in rows:
@@ -51,6 +54,57 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
     else:
         print(rows[0]["answer"], flush=True)
     return rows
+
+
+ANSWER_KEYS = ("id", "question", "answer")
+"""Keys of every line predict writes: what marks a file as an earlier predict's answers."""
+
+
+def check_output(predict_cfg) -> None:
+    """`predict.output` is a new file, or with `predict.overwrite=true` answers an earlier
+    predict wrote; never the input, a link, a folder, or a file of a folder lmmtune made."""
+    if not predict_cfg.output:
+        return
+    path = Path(predict_cfg.output).expanduser()
+    other = "choose another predict.output"
+    owner = owning_folder(path)
+    source = Path(predict_cfg.input).expanduser() if predict_cfg.input else None
+    if path.is_symlink():
+        problem = f"is a link: predict never writes through one; {other}"
+    elif path.exists() and not path.is_file():
+        problem = f"is not a file; {other}"
+    elif owner is not None:
+        problem = (
+            f"belongs to the lmmtune folder {owner} (predict never replaces a file lmmtune "
+            f"wrote, nor writes into an evaluation or export); {other}"
+        )
+    elif not path.exists():
+        return
+    elif source is not None and source.exists() and path.samefile(source):
+        problem = f"is predict.input itself; {other}"
+    elif not predict_cfg.overwrite:
+        problem = f"exists: pass predict.overwrite=true to replace an earlier predict's answers, or {other}"
+    elif not holds_answers(path):
+        problem = (
+            f"does not hold an earlier predict's answers (JSON lines with {', '.join(ANSWER_KEYS)})"
+            f" and is never replaced; {other}"
+        )
+    else:
+        return
+    raise LmmtuneError(f"predict.output={predict_cfg.output} {problem}")
+
+
+def holds_answers(path: Path) -> bool:
+    """Whether every line of `path` is a JSON object with predict's keys (read line by line)."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not all(key in row for key in ANSWER_KEYS):
+                    return False
+    except (OSError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def questions(predict_cfg) -> list[Sample]:

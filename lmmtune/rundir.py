@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,15 @@ from transformers import TrainerCallback
 from lmmtune import distributed
 from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
-from lmmtune.owned import LOCK, MANIFEST, OwnedFolder, files_under, read_manifest
+from lmmtune.owned import (
+    LOCK,
+    MANIFEST,
+    RUN_KIND,
+    OwnedFolder,
+    files_under,
+    read_manifest,
+    refuse_links,
+)
 from lmmtune.redact import redact
 from lmmtune.train.checkpoints import find_resume_checkpoint
 
@@ -73,7 +82,6 @@ class RunDir:
         return self.metrics.is_file()
 
 
-RUN_KIND = "run"
 _opened: dict[Path, OwnedFolder] = {}  # run directories this process writes into
 _locks: dict[Path, int] = {}  # their lock files, open (and locked) while this process runs
 
@@ -89,7 +97,10 @@ def take_lock(run: RunDir) -> None:
     if key in _locks:
         return
     run.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a lock file that is a link is refused, never truncated through
+        fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LmmtuneError(f"{run.lock} cannot be used as the run's lock: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -124,12 +135,15 @@ def check_tracking_state(run: RunDir) -> None:
         ) from None
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path | None:
+def prepare_run_dir(
+    run_dir: Path, overwrite: bool, resume: str | None, inputs: Iterable[tuple[str, str]] = ()
+) -> Path | None:
     """Create or reopen the run directory; return the checkpoint to resume from, if any.
 
     Refused: a folder that is not empty and not an lmmtune run (whatever overwrite says),
-    an existing run without overwrite or resume, resuming a finished run. overwrite=true
-    clears only the files this run directory's manifest lists.
+    an existing run without overwrite or resume, resuming a finished run, a run that holds
+    a link. overwrite=true clears only the files this run directory's manifest lists, and
+    refuses to delete any of `inputs` (setting -> path: what the command reads).
     """
     run = RunDir(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -147,6 +161,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
             "would train on and replace its adapter. Choose a new output_dir=..., or pass "
             "overwrite=true to replace the run"
         )
+    if holds_run:
+        refuse_links(run_dir, "output_dir")
     take_lock(run)
     if resume is not None and not (holds_run and run.finished()):
         check_tracking_state(run)
@@ -167,21 +183,24 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: str | None) -> Path 
             "choose another output_dir=..., or pass overwrite=true to replace it"
         )
     if holds_run:
-        clear_run(run)
+        clear_run(run, inputs)
     open_run_dir(run_dir)
     return None
 
 
-def clear_run(run: RunDir) -> None:
-    """overwrite=true: delete what lmmtune wrote into the run (its manifest), nothing else."""
+def clear_run(run: RunDir, inputs: Iterable[tuple[str, str]] = ()) -> None:
+    """overwrite=true: delete what lmmtune wrote into the run (its manifest), nothing else,
+    and nothing of `inputs`, what the command reads."""
     if read_manifest(run.root) is None:
         raise LmmtuneError(
             f"{run.root} was made by an lmmtune that did not list the files it wrote, so "
             "overwrite=true cannot tell them from yours. Move what you keep away and delete "
             "the folder, or choose another output_dir"
         )
+    folder = OwnedFolder(run.root, RUN_KIND)
+    folder.planned_deletions()  # refused (a link, a bad manifest) before the warning
     log.warning("overwrite=true: replacing the run in %s (only the files lmmtune wrote)", run.root)
-    OwnedFolder(run.root, RUN_KIND).clear()
+    folder.clear(inputs)
 
 
 def open_run_dir(run_dir: Path) -> OwnedFolder:

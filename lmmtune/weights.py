@@ -37,6 +37,28 @@ def require_safetensors(folder: Path, option: str) -> None:
         )
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def require_adapter_weights(folder: Path, option: str) -> None:
+    """An adapter folder's weights are safetensors whose header reads (a damaged or cut
+    file is refused in one line here, not as a traceback from peft later)."""
+    require_safetensors(folder, option)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise LmmtuneError(f"{option}={folder} holds no {ADAPTER_WEIGHTS}: it is no adapter")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as opened:
+            opened.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own and OS errors
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise LmmtuneError(
+            f"{option}={folder}: {ADAPTER_WEIGHTS} is damaged ({reason}); train or copy it again"
+        ) from None
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

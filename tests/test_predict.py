@@ -76,3 +76,58 @@ def test_predict_says_what_is_missing(tmp_path):
     bad.write_text('{"question": "Q?"}\n{"image": "x.png"}\n')
     with pytest.raises(LmmtuneError, match=r"bad.jsonl:2: needs a 'question'"):
         predict(compose_config([f"predict.input={bad}"]), overrides=[])
+
+
+@pytest.mark.parametrize("target", ["results", "input", "run_config", "run_predictions"])
+def test_predict_output_never_replaces_a_file_it_did_not_write(
+    demo_run, eval_rows, tmp_path, target
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run["run_dir"], run, symlinks=True)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question": eval_rows[0]["question"]}) + "\n")
+    results = tmp_path / "results.csv"
+    results.write_text("patient,finding\n1,left\n")
+    output = {
+        "results": results,
+        "input": questions,
+        "run_config": run / "config.yaml",
+        "run_predictions": run / "eval_predictions.jsonl",  # predict's own shape, but the run's
+    }[target]
+    kept = output.read_bytes()
+    for overwrite in ("false", "true"):
+        cfg = compose_config(
+            [
+                f"output_dir={run}",
+                f"predict.input={questions}",
+                f"predict.output={output}",
+                f"predict.overwrite={overwrite}",
+                "predict.max_new_tokens=3",
+            ]
+        )
+        with pytest.raises(LmmtuneError, match=f"predict.output={output}"):
+            predict(cfg, overrides=[])
+        assert output.read_bytes() == kept
+
+
+def test_predict_output_replaces_only_answers_an_earlier_predict_wrote(
+    demo_run, eval_rows, tmp_path
+):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question": eval_rows[0]["question"]}) + "\n")
+    output = tmp_path / "answers.jsonl"
+    settings = [
+        f"output_dir={demo_run['run_dir']}",
+        f"predict.input={questions}",
+        f"predict.output={output}",
+        "predict.max_new_tokens=3",
+    ]
+    predict(compose_config(settings), overrides=[])
+    first = output.read_text()
+    with pytest.raises(LmmtuneError, match="predict.overwrite=true"):
+        predict(compose_config(settings), overrides=[])
+    predict(compose_config([*settings, "predict.overwrite=true"]), overrides=[])
+    assert output.read_text() == first
+    assert json.loads(first)["answer"] == eval_rows[0]["after"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,9 @@ def test_a_pickled_adapter_is_refused_and_the_named_conversion_works(tmp_path):
         find_adapter(str(adapter), None, cfg)
     message = str(error.value)
     assert "adapter_model.bin" in message and "safetensors only" in message
-    command = re.search(r'(python -c ".*?")', message).group(1)
-    subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    command = re.search(r'python( -c ".*?")', message).group(1)
+    # the user's `python`; here this test's own (a venv's python is not on PATH unless activated)
+    subprocess.run(shlex.quote(sys.executable) + command, shell=True, check=True, cwd=tmp_path)
     assert find_adapter(str(adapter), None, cfg) == adapter
     converted = load_file(adapter / "adapter_model.safetensors")
     torch.testing.assert_close(

@@ -18,7 +18,7 @@ import dataclasses
 
 from lmmtune.config import DataColumns
 from lmmtune.data.dataset import token_lengths
-from lmmtune.data.problems import RecordInvalid, RecordProblem
+from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
 from lmmtune.data.records import Sample, record_to_sample
 from lmmtune.data.template import IMAGE_PLACEHOLDER
 
@@ -35,16 +35,20 @@ class PairKind:
     IDENTICAL = "identical chosen and rejected"
     SPECIAL_TOKEN = "special token in an answer"
     NOT_AN_ANSWER = "answer is not text"
+    MISSING_ANSWER = "chosen or rejected missing"
+    NOT_A_PAIR = "not a preference pair"
     TOO_LONG = "rejected longer than data.max_length"
 
 
 def is_pair_record(record) -> bool:
-    return isinstance(record, dict) and CHOSEN in record and REJECTED in record
+    """A record meant as a pair: it names a chosen or a rejected answer (a half pair is a
+    bad pair, not an answer record with odd roles)."""
+    return isinstance(record, dict) and (CHOSEN in record or REJECTED in record)
 
 
 def is_pair_columns(names) -> bool:
     """Whether a table's columns are a preference table's (no question/answer columns needed)."""
-    return CHOSEN in names and REJECTED in names
+    return CHOSEN in names or REJECTED in names
 
 
 def is_pair(sample: Sample) -> bool:
@@ -53,6 +57,17 @@ def is_pair(sample: Sample) -> bool:
 
 def pair_to_sample(record: dict, source: str, columns: DataColumns) -> Sample:
     """The chosen conversation as a Sample (the record's checks apply), the rejected answer beside it."""
+    for field in (CHOSEN, REJECTED):
+        if field not in record:
+            raise RecordInvalid(
+                PairKind.MISSING_ANSWER,
+                f"no '{field}' answer: a preference pair needs both 'chosen' and 'rejected'",
+            )
+    if PROMPT in record and not isinstance(record[PROMPT], str | list):
+        held = "null" if record[PROMPT] is None else f"a {type(record[PROMPT]).__name__}"
+        raise RecordInvalid(
+            Kind.NOT_TEXT, f"'prompt' is {held}, expected the question as text or chat messages"
+        )
     chosen, rejected = answer_text(record[CHOSEN], CHOSEN), answer_text(record[REJECTED], REJECTED)
     check_answers(chosen, rejected)
     sft_record = {k: v for k, v in record.items() if k not in (CHOSEN, REJECTED, PROMPT)}
@@ -76,14 +91,14 @@ def answer_text(value, field: str) -> str:
         value = value[0].get("content")
         if isinstance(value, list):  # [{"type": "text", "text": ...}]
             value = " ".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and value != value):  # a table's empty cell
         return ""
-    if not isinstance(value, str | int | float):
+    if not isinstance(value, str):
         raise RecordInvalid(
             PairKind.NOT_AN_ANSWER,
             f"'{field}' holds a {type(value).__name__}, expected text or one assistant message",
         )
-    return str(value).strip()
+    return value.strip()
 
 
 def check_answers(chosen: str, rejected: str) -> None:
@@ -104,6 +119,20 @@ def check_answers(chosen: str, rejected: str) -> None:
                 f"'{field}' contains {', '.join(found)}: control tokens are added by lmmtune, "
                 "an answer must not spell them",
             )
+
+
+def unpaired(samples: list[Sample]) -> list[RecordProblem]:
+    """The samples that are no pair, as problems: the preference stage trains on pairs only."""
+    return [
+        RecordProblem(
+            s.source,
+            s.id,
+            "no 'chosen' and 'rejected' answers: the preference stage trains on pairs only",
+            PairKind.NOT_A_PAIR,
+        )
+        for s in samples
+        if not is_pair(s)
+    ]
 
 
 def as_rejected(sample: Sample) -> Sample:

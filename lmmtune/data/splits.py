@@ -19,7 +19,7 @@ from pathlib import Path
 from lmmtune.config import DataConfig
 from lmmtune.data.dataset import image_token_count
 from lmmtune.data.demo import write_demo_dataset
-from lmmtune.data.pairs import check_rejected_lengths
+from lmmtune.data.pairs import check_rejected_lengths, unpaired
 from lmmtune.data.problems import DataError, RecordProblem, write_problems
 from lmmtune.data.readers import read_data
 from lmmtune.data.records import Sample
@@ -53,12 +53,13 @@ class Splits:
     """Duplicate ids, images in both train and eval: reported, the records still train."""
 
 
-def load_splits(data_cfg: DataConfig, run_dir: Path, processor) -> Splits:
+def load_splits(data_cfg: DataConfig, run_dir: Path, processor, pairs_only: bool = False) -> Splits:
     """Checked train and eval samples; invalid records stop the run or are skipped (`data.on_error`).
 
     Writes `data_report.txt` to `run_dir`, and `skipped_records.jsonl` when records are skipped.
+    `pairs_only` (the preference stage): a record that is no preference pair is invalid.
     """
-    report = inspect_data(data_cfg, processor, run_dir)
+    report = inspect_data(data_cfg, processor, run_dir, pairs_only)
     text = format_report(report)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
@@ -101,8 +102,11 @@ def capped_eval(report: DataReport, data_cfg: DataConfig) -> list[Sample]:
     return report.eval[: data_cfg.max_eval_samples]
 
 
-def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
-    """Read, resolve, decode, tokenize and split the data; on_error is not applied here."""
+def inspect_data(
+    data_cfg: DataConfig, processor, work_dir: Path, pairs_only: bool = False
+) -> DataReport:
+    """Read, resolve, decode, tokenize and split the data; on_error is not applied here.
+    `pairs_only`: records that are no preference pair are problems (the DPO stage's data)."""
     started = time.perf_counter()
     if data_cfg.on_error not in ON_ERROR:
         raise LmmtuneError(f"data.on_error must be fail or skip, not '{data_cfg.on_error}'")
@@ -111,6 +115,8 @@ def inspect_data(data_cfg: DataConfig, processor, work_dir: Path) -> DataReport:
     train = _read(train_path, "train", data_cfg, report)
     evaluation = _read(eval_path, "eval", data_cfg, report) if eval_path is not None else None
     everything = train + (evaluation or [])
+    if pairs_only:
+        report.problems += unpaired(everything)
     if data_cfg.verify_images:
         unresolved = {p.source for p in report.problems}
         resolved = [s for s in everything if s.source not in unresolved]

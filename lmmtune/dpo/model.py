@@ -16,6 +16,7 @@ from peft import PeftModel
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.adapters import PROJECTOR, apply_lora
 from lmmtune.rundir import base_model_file
+from lmmtune.weights import require_adapter_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def start_policy(model: torch.nn.Module, cfg) -> PeftModel:
             f"dpo.reference must be one of {', '.join(REFERENCES)}, not '{cfg.dpo.reference}'"
         )
     checkpointing = cfg.train.gradient_checkpointing
-    if cfg.dpo.init_adapter:
-        policy = load_trainable_adapter(model, Path(cfg.dpo.init_adapter), checkpointing)
+    if not cfg.dpo.from_base:
+        adapter_dir = Path(cfg.dpo.init_adapter).expanduser()
+        policy = load_trainable_adapter(model, adapter_dir, checkpointing)
     else:
         peft_cfg = OmegaConf.merge(cfg.peft, {"train_projector": cfg.dpo.train_projector})
         policy = apply_lora(model, peft_cfg, checkpointing)
@@ -42,15 +44,33 @@ def start_policy(model: torch.nn.Module, cfg) -> PeftModel:
     return policy
 
 
-def load_trainable_adapter(
-    model: torch.nn.Module, adapter_dir: Path, gradient_checkpointing: bool
-) -> PeftModel:
-    """An SFT run's adapter (LoRA, and projector/head it trained) attached for further training."""
+def check_init_adapter(dpo_cfg, base_path: str) -> None:
+    """Before the run directory is touched: `dpo.init_adapter` holds an adapter (config and
+    readable safetensors weights) trained on `base_path`. Its presence is checked with the
+    settings (`config_checks.dpo_start`)."""
+    if dpo_cfg.from_base:
+        return
+    adapter_dir = Path(dpo_cfg.init_adapter).expanduser()
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise LmmtuneError(
             f"dpo.init_adapter={adapter_dir}: no adapter there ({ADAPTER_CONFIG} missing); "
             "pass the adapter directory of a finished SFT run (RUN/adapter)"
         )
+    try:
+        settings = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {ADAPTER_CONFIG} is damaged")
+    require_adapter_weights(adapter_dir, "dpo.init_adapter")
+    check_base(adapter_dir, base_path)
+
+
+def load_trainable_adapter(
+    model: torch.nn.Module, adapter_dir: Path, gradient_checkpointing: bool
+) -> PeftModel:
+    """An SFT run's adapter (LoRA, and projector/head it trained) attached for further training
+    (checked by `check_init_adapter` first)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if gradient_checkpointing:
@@ -68,7 +88,12 @@ def check_base(adapter_dir: Path, base_path: str) -> None:
     record = base_model_file(adapter_dir)
     if not record.is_file():
         return
-    trained_on = json.loads(record.read_text()).get("base_model")
+    try:
+        trained_on = json.loads(record.read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {record.name} is damaged") from None
+    if not isinstance(trained_on, str | None):
+        raise LmmtuneError(f"dpo.init_adapter={adapter_dir}: {record.name} is damaged")
     moved = trained_on and Path(trained_on).exists()  # a hub id or a moved base: not compared
     if moved and Path(trained_on).resolve() != Path(base_path).resolve():
         raise LmmtuneError(
@@ -77,10 +102,11 @@ def check_base(adapter_dir: Path, base_path: str) -> None:
         )
 
 
-def sft_parent(adapter_dir: str | None) -> dict[str, str]:
+def sft_parent(dpo_cfg) -> dict[str, str]:
     """MLflow tags linking a DPO run to the SFT run its adapter came from (RUN/tracking.json)."""
-    if not adapter_dir:
+    if dpo_cfg.from_base:
         return {"dpo_start": "base"}
+    adapter_dir = dpo_cfg.init_adapter
     from lmmtune.runs import source_run_id
 
     tags = {"dpo_start": "adapter", "init_adapter": str(Path(adapter_dir).resolve())}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from transformers import set_seed
 
 from lmmtune.data.pairs import check_rejected_lengths
@@ -17,9 +16,8 @@ from lmmtune.data.splits import load_splits
 from lmmtune.distributed import barrier, generates_here, is_main, on_main, shards_model
 from lmmtune.dpo.collator import PreferenceCollator
 from lmmtune.dpo.demo import pair_data_config
-from lmmtune.dpo.model import check_base, sft_parent, start_policy
+from lmmtune.dpo.model import check_init_adapter, sft_parent, start_policy
 from lmmtune.dpo.trainer import REFERENCE_ADAPTER, build_dpo_arguments, build_dpo_trainer
-from lmmtune.errors import LmmtuneError
 from lmmtune.eval.description import describe_run
 from lmmtune.model.adapters import PROJECTOR, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
@@ -47,12 +45,8 @@ SEQUENCES_PER_PAIR = 2
 
 
 def train_dpo(cfg) -> dict:
-    if OmegaConf.is_missing(cfg.dpo, "init_adapter"):
-        raise LmmtuneError(
-            f"recipe {cfg.name} starts from an SFT adapter: pass dpo.init_adapter=RUN/adapter "
-            "(e.g. of `python -m lmmtune recipe=demo output_dir=outputs/demo_sft`), or "
-            "dpo.init_adapter=null to start from the base model"
-        )
+    """The DPO run; its starting adapter is checked before the run directory is touched."""
+    check_init_adapter(cfg.dpo, resolve_model_path(cfg.model))
     return in_run_dir(cfg, dpo_stage)
 
 
@@ -64,15 +58,12 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
     exported = check_exported_processor(processor)  # what adapter/ and exports ship
     on_main(check_export_settings, cfg.export, cfg.tracking.backend, run_dir)
     data_cfg = on_main(pair_data_config, cfg.data, run_dir)  # demo pairs are written once
-    splits = on_main(load_splits, data_cfg, run_dir, processor)
+    splits = on_main(load_splits, data_cfg, run_dir, processor, pairs_only=True)
     on_main(check_eval_prompts, splits.eval, processor, data_cfg, cfg.eval.after)
-    require_pairs(splits.train + splits.eval, data_cfg.train)
     lengths = pair_lengths(splits.train, splits.report.train_lengths, processor, data_cfg)
     train_cfg = fit_to_memory(
         cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1), SEQUENCES_PER_PAIR
     )
-    if cfg.dpo.init_adapter:
-        check_base(Path(cfg.dpo.init_adapter), resolve_model_path(cfg.model))
     guard.phase = "loading the model"
     model = load_model(cfg.model, cfg.quant)
 
@@ -84,7 +75,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
                 "stage": "dpo",
                 "base_model": cfg.model.path,
                 "run_dir": str(run_dir.resolve()),
-                **sft_parent(cfg.dpo.init_adapter),
+                **sft_parent(cfg.dpo),
             }
         )
         if resume_from is None:
@@ -150,15 +141,6 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
         log_run_files(run, tracker, metrics, cfg, train_cfg, report)
     log.info("run finished: %s", run_dir)
     return metrics
-
-
-def require_pairs(samples, source: str) -> None:
-    unpaired = [s for s in samples if "rejected" not in s.extra]
-    if unpaired:
-        raise LmmtuneError(
-            f"dpo.enabled=true needs preference pairs, but {len(unpaired)} record(s) of {source} "
-            f"have no 'chosen'/'rejected' (first: {unpaired[0].source}); see docs/dpo.md"
-        )
 
 
 def pair_lengths(samples, chosen_lengths: list[int], processor, data_cfg) -> list[int]:

@@ -18,7 +18,13 @@ from omegaconf import DictConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.evaluate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.owned import OwnedFolder, claim_folder, listed_when_done
+from lmmtune.owned import (
+    OwnedFolder,
+    check_claim,
+    claim_folder,
+    claimed_for_this_command,
+    listed_when_done,
+)
 from lmmtune.rundir import RunDir
 from lmmtune.runs import (
     command_tags,
@@ -45,48 +51,62 @@ def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     eval_cfg = settings.eval  # the run's generation settings unless overridden
     if not (eval_cfg.before or eval_cfg.after):
         raise LmmtuneError("eval.before and eval.after are both false: nothing to evaluate")
-    out_folder = prepare_output_dir(
-        Path(eval_cfg.output) if eval_cfg.output else RunDir(run_dir or adapter.parent).eval,
-        eval_cfg.overwrite,
-    )
-    out_dir = out_folder.path
+    out_path = Path(eval_cfg.output) if eval_cfg.output else RunDir(run_dir or adapter.parent).eval
+    check_claim(out_path, EVAL_KIND, eval_cfg.overwrite, "eval.output", "eval.overwrite")
     processor = load_run_processor(adapter, settings.model)
     samples = eval_samples(settings, run_dir, processor, eval_cfg.data)
     model = load_adapted_model(settings.model, settings.quant, adapter)
 
-    tracker = start_tracker(
-        cfg.tracking, settings.name, f"{(run_dir or adapter).name}-eval", out_dir, "the evaluation"
-    )
-    with tracked_run(tracker), listed_when_done(out_folder):
-        eval_data = eval_cfg.data or "run eval split"
-        tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
-        tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
-        before, after = evaluate_adapter(
-            model, processor, samples, eval_cfg, settings.data.max_image_pixels
-        )
-        metrics = {
-            "adapter": str(adapter),
-            "data": eval_cfg.data or "the run's eval split",
-            "samples": len(samples),
-        }
-        for name, result in (("eval_before", before), ("eval_after", after)):
-            if result is not None:
-                metrics[name] = result.metrics
-                tracker.set_tags(scalar_tags(name, result.metrics))
-        metrics_file = RunDir(out_dir).metrics  # the eval folder names its numbers as a run does
-        metrics_file.write_text(json.dumps(metrics, indent=2))
-        save_eval_report(
+    # Created only now that data and model are there, and removed again if the eval fails.
+    with claimed_for_this_command(prepare_output_dir, out_path, eval_cfg.overwrite) as out_folder:
+        out_dir = out_folder.path
+        tracker = start_tracker(
+            cfg.tracking,
+            settings.name,
+            f"{(run_dir or adapter).name}-eval",
             out_dir,
-            "",
-            samples,
-            before,
-            after,
-            tracker,
-            settings.data.max_image_pixels,
-            eval_cfg.table_images,
+            "the evaluation",
         )
-        tracker.log_artifact(metrics_file, "eval")
+        with tracked_run(tracker), listed_when_done(out_folder):
+            eval_data = eval_cfg.data or "run eval split"
+            tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
+            tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
+            before, after = evaluate_adapter(
+                model, processor, samples, eval_cfg, settings.data.max_image_pixels
+            )
+            metrics = write_eval_results(
+                out_dir, adapter, eval_cfg, settings, samples, before, after, tracker
+            )
     log.info("eval written to %s", out_dir)
+    return metrics
+
+
+def write_eval_results(
+    out_dir: Path, adapter: Path, eval_cfg, settings, samples, before, after, tracker
+) -> dict:
+    """metrics.json, the predictions table and the chart of an evaluation, and their tags."""
+    metrics = {
+        "adapter": str(adapter),
+        "data": eval_cfg.data or "the run's eval split",
+        "samples": len(samples),
+    }
+    for name, result in (("eval_before", before), ("eval_after", after)):
+        if result is not None:
+            metrics[name] = result.metrics
+            tracker.set_tags(scalar_tags(name, result.metrics))
+    metrics_file = RunDir(out_dir).metrics  # the eval folder names its numbers as a run does
+    metrics_file.write_text(json.dumps(metrics, indent=2))
+    save_eval_report(
+        out_dir,
+        "",
+        samples,
+        before,
+        after,
+        tracker,
+        settings.data.max_image_pixels,
+        eval_cfg.table_images,
+    )
+    tracker.log_artifact(metrics_file, "eval")
     return metrics
 
 

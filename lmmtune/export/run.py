@@ -36,7 +36,7 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
-from lmmtune.owned import OwnedFolder, files_under, foreign_files, read_manifest
+from lmmtune.owned import OwnedFolder, adopt, files_under, foreign_files, read_manifest
 from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
 from lmmtune.runs import (
@@ -92,6 +92,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         end_killed_exports(remove_stale_staging(target), cfg.tracking)
+        adopt(target)  # a run's own export: the run's overwrite=true clears it
         with staged_directory(
             target, export_cfg.overwrite, marked=True, note=tracker.run_id or ""
         ) as tmp:
@@ -136,9 +137,14 @@ def check_options(export_cfg, tracking_backend: str) -> None:
 def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
     """Refuse an existing export directory unless an earlier export made it and `overwrite`.
 
-    Never the run itself or a parent of it, never a folder without an export manifest (a
-    user's), never one holding files the export did not write.
+    Never the run itself or a parent of it, never a link, never a folder without an export
+    manifest (a user's), never one holding files the export did not write.
     """
+    if target.is_symlink():
+        raise LmmtuneError(
+            f"export.dir={target} is a link (to {os.readlink(target)}): lmmtune never replaces "
+            "a folder through a link. Choose another export.dir"
+        )
     resolved = target.resolve()
     for keep in protected:
         if resolved == keep.resolve() or resolved in keep.resolve().parents:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,36 @@ def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
     )
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database
+    (`mlruns/EXPERIMENT` in its folder), not in the working directory (MLflow's `./mlruns`);
+    None (MLflow's choice) for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri[len("sqlite:///") :].split("?")[0]
+    if not database or database == ":memory:":
+        return None
+    folder = re.sub(r"[^\w.-]", "_", experiment).strip(".") or "experiment"
+    return (Path(database).absolute().parent / "mlruns" / folder[:100]).as_uri()
+
+
+def training_experiment(client, name: str, uri: str):
+    """The experiment `name`, created if missing (artifacts beside a sqlite database), shown
+    as model training in the UI."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException as exc:  # another process created it meanwhile
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    mark_training_experiment(experiment, client)
+    return experiment
+
+
 def mark_training_experiment(experiment, client=None) -> None:
     """Have the MLflow UI show the experiment as model training (runs, metric charts), not GenAI."""
     if EXPERIMENT_KIND not in experiment.tags:
@@ -112,7 +143,10 @@ class MlflowTracker(NullTracker):
         run_name: str | None,
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        system_metrics: bool = True,
     ):
+        """`system_metrics`: sample this machine's CPU, memory, ... into the run (off for an
+        import: the numbers would be the importing process's, not the command's)."""
         # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
@@ -122,16 +156,19 @@ class MlflowTracker(NullTracker):
         self.mlflow = mlflow
         uri = resolve_tracking_uri(tracking_cfg)
         mlflow.set_tracking_uri(uri)
+        sample = system_metrics and system_metrics_wanted()
         if resume_run_id is not None:
-            self.run = mlflow.start_run(
-                run_id=resume_run_id, log_system_metrics=system_metrics_wanted()
-            )
+            self.run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=sample)
         else:
-            mark_training_experiment(mlflow.set_experiment(tracking_cfg.experiment or experiment))
+            from mlflow.tracking import MlflowClient
+
+            name = tracking_cfg.experiment or experiment
+            found = training_experiment(MlflowClient(uri), name, uri)
+            mlflow.set_experiment(experiment_id=found.experiment_id)
             self.run = mlflow.start_run(
                 run_name=redact_value(tracking_cfg.run_name or run_name),
                 parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep
-                log_system_metrics=system_metrics_wanted(),
+                log_system_metrics=sample,
             )
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, redact_value(uri))
@@ -158,6 +195,7 @@ class MlflowTracker(NullTracker):
         self.mlflow.set_tags(redact(tags))
 
     def end(self, status: str = "FINISHED") -> None:
+        log_last_system_sample(self.run_id)
         self.mlflow.end_run(status=status)
 
     def forget(self) -> None:
@@ -207,6 +245,22 @@ class MlflowTracker(NullTracker):
         with _extra("the adapter as a logged model"):
             return log_adapter_model(Path(adapter_dir))
         return None
+
+
+def log_last_system_sample(run_id: str) -> None:
+    """MLflow logs system metrics once per sampling interval (10 s) and drops the sample it
+    holds when the run ends: a shorter run, or the end of a longer one, would go unlogged.
+    Stop its sampler and log that sample (MLflow has no public call: its internals)."""
+    from mlflow.tracking import fluent
+
+    monitor = fluent.run_id_to_system_metrics_monitor.get(run_id)
+    if monitor is None or monitor._process is None:
+        return
+    with _extra("the last system metrics sample"):
+        monitor._shutdown_event.set()
+        monitor._process.join(timeout=30)
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lmmtune.atomic import write_text_atomic
-from lmmtune.owned import write_manifest
+from lmmtune.errors import LmmtuneError
+from lmmtune.owned import adopt, write_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
 
@@ -92,10 +93,23 @@ class LocalRecord:
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             write_manifest(self.folder, TRACKING_KIND, {self.path.name, self.state_file.name})
+            adopt(self.folder)  # beside an export in a run: the run's overwrite=true clears it
 
     def events(self) -> list[dict]:
-        written = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
-        return [json.loads(line) for line in written + self._unwritten if line.strip()]
+        """Every recorded call; a line that is no JSON is named (file and line) in one line."""
+        written = self.path.read_bytes().splitlines() if self.path.exists() else []
+        events = []
+        for number, line in enumerate(written + self._unwritten, start=1):
+            if not line.strip():
+                continue
+            try:  # bytes: JSON is UTF-8, and a line that is not is named like any bad line
+                events.append(json.loads(line))
+            except (ValueError, RecursionError):
+                raise LmmtuneError(
+                    f"{self.path}:{number}: not a JSON line: the record is damaged (a last "
+                    "line cut short by a kill may be deleted; the call on it is lost)"
+                ) from None
+        return events
 
     def state(self) -> dict:
         if not self.state_file.exists():

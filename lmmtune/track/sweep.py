@@ -88,9 +88,9 @@ class SweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         from lmmtune.track.mlflow_tracker import (
-            mark_training_experiment,
             quiet_mlflow_urls,
             resolve_tracking_uri,
+            training_experiment,
         )
 
         quiet_mlflow_urls()
@@ -99,11 +99,8 @@ class SweepCallback(Callback):
         keys = swept_keys(overrides)
         self.client = MlflowClient(resolve_tracking_uri(config.tracking))
         experiment = config.tracking.experiment or config.name
-        if self.client.get_experiment_by_name(experiment) is None:
-            self.client.create_experiment(experiment)
-        found = self.client.get_experiment_by_name(experiment)
-        mark_training_experiment(found, self.client)
-        experiment_id = found.experiment_id
+        uri = resolve_tracking_uri(config.tracking)
+        experiment_id = training_experiment(self.client, experiment, uri).experiment_id
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep {' '.join(o for o in overrides if o.split('=')[0] in keys)}",

@@ -127,3 +127,53 @@ def test_check_of_the_demo_pairs_passes(tmp_path):
 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train.json" in result.stdout
+
+
+def test_half_pairs_null_prompts_and_numbers_are_named_problems(tmp_path, tiny_processor):
+    save_image(tmp_path / "a.png")
+    no_rejected = llava_pair("no_rejected", "a.png")
+    del no_rejected["rejected"]
+    no_chosen = {"images": ["a.png"], "prompt": "Is there a lesion?", "rejected": "no"}
+    null_prompt = {"id": "null_prompt", "images": ["a.png"], "prompt": None}
+    records = [
+        llava_pair("good", "a.png"),
+        no_rejected,
+        {**no_chosen, "id": "no_chosen"},
+        {**null_prompt, "chosen": "yes", "rejected": "no"},
+        llava_pair("numbers", "a.png", chosen=1, rejected=2),
+    ]
+    path = write_json(tmp_path / "pairs.json", records)
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, num_workers=0, max_length=256)
+
+    report = inspect_data(cfg, tiny_processor, tmp_path, pairs_only=True)
+
+    found = {p.record_id: p for p in report.problems}
+    assert sorted(found) == ["no_chosen", "no_rejected", "null_prompt", "numbers"]
+    assert found["no_rejected"].kind == PairKind.MISSING_ANSWER
+    assert "'rejected'" in found["no_rejected"].reason
+    assert found["no_chosen"].kind == PairKind.MISSING_ANSWER
+    assert "'prompt'" in found["null_prompt"].reason
+    assert found["numbers"].kind == PairKind.NOT_AN_ANSWER
+    assert [s.id for s in report.train] == ["good"]
+
+
+def test_check_refuses_an_answer_record_in_a_pairs_file_as_training_does(tmp_path):
+    save_image(tmp_path / "a.png")
+    sft_record = {
+        "id": "sft",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs there a lesion?"},
+            {"from": "gpt", "value": "yes"},
+        ],
+    }
+    write_json(tmp_path / "pairs.json", [llava_pair("good", "a.png"), sft_record])
+
+    result = run_cli(
+        ["check", "recipe=demo_dpo", "data.train=pairs.json", "data.eval_fraction=0"],
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "pairs.json[1] (id sft)" in result.stdout
+    assert PairKind.NOT_A_PAIR in result.stdout

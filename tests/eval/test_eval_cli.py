@@ -121,3 +121,20 @@ def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, ev
         run_eval(again, overrides=[])
     with pytest.raises(LmmtuneError, match="no adapter in .*adapter_config.json missing"):
         run_eval(empty, overrides=[])
+
+
+def test_a_failed_eval_leaves_no_folder_that_refuses_the_corrected_one(tmp_path):
+    from lmmtune.owned import check_claim
+    from tests.test_rundir import make_run
+
+    run = make_run(tmp_path / "run")
+
+    failed = run_cli(
+        ["eval", f"output_dir={run.root}", "eval.data=/nonexistent.json", "tracking=none"],
+        cwd=tmp_path,
+    )
+
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "/nonexistent.json" in failed.stderr
+    assert not run.eval.exists()
+    check_claim(run.eval, "eval", False, "eval.output", "eval.overwrite")  # the next is welcome

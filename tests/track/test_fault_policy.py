@@ -15,6 +15,7 @@ from lmmtune.errors import LmmtuneError
 from lmmtune.owned import claim_folder, read_manifest
 from lmmtune.track.importing import main as import_main
 from lmmtune.track.importing import pending_events
+from lmmtune.track.record import LocalRecord
 from lmmtune.track.tracker import start_tracker
 
 DOWN = TrackingConfig(tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
@@ -100,8 +101,8 @@ def test_a_resume_with_mlflow_down_keeps_the_run_it_continues(tmp_path):
     tracker = start_tracker(DOWN, "demo", "run", tmp_path, resume=True)
     tracker.log_metrics({"train/loss": 1.0}, step=5)
     assert json.loads((tmp_path / "tracking.json").read_text())["run_id"] == "abc123"
-    _, run_id = pending_events(tmp_path)
-    assert run_id == "abc123"  # the import completes that run, not a new one
+    (event,) = LocalRecord(tmp_path).events()
+    assert event["run_id"] == "abc123"  # the import completes that run, not a new one
 
 
 def test_registering_refuses_to_start_when_mlflow_is_down(tmp_path):
@@ -144,7 +145,7 @@ def test_an_imported_eval_folder_is_cleared_whole_by_overwrite(tmp_path, capsys)
     tracker = start_tracker(DOWN, "exp", "second", path, "the evaluation")
     tracker.log_metrics({"eval/accuracy": 0.75}, step=None)
     tracker.end("FINISHED")
-    pending, run_id = pending_events(path)
+    pending, run_id = pending_events(path, f"sqlite:///{tmp_path}/mlflow.db")
     assert len(pending) == 2 and run_id is None  # a new run, not the first eval's
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,8 @@ def mlflow_ui(tracking_uri: str, cwd: Path, log: Path):
     """`mlflow ui` on 127.0.0.1 for the test's duration; its whole process group is killed after."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = ["mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
+    command += ["--host", "127.0.0.1"]
     health = f"http://127.0.0.1:{port}/health"
     with local_server([*command, "--port", str(port)], cwd, env, log, health, "mlflow ui", 240):
         yield f"http://127.0.0.1:{port}"
