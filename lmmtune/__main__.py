@@ -38,6 +38,10 @@ def setup_logging() -> None:
         stream=sys.stderr,
         force=True,
     )
+    from lmmtune.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # every line, Hydra's and MLflow's too
+        handler.addFilter(RedactingFilter())
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A failing store logs a traceback per call; lmmtune's tracker reports the failure in one line.

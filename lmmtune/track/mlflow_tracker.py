@@ -127,7 +127,8 @@ class MlflowTracker(NullTracker):
                 run_id=resume_run_id, log_system_metrics=system_metrics_wanted()
             )
         else:
-            mark_training_experiment(mlflow.set_experiment(tracking_cfg.experiment or experiment))
+            experiment = redact_value(tracking_cfg.experiment or experiment)
+            mark_training_experiment(mlflow.set_experiment(experiment))
             self.run = mlflow.start_run(
                 run_name=redact_value(tracking_cfg.run_name or run_name),
                 parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep

@@ -98,7 +98,7 @@ class SweepCallback(Callback):
         overrides = [redact_value(o) for o in config.hydra.overrides.task]
         keys = swept_keys(overrides)
         self.client = MlflowClient(resolve_tracking_uri(config.tracking))
-        experiment = config.tracking.experiment or config.name
+        experiment = redact_value(config.tracking.experiment or config.name)
         if self.client.get_experiment_by_name(experiment) is None:
             self.client.create_experiment(experiment)
         found = self.client.get_experiment_by_name(experiment)
