@@ -90,8 +90,8 @@ def main() -> None:
     from lmmtune.config import CONF_DIR, recipe_files_to_names, register_configs
     from lmmtune.errors import LmmtuneError
 
-    register_configs()
     try:
+        register_configs()
         sys.argv = [sys.argv[0], *recipe_files_to_names(args)]
     except LmmtuneError as exc:
         print(f"lmmtune {command.name}: error: {exc}", file=sys.stderr)

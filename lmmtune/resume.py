@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.atomic import write_text_atomic
+from lmmtune.config import load_yaml_config
 from lmmtune.errors import LmmtuneError
 from lmmtune.redact import redact
 
@@ -95,7 +96,7 @@ def check_resume(cfg: DictConfig, config_file: Path, digest_file: Path) -> None:
         OmegaConf.create(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
     )
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        saved = OmegaConf.to_container(load_yaml_config(config_file), resolve=False)
     except Exception as exc:  # omegaconf/yaml raise several types for a broken file
         raise LmmtuneError(f"{config_file} cannot be read ({exc}); cannot resume") from None
     differences = config_differences(saved, current)

@@ -71,7 +71,9 @@ def run_settings(
 
 def _apply_run_config(settings: DictConfig, cfg: DictConfig, saved_file: Path, keys: list[str]):
     """The saved run sections over `settings`, then the command line's keys over those."""
-    saved = OmegaConf.load(saved_file)
+    from lmmtune.config import load_yaml_config
+
+    saved = load_yaml_config(saved_file, "the run's config")
     try:
         for section in RUN_SECTIONS:
             if section in saved and section not in keys:  # `quant=none` replaces the section
