@@ -34,7 +34,7 @@ from lmmtune.eval.samples import SAMPLES_FILE, log_sample_images
 from lmmtune.export.model_card import save_standalone_processor, write_model_card
 from lmmtune.model.adapters import apply_lora, trainable_report
 from lmmtune.model.load import load_model, load_processor, resolve_model_path
-from lmmtune.resume import check_resume, save_data_digest
+from lmmtune.resume import check_image_digests, check_resume, save_data_digest
 from lmmtune.rundir import (
     RecordRunFiles,
     RunDir,
@@ -98,6 +98,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     guard.phase = "reading the data"
     processor = load_processor(cfg.model)
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
+    on_main(check_image_digests, splits, run.data_digest)  # a resume: the same images
     train_set = SupervisedDataset(
         splits.train, processor, cfg.data.max_length, cfg.data.max_image_pixels
     )

@@ -31,6 +31,7 @@ from lmmtune.pipeline import (
     run_training,
     whole_run_loss,
 )
+from lmmtune.resume import check_image_digests
 from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, tracked_run
 from lmmtune.track.record import last_logged_step
@@ -61,6 +62,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
     processor = load_processor(cfg.model)
     data_cfg = on_main(pair_data_config, cfg.data, run_dir)  # demo pairs are written once
     splits = on_main(load_splits, data_cfg, run_dir, processor)
+    on_main(check_image_digests, splits, run.data_digest)  # a resume: the same images
     require_pairs(splits.train + splits.eval, data_cfg.train)
     lengths = pair_lengths(splits.train, splits.report.train_lengths, processor, data_cfg)
     train_cfg = fit_to_memory(
