@@ -200,7 +200,7 @@ def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample],
     """The same eval records training evaluated on (same files, checks, split and cap)."""
     from lmmtune.data.splits import DEMO, capped_eval
 
-    if data_cfg.train == DEMO:
+    if data_cfg.train == DEMO:  # data.eval, when given, replaces the demo's own eval split
         demo = (run_dir or Path(".")) / "demo_data"
         if not (demo / "eval.json").is_file():
             raise LmmtuneError(f"no demo data in {demo}: pass output_dir=RUN of a demo run")
@@ -208,7 +208,7 @@ def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample],
             data_cfg,
             {
                 "train": str(demo / "train.json"),
-                "eval": str(demo / "eval.json"),
+                "eval": data_cfg.eval or str(demo / "eval.json"),
                 "image_root": None,
             },
         )
