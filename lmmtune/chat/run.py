@@ -88,7 +88,8 @@ def example_copies(examples: list[Sample], folder: Path) -> list[Sample]:
     copied: dict[str, Path] = {}  # one copy per image, however many questions it has
     for sample in examples:
         if sample.image not in copied:
-            copy = folder / f"{len(copied):02d}-{Path(sample.image).name}"
+            copy = folder / f"{len(copied):02d}" / Path(sample.image).name  # its name shown
+            copy.parent.mkdir(mode=0o700, parents=True)
             shutil.copyfile(sample.image, copy)  # the file's bytes; never a link
             copied[sample.image] = copy
     return [replace(sample, image=str(copied[sample.image])) for sample in examples]
