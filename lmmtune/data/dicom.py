@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'lmmtune[dicom]' (pydicom and its JPEG/JPEG 2000 decoders)"
 RGB_WHEN_DECODED = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 """Photometric interpretations whose pixels pydicom 3 returns as RGB (YCbCr converted)."""
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+RLE_PADDING = 64
+"""Bytes an RLE segment may decode to past Rows x Columns (encoders pad to even lengths)."""
 DEFLATED = "1.2.840.10008.1.2.1.99"
 """Deflated Explicit VR Little Endian: the whole data set is zlib-compressed."""
 MAX_INFLATED_BYTES_PER_PIXEL = 24
@@ -65,6 +68,7 @@ def decode_dicom(data: bytes, name: str, max_pixels: int | None = None) -> Image
             "sample: export the frame you want",
         )
     check_pixels((columns, rows), name, max_pixels)
+    check_compressed_frame(dataset, name, rows, columns)
     try:
         pixels = dataset.pixel_array
     except Exception as exc:
@@ -106,6 +110,70 @@ def check_inflated_size(data: bytes, name: str, max_pixels: int | None) -> None:
             f"{name}: a deflated DICOM file that inflates past {limit:,} bytes, more than "
             f"data.max_image_pixels={max_pixels:,} pixels can need (a zip bomb); refused",
         )
+
+
+def check_compressed_frame(dataset, name: str, rows: int, columns: int) -> None:
+    """Refuse compressed pixel data that would decode to more than the header's Rows x Columns.
+
+    The decoders size their output from the compressed stream, not from the header that
+    `check_pixels` read: a JPEG 2000 or JPEG stream of 30000x30000 pixels in a file that
+    says 8x8 is decoded whole before pydicom compares, and pydicom's RLE decoder expands
+    each segment whole (up to 64 times its size) before it trims it.
+    """
+    if not getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None):
+        return
+    syntax = dataset.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed or syntax == DEFLATED:
+        return
+    try:
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 - not encapsulated as it should be: pydicom says why
+        return
+    if syntax == RLE_LOSSLESS:
+        too_long = _rle_segment_too_long(frame, rows * columns)
+        reason = "an RLE segment decodes past the header's Rows x Columns"
+    else:
+        size = _codestream_size(frame)
+        too_long = size is not None and size != (rows, columns)
+        reason = f"the compressed image is {size[1]}x{size[0]} pixels" if too_long else ""
+    if too_long:
+        raise RecordInvalid(
+            Kind.CORRUPT_IMAGE,
+            f"{name}: {reason} but the DICOM header says {columns}x{rows}; refused undecoded",
+        )
+
+
+def _rle_segment_too_long(frame: bytes, plane: int) -> bool:
+    """Whether a segment of an RLE frame decodes to more than `plane` bytes (plus padding),
+    found with Pillow's PackBits decoder (DICOM RLE is PackBits), which stops there."""
+    count = int.from_bytes(frame[:4], "little")
+    segments = range(min(count, 15))  # the standard allows 15
+    offsets = [int.from_bytes(frame[4 + 4 * i : 8 + 4 * i], "little") for i in segments]
+    for start, end in zip(offsets, [*offsets[1:], len(frame)], strict=True):
+        try:
+            Image.frombytes("L", (plane + RLE_PADDING, 1), frame[start:end], "packbits", "L")
+        except ValueError:  # ran out of data first: at most plane + padding bytes
+            continue
+        return True
+    return False
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 stream declares; None if not found."""
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC, then the SIZ segment
+    if siz >= 0 and len(frame) >= siz + 24:
+        x, y, x0, y0 = (
+            int.from_bytes(frame[siz + 8 + 4 * i : siz + 12 + 4 * i], "big") for i in range(4)
+        )
+        return y - y0, x - x0
+    parameters = _get_jpg_parameters(frame)
+    if parameters.get("height") and parameters.get("width"):
+        return parameters["height"], parameters["width"]
+    return None
 
 
 def _to_rgb(dataset, pixels: np.ndarray, name: str) -> Image.Image:

@@ -11,6 +11,7 @@ that regresses fails with MemoryError instead of taking the machine.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import resource
@@ -90,6 +91,35 @@ def rle_dicom(path: Path, size: int) -> Path:
     return path
 
 
+def encapsulated_dicom(path: Path, frame: bytes, syntax: str) -> Path:
+    """An 8x8 8-bit DICOM whose compressed frame is `frame` (whatever it decodes to)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    from tests.data.test_images import _write_dicom
+
+    dataset = pydicom.dcmread(_write_dicom(path, np.zeros((8, 8), np.uint16)))
+    dataset.BitsAllocated = dataset.BitsStored = 8
+    dataset.HighBit = 7
+    dataset.PixelData = encapsulate([frame])
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def rle_bomb(path: Path) -> Path:
+    """One RLE segment of 4 MB of repeat runs: 256 MB once decoded, for an 8x8 image."""
+    header = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56)
+    return encapsulated_dicom(path, header + b"\x81\x00" * (2 << 20), "1.2.840.10008.1.2.5")
+
+
+def jpeg_bomb(path: Path) -> Path:
+    """A 30000x30000 JPEG (about 1 MB) as the frame of an 8x8 DICOM."""
+    buffer = io.BytesIO()
+    Image.new("L", (30_000, 30_000), 7).save(buffer, "JPEG", quality=50)
+    return encapsulated_dicom(path, buffer.getvalue(), "1.2.840.10008.1.2.4.50")
+
+
 def make(case: str, folder: Path) -> tuple[Path, int | None]:
     """The case's file and the data.max_image_pixels it is opened with."""
     rgb = lambda w, h: np.full((h, w, 3), 200, np.uint8)  # noqa: E731
@@ -107,6 +137,10 @@ def make(case: str, folder: Path) -> tuple[Path, int | None]:
         return path, 89_478_485
     if case == "dicom_rle":
         return rle_dicom(folder / "scan.dcm", 3000), 89_478_485
+    if case == "dicom_rle_bomb":
+        return rle_bomb(folder / "rle.dcm"), 89_478_485
+    if case == "dicom_jpeg_bomb":
+        return jpeg_bomb(folder / "jpeg.dcm"), 89_478_485
     if case == "dicom_deflate_bomb":
         return deflated_dicom_bomb(folder / "bomb.dcm", 400), 1_000_000
     raise SystemExit(f"unknown case {case}")

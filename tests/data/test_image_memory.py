@@ -29,6 +29,8 @@ PIXELS = {  # what each case allocates pixels for: the image, or its square (at 
     "tiff_float": 3000 * 3000,
     "dicom_rle": 3000 * 3000,
     "dicom_deflate_bomb": 8 * 8,
+    "dicom_rle_bomb": 8 * 8,
+    "dicom_jpeg_bomb": 8 * 8,
 }
 
 
@@ -52,6 +54,8 @@ def probe(case: str, folder) -> dict:
         "preview",  # the chat's "what the model sees"
         "png16",  # once a float64 stretch: 550 MB for 16 Mpx
         "dicom_deflate_bomb",  # 400 MB of zeros in a 0.4 MB file: refused
+        "dicom_rle_bomb",  # an 8x8 image whose RLE segment expands to 256 MB: refused
+        "dicom_jpeg_bomb",  # a 30000x30000 JPEG in an 8x8 DICOM: once 2.2 GB, refused
         pytest.param("tall_png", marks=pytest.mark.slow),
         pytest.param("tiff_float", marks=pytest.mark.slow),
         pytest.param("dicom_rle", marks=pytest.mark.slow),  # once 413 MB for 9 Mpx
@@ -66,6 +70,14 @@ def test_a_hostile_image_costs_bounded_memory(case, tmp_path):
     if case == "dicom_deflate_bomb":
         assert "a deflated DICOM file that inflates past" in result["error"]
         assert "(a zip bomb); refused" in result["error"]
+    elif case == "dicom_rle_bomb":
+        assert "an RLE segment decodes past the header's Rows x Columns" in result["error"]
+    elif case == "dicom_jpeg_bomb":
+        assert (
+            "the compressed image is 30000x30000 pixels but the DICOM header says 8x8"
+            in (result["error"])
+        )
+        assert "refused undecoded" in result["error"]
     else:
         assert result["error"] is None
 
