@@ -40,13 +40,15 @@ def run_chat(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """Serve the app until Ctrl-C or SIGTERM.
 
     The app serves nothing but what it made: uploads, previews and copies of the example
-    images all live in one folder of its own (mode 0700, Gradio's GRADIO_TEMP_DIR), which
-    is removed when the app stops. No folder of the user's is handed to Gradio, so
+    images all live in one folder of its own (mode 0700, Gradio's GRADIO_TEMP_DIR and
+    examples cache), which is removed when the app stops. No folder of the user's is handed to Gradio, so
     `/gradio_api/file=...` reaches no data file beside the example images.
     """
     require_gradio()
     app_dir = Path(tempfile.mkdtemp(prefix="lmmtune-chat-"))  # mode 0700
     os.environ["GRADIO_TEMP_DIR"] = str(app_dir)  # read by Gradio when the app is built
+    # Gradio also serves its examples cache, `.gradio/cached_examples` of the working folder
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(app_dir / "cached_examples")
     try:
         serve(cfg, overrides, app_dir)
     finally:

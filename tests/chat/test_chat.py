@@ -135,11 +135,16 @@ def test_only_the_example_images_are_served(chat_server, demo_run):
     images = demo_run["run_dir"] / "demo_data" / "images"
     secret = images / "secret.txt"
     secret.write_text("a file beside the eval images")
+    cached = demo_run["workdir"] / ".gradio" / "cached_examples" / "other_app.txt"
+    cached.parent.mkdir(parents=True)  # Gradio's examples cache in the working folder
+    cached.write_text("another Gradio app's file")
     try:
-        for path in (secret, images / "scan_0000.png", images.parent / "train.json"):
+        for path in (secret, images / "scan_0000.png", images.parent / "train.json", cached):
             assert fetch(url, path) == (403, b""), path
+        assert fetch(url, "/etc/passwd")[0] == 403
     finally:
         secret.unlink()
+        shutil.rmtree(demo_run["workdir"] / ".gradio")
     first = Path(eval_rows(demo_run)[0]["image"])
     app_dir = app_folder(upload(url, first))
     copies = sorted((app_dir / "examples").glob("*/*"))
