@@ -80,8 +80,12 @@ def read_questions(path: Path) -> list[Sample]:
     """JSONL lines of `question`, optional `image` (relative to the file) and `id`."""
     if not path.is_file():
         raise LmmtuneError(f"predict.input: no such file: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LmmtuneError(f"predict.input: {path} is not UTF-8 text ({exc.reason})") from None
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -89,8 +93,11 @@ def read_questions(path: Path) -> list[Sample]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LmmtuneError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not str(record.get("question") or "").strip():
-            raise LmmtuneError(f"{where}: needs a 'question'")
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise LmmtuneError(f"{where}: needs a 'question' (text)")
+        if not isinstance(record.get("image"), str | None):
+            raise LmmtuneError(f"{where}: 'image' must be a path (text)")
         image = _image_path(record.get("image"), path.parent, where)
         record_id = str(record.get("id", number))
         samples.append(Sample(record_id, [(record["question"].strip(), "")], image, source=where))

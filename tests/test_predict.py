@@ -73,8 +73,17 @@ def test_predict_says_what_is_missing(tmp_path):
             overrides=[],
         )
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "Q?"}\n{"image": "x.png"}\n')
-    with pytest.raises(LmmtuneError, match=r"bad.jsonl:2: needs a 'question'"):
+    for second, message in [
+        ('{"image": "x.png"}', r"bad.jsonl:2: needs a 'question' \(text\)"),
+        ('{"question": 42}', r"bad.jsonl:2: needs a 'question' \(text\)"),
+        ('{"question": ["Q?"]}', r"bad.jsonl:2: needs a 'question' \(text\)"),
+        ('{"question": "Q?", "image": 7}', r"bad.jsonl:2: 'image' must be a path \(text\)"),
+    ]:
+        bad.write_text('{"question": "Q?"}\n' + second + "\n")
+        with pytest.raises(LmmtuneError, match=message):
+            predict(compose_config([f"predict.input={bad}"]), overrides=[])
+    bad.write_bytes(b'{"question": "\xff"}\n')
+    with pytest.raises(LmmtuneError, match="bad.jsonl is not UTF-8 text"):
         predict(compose_config([f"predict.input={bad}"]), overrides=[])
 
 
