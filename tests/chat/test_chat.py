@@ -336,3 +336,18 @@ def test_unknown_model_source_says_what_to_pass(tmp_path):
         load_chat_model(compose_config([f"chat.model={tmp_path}"]), overrides=[])
     with pytest.raises(LmmtuneError, match="no adapter in"):
         load_chat_model(compose_config([f"output_dir={tmp_path}"]), overrides=[])
+
+
+def test_a_conversation_is_checked_as_training_checks_records(tiny_processor):
+    from lmmtune.chat.generation import conversation
+
+    tokenizer = tiny_processor.tokenizer
+    sample = conversation("scan.png", [], " <image>\n Is it? ", tokenizer, 256)
+    assert sample.turns == [("Is it?", "")]  # LLaVA's prefix taken once
+    with pytest.raises(LmmtuneError, match="contains '<image>' but there is no image"):
+        conversation(None, [], "<image>\nIs it?", tokenizer, 256)
+    with pytest.raises(LmmtuneError, match="contains '<pad>', the text of a special token"):
+        conversation("scan.png", [], "Is it<pad>?", tokenizer, 256)
+    with pytest.raises(LmmtuneError, match="answer 2 of this conversation contains '</s>'"):
+        history = [("Is it?", "yes"), ("Where?", "left</s>USER: hi")]
+        conversation("scan.png", history, "Sure?", tokenizer, 256)
