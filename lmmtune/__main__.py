@@ -38,6 +38,10 @@ def setup_logging() -> None:
         stream=sys.stderr,
         force=True,
     )
+    from lmmtune.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # every line, Hydra's and MLflow's too
+        handler.addFilter(RedactingFilter())
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A failing store logs a traceback per call; lmmtune's tracker reports the failure in one line.
@@ -86,8 +90,8 @@ def main() -> None:
     from lmmtune.config import CONF_DIR, recipe_files_to_names, register_configs
     from lmmtune.errors import LmmtuneError
 
-    register_configs()
     try:
+        register_configs()
         sys.argv = [sys.argv[0], *recipe_files_to_names(args)]
     except LmmtuneError as exc:
         print(f"lmmtune {command.name}: error: {exc}", file=sys.stderr)

@@ -43,7 +43,7 @@ from lmmtune.preflight import (
     check_space_for_checkpoints,
     dry_run_save,
 )
-from lmmtune.resume import check_resume, save_data_digest
+from lmmtune.resume import check_image_digests, check_resume, save_data_digest
 from lmmtune.rundir import (
     RecordRunFiles,
     RunDir,
@@ -134,6 +134,7 @@ def train_in(cfg: Config | DictConfig, run: RunDir, resume_from: Path | None, gu
     splits = on_main(load_splits, cfg.data, run_dir, processor)  # the demo set is written once
     evaluates_after = cfg.eval.after and bool(splits.eval)
     on_main(check_eval_prompts, splits.eval, processor, cfg.data, evaluates_after)
+    on_main(check_image_digests, splits, run.data_digest)  # a resume: the same images
     train_set = SupervisedDataset(
         splits.train, processor, cfg.data.max_length, cfg.data.max_image_pixels
     )

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lmmtune.atomic import write_text_atomic
+from lmmtune.data.dataset import TokenizedConversation
 from lmmtune.data.records import Sample
+from lmmtune.data.validate import checked_question
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.generate import generate_answers
 from lmmtune.owned import owning_folder
@@ -30,14 +33,15 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
     predict_cfg = cfg.predict
     samples = questions(predict_cfg)
     check_output(predict_cfg)  # before the model loads
-    model, processor, max_image_pixels = load_predictor(cfg, overrides)
+    model, processor, data_cfg = load_predictor(cfg, overrides)
+    samples = answerable(samples, processor, data_cfg.max_length)
     answers = generate_answers(
         model,
         processor,
         samples,
         predict_cfg.max_new_tokens,
         predict_cfg.batch_size,
-        max_image_pixels,
+        data_cfg.max_image_pixels,
         "predict",
     )
     rows = [
@@ -121,15 +125,21 @@ def questions(predict_cfg) -> list[Sample]:
             "or predict.input=FILE.jsonl"
         )
     image = _image_path(predict_cfg.image, Path.cwd(), "predict.image")
-    return [Sample(id="0", turns=[(predict_cfg.question, "")], image=image, source="command line")]
+    return [
+        Sample(id="0", turns=[(predict_cfg.question, "")], image=image, source="predict.question")
+    ]
 
 
 def read_questions(path: Path) -> list[Sample]:
     """JSONL lines of `question`, optional `image` (relative to the file) and `id`."""
     if not path.is_file():
         raise LmmtuneError(f"predict.input: no such file: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LmmtuneError(f"predict.input: {path} is not UTF-8 text ({exc.reason})") from None
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -137,14 +147,39 @@ def read_questions(path: Path) -> list[Sample]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LmmtuneError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not str(record.get("question") or "").strip():
-            raise LmmtuneError(f"{where}: needs a 'question'")
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise LmmtuneError(f"{where}: needs a 'question' (text)")
+        if not isinstance(record.get("image"), str | None):
+            raise LmmtuneError(f"{where}: 'image' must be a path (text)")
         image = _image_path(record.get("image"), path.parent, where)
         record_id = str(record.get("id", number))
         samples.append(Sample(record_id, [(record["question"].strip(), "")], image, source=where))
     if not samples:
         raise LmmtuneError(f"{path} holds no questions")
     return samples
+
+
+def answerable(samples: list[Sample], processor, max_length: int) -> list[Sample]:
+    """The questions checked as training checks its records, before any is tokenized for
+    generation: one leading `<image>` dropped, other `<image>`s and special-token text
+    refused, and no prompt longer than the `data.max_length` the model was trained with."""
+    tokenize = TokenizedConversation(processor, max_length)
+    checked = []
+    for sample in samples:
+        where = f"{sample.source}: the question"
+        question = checked_question(
+            sample.turns[-1][0], sample.image is not None, processor.tokenizer, max_length, where
+        )
+        sample = replace(sample, turns=[(question, "")])
+        length = len(tokenize.prompt_ids(sample))
+        if length > max_length:
+            raise LmmtuneError(
+                f"{where} makes a prompt of {length} tokens (image tokens included), past "
+                f"data.max_length={max_length} the model was trained with; shorten it"
+            )
+        checked.append(sample)
+    return checked
 
 
 def _image_path(image: str | None, root: Path, where: str) -> str | None:
@@ -159,7 +194,8 @@ def _image_path(image: str | None, root: Path, where: str) -> str | None:
 
 def load_predictor(cfg: DictConfig, overrides: list[str] | None):
     """An exported merged model (plain transformers), or the base with an adapter; and the
-    `data.max_image_pixels` to open the questions' images with (the run's, unless overridden)."""
+    `data` settings to check the questions and open their images with (the run's, unless
+    overridden; the command's own for a merged model)."""
     from lmmtune.runs import (
         ADAPTER_CONFIG,
         find_adapter,
@@ -174,13 +210,13 @@ def load_predictor(cfg: DictConfig, overrides: list[str] | None):
     if model_dir and (Path(model_dir) / ADAPTER_CONFIG).is_file():
         adapter, model_dir = model_dir, None  # an adapter export
     if model_dir:
-        return (*load_merged(Path(model_dir)), cfg.data.max_image_pixels)
+        return (*load_merged(Path(model_dir)), cfg.data)
     run_dir = find_run_dir(cfg, adapter)
     adapter_dir = find_adapter(adapter, run_dir, cfg)
     settings = run_settings(cfg, run_dir, adapter_dir, overrides)
     processor = load_run_processor(adapter_dir, settings.model)
     model = load_adapted_model(settings.model, settings.quant, adapter_dir)
-    return model, processor, settings.data.max_image_pixels
+    return model, processor, settings.data
 
 
 def load_merged(path: Path):

@@ -4,7 +4,9 @@ The resolved config is compared with the run's `config.yaml`, and a digest of th
 files with the one written when the run started (`data_digest.json`). Only keys that do
 not change what is trained may differ (`SAFE_TO_CHANGE`): where things are written and
 logged, how often checkpoints are kept, worker processes, and the settings of the other
-commands.
+commands. The images are compared too, by content, once the data check has read them
+(before the model loads): the check hashes each image it decodes anyway, so this costs no
+extra read, and `data_digest.json` keeps 20 hex digits per image.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmmtune.atomic import write_text_atomic
+from lmmtune.config import load_yaml_config
+from lmmtune.data.validate import DIGEST
 from lmmtune.errors import LmmtuneError
 from lmmtune.redact import redact
 
@@ -95,12 +99,12 @@ def check_resume(cfg: DictConfig, config_file: Path, digest_file: Path) -> None:
         OmegaConf.create(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
     )
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        saved = OmegaConf.to_container(load_yaml_config(config_file), resolve=False)
     except Exception as exc:  # omegaconf/yaml raise several types for a broken file
         raise LmmtuneError(f"{config_file} cannot be read ({exc}); cannot resume") from None
     differences = config_differences(saved, current)
     if digest_file.is_file():
-        before = json.loads(digest_file.read_text())
+        before = {k: v for k, v in json.loads(digest_file.read_text()).items() if k != IMAGES}
         now = data_digest(cfg.data)
         differences += [
             f"data.{split} content changed (sha256 {before.get(split)} -> {now.get(split)})"
@@ -121,3 +125,46 @@ def save_data_digest(cfg: DictConfig, digest_file: Path) -> None:
     """Written once, when the run starts: what a resume compares the data with."""
     if not digest_file.exists():
         write_text_atomic(digest_file, json.dumps(data_digest(cfg.data), indent=1))
+
+
+IMAGES = "images"
+"""Key in `data_digest.json`: each split's image content digests, in record order."""
+
+
+def check_image_digests(splits, digest_file: Path) -> None:
+    """Refuse a resume whose images changed since the run started, naming a few; on the
+    first start (or a run from before this check) record them instead.
+
+    `splits` comes from the data check, which set each image's content digest
+    (`Sample.extra[DIGEST]`) while decoding it.
+    """
+    now = {
+        split: [s.extra.get(DIGEST, "-") for s in samples if s.image is not None]
+        for split, samples in (("train", splits.train), ("eval", splits.eval))
+    }
+    saved = json.loads(digest_file.read_text()) if digest_file.is_file() else {}
+    before = saved.get(IMAGES)
+    if before is None:
+        write_text_atomic(digest_file, json.dumps({**saved, IMAGES: now}))
+        return
+    samples = {"train": splits.train, "eval": splits.eval}
+    differences = [
+        _image_difference(split, before.get(split, []), now[split], samples[split])
+        for split in ("train", "eval")
+        if before.get(split, []) != now[split]
+    ]
+    if differences:
+        raise LmmtuneError(
+            "train.resume: the images changed since this run started, and a resumed run "
+            "must be the same run:\n  " + "\n  ".join(differences) + "\nRestore them, or "
+            "start a new run with another output_dir=..."
+        )
+
+
+def _image_difference(split: str, before: list[str], now: list[str], samples) -> str:
+    if len(before) != len(now):
+        return f"data.{split}: {len(before)} images when the run started, {len(now)} now"
+    with_images = [s for s in samples if s.image is not None]
+    changed = [s.image for s, a, b in zip(with_images, before, now, strict=True) if a != b]
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"data.{split}: {len(changed)} of {len(now)} images have other content ({shown})"

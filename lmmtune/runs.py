@@ -71,7 +71,9 @@ def run_settings(
 
 def _apply_run_config(settings: DictConfig, cfg: DictConfig, saved_file: Path, keys: list[str]):
     """The saved run sections over `settings`, then the command line's keys over those."""
-    saved = OmegaConf.load(saved_file)
+    from lmmtune.config import load_yaml_config
+
+    saved = load_yaml_config(saved_file, "the run's config")
     try:
         for section in RUN_SECTIONS:
             if section in saved and section not in keys:  # `quant=none` replaces the section
@@ -198,7 +200,7 @@ def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample],
     """The same eval records training evaluated on (same files, checks, split and cap)."""
     from lmmtune.data.splits import DEMO, capped_eval
 
-    if data_cfg.train == DEMO:
+    if data_cfg.train == DEMO:  # data.eval, when given, replaces the demo's own eval split
         demo = (run_dir or Path(".")) / "demo_data"
         if not (demo / "eval.json").is_file():
             raise LmmtuneError(f"no demo data in {demo}: pass output_dir=RUN of a demo run")
@@ -206,7 +208,7 @@ def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample],
             data_cfg,
             {
                 "train": str(demo / "train.json"),
-                "eval": str(demo / "eval.json"),
+                "eval": data_cfg.eval or str(demo / "eval.json"),
                 "image_root": None,
             },
         )

@@ -232,3 +232,67 @@ def test_a_start_that_fails_late_removes_the_folder_it_made_and_nothing_else(tmp
     (mine / "notes.txt").write_text("the user's")
     result = run_cli([*bad, "output_dir=mine"], cwd=tmp_path)
     assert result.returncode == 1 and (mine / "notes.txt").read_text() == "the user's"
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A recipe of about 500 bytes whose aliases expand to 9**levels values."""
+    lines = ["# @package _global_", "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join([*lines, "name: laughs", ""])
+
+
+HOSTILE_YAML = {
+    "billion laughs": (
+        billion_laughs(),
+        r'line \d+: its aliases expand to more than 100,000 values \(a "billion laughs"\)',
+    ),
+    "python tag": (
+        "# @package _global_\nname: !!python/object/apply:os.system ['touch pwned']\n",
+        r"line 2: the YAML tag !!python/object/apply:os.system is refused",
+    ),
+    "own tag": (
+        "# @package _global_\nname: !secret x\n",
+        "line 2: the YAML tag !secret is refused",
+    ),
+    "alias in itself": (
+        "# @package _global_\nname: x\nl: &s [1, *s]\n",
+        "line 3: an alias refers to itself",
+    ),
+    "broken": ("# @package _global_\nname: [x\n", r"line 3: not valid YAML \(expected ',' or ']'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_YAML)
+def test_a_hostile_recipe_file_is_refused_in_one_line(case, tmp_path):
+    text, reason = HOSTILE_YAML[case]
+    recipe = tmp_path / "hostile.yaml"
+    recipe.write_text(text)
+    result = run_cli(["check", f"recipe={recipe}"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert re.search(f"^lmmtune check: error: recipe file {re.escape(str(recipe))}, {reason}", line)
+    assert "Traceback" not in result.stderr and not (tmp_path / "pwned").exists()
+    assert len(recipe.read_text()) < 600
+
+
+def test_a_hostile_recipe_in_the_recipes_folder_is_named(tmp_path, monkeypatch):
+    (tmp_path / "laughs.yaml").write_text(billion_laughs())
+    result = run_cli(
+        ["check", "recipe=demo"],
+        cwd=tmp_path,
+        env={"LMMTUNE_RECIPES_PATH": str(tmp_path)},
+        timeout=60,
+    )
+    assert result.returncode == 2 and "laughs.yaml, line 7: its aliases expand" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_config_that_bombs_is_refused_by_eval(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(billion_laughs().replace("# @package _global_\n", ""))
+    (run / "adapter").mkdir()  # found before the run's settings are read
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    result = run_cli(["eval", "output_dir=run"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "run's config run/config.yaml, line 6: its aliases expand to more than" in result.stderr

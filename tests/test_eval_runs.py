@@ -81,3 +81,41 @@ def test_eval_data_file_gives_its_valid_records_checked_as_training_checks(
     assert samples[0].image == str(tmp_path / "img" / "a.png")
     with pytest.raises(DataError, match="missing.png"):
         eval_samples(compose_config([]), None, tiny_processor, str(path))
+
+
+def test_data_eval_on_a_demo_run_replaces_its_eval_split(run_dir, tmp_path, tiny_processor):
+    """`eval` and the chat's examples read a demo run's eval split; data.eval was ignored."""
+    from lmmtune.chat.model import eval_examples
+    from lmmtune.data.demo import write_demo_dataset
+    from lmmtune.runs import eval_samples
+    from tests.data.helpers import llava, save_image, write_json
+
+    write_demo_dataset(run_dir / "demo_data", 12, 0)
+    save_image(tmp_path / "mine" / "x.png")
+    mine = write_json(tmp_path / "mine" / "eval.json", [llava("mine-1", "x.png")])
+    demo = compose_config([f"output_dir={run_dir}"])
+    settings = run_settings(demo, run_dir, None, [f"output_dir={run_dir}"])
+    assert "mine-1" not in [s.id for s in eval_samples(settings, run_dir, tiny_processor, None)]
+
+    overrides = [f"output_dir={run_dir}", f"data.eval={mine}"]
+    settings = run_settings(compose_config(overrides), run_dir, None, overrides)
+    assert [s.id for s in eval_samples(settings, run_dir, tiny_processor, None)] == ["mine-1"]
+    (example,) = eval_examples(settings, run_dir, tiny_processor, 6)
+    assert example.image == str(tmp_path / "mine" / "x.png")
+
+
+def test_the_chat_names_the_base_model_not_its_local_folder(run_dir, tiny_model_path):
+    from lmmtune.chat.model import model_name
+    from lmmtune.rundir import base_model_file
+
+    base_model_file(run_dir / "adapter").write_text(
+        json.dumps({"base_model": str(tiny_model_path)})
+    )
+    overrides = [f"output_dir={run_dir}"]
+    settings = run_settings(compose_config(overrides), run_dir, run_dir / "adapter", overrides)
+    assert settings.model.path == str(tiny_model_path)  # a cache folder in a home directory
+    assert model_name(settings, run_dir, run_dir / "adapter") == "tiny"  # as the run names it
+    settings.model.path = "llava-hf/llava-1.5-7b-hf"  # a hub id given on the command line
+    assert model_name(settings, run_dir, run_dir / "adapter") == "llava-hf/llava-1.5-7b-hf"
+    settings.model.path = "/models/llava-1.5-7b-hf"
+    assert model_name(settings, run_dir, run_dir / "adapter") == "llava-1.5-7b-hf"

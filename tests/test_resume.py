@@ -135,3 +135,38 @@ def test_state_files_are_replaced_whole(tmp_path):
     write_text_atomic(target, '{"run_id": "b"}')
     assert target.read_text() == '{"run_id": "b"}'
     assert [p.name for p in tmp_path.iterdir()] == ["tracking.json"]  # no temporary left
+
+
+def test_resume_with_changed_images_is_refused_before_the_model_loads(tmp_path, tiny_processor):
+    """Only the JSON's sha256 was compared: replaced PNGs resumed and trained on other data."""
+    import os
+
+    from lmmtune.data.splits import load_splits
+    from lmmtune.resume import check_image_digests
+    from tests.data.helpers import llava, save_image, write_json
+
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))):
+        save_image(tmp_path / "img" / f"{name}.png", colour=colour)
+    records = [llava(name, f"img/{name}.png") for name in "abc"]
+    data = write_json(tmp_path / "train.json", records)
+    run, cfg = started_run(tmp_path, [f"data.train={data}", f"data.eval={data}"])
+    # what the first start recorded once its data check had read the images
+    check_image_digests(load_splits(cfg.data, run.root, tiny_processor), run.data_digest)
+    check_image_digests(load_splits(cfg.data, run.root, tiny_processor), run.data_digest)
+
+    replaced = tmp_path / "img" / "b.png"
+    stat = replaced.stat()
+    save_image(replaced, colour=(31, 200, 30))  # other pixels, same size, same time stamp
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert replaced.stat().st_size == stat.st_size
+
+    result = run_cli(
+        ["recipe=demo", f"data.train={data}", f"data.eval={data}"]
+        + [f"output_dir={run.root}", "train.resume=auto", "tracking=none"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "train.resume: the images changed since this run started" in result.stderr
+    assert f"data.train: 1 of 3 images have other content ({replaced})" in result.stderr
+    assert f"data.eval: 1 of 3 images have other content ({replaced})" in result.stderr
+    assert "lmmtune.model.load: loaded" not in result.stderr  # refused before the model loads

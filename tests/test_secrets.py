@@ -30,6 +30,15 @@ SECRET_NAMES = [
     "private_key",
     "client_secret",
     "MLFLOW_TRACKING_AUTH",
+    "PGPASSWORD",
+    "MYSQL_PWD",
+    "OPENAI_KEY",
+    "SLACK_WEBHOOK_URL",
+    "DB_PASS",
+    "SMTP_PASSPHRASE",
+    "db.passwd",
+    "stripeKey",
+    "DISCORD_WEBHOOK",
 ]
 INNOCENT_NAMES = [
     "max_new_tokens",
@@ -44,6 +53,12 @@ INNOCENT_NAMES = [
     "PWD",
     "patience",
     "signal",
+    "OLDPWD",
+    "num_passes",
+    "passthrough",
+    "bypass_cache",
+    "monkey",
+    "key",
 ]
 
 
@@ -71,6 +86,10 @@ def test_innocent_names_are_not_secrets(name):
         ("tracking.tracking_uri=http://u:pw42@h:5000", "pw42"),
         ("tracking.password=plainpw", "plainpw"),
         ("View run x at: http://u:consolepw@h:5000/#/experiments/1", "consolepw"),
+        # Hydra's launcher line escapes the colons of an override's value
+        (r"#1 : peft.r=16 tracking.tracking_uri=http\://bob\:launchpw@h\:5999", "launchpw"),
+        (r"#0 : peft.r=8 +db_password=wordpw output_dir=x", "wordpw"),
+        (r"https://h/a?token\=escapedtok", "escapedtok"),
     ],
 )
 def test_secret_shapes_in_text_are_masked(text, secret):
@@ -91,6 +110,45 @@ def test_secret_shapes_in_text_are_masked(text, secret):
 )
 def test_text_without_secrets_is_unchanged(text):
     assert redact_value(text, secrets=[]) == text
+
+
+def test_no_setting_of_lmmtune_is_named_like_a_secret():
+    """Every key of the schema keeps its value in MLflow params and the saved config."""
+    from lmmtune.config import Config
+    from lmmtune.track.mlflow_tracker import flatten
+
+    keys = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    assert len(keys) > 100
+    assert [key for key in keys if is_secret_name(key.rsplit(".", 1)[-1])] == []
+
+
+def test_values_of_secret_variables_are_masked_also_as_hydra_escapes_them(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "pg:pw,99")
+    line = r"#0 : tracking.tracking_uri=postgresql\://u@db/x?password\=pg\:pw\,99"
+    assert "pw" not in redact_value(line).replace("password", "")
+    assert redact_value("pg:pw,99 used") == f"{MASK} used"
+
+
+def test_log_lines_of_any_logger_are_masked(monkeypatch):
+    import io
+    import logging
+
+    from lmmtune.redact import RedactingFilter
+
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example/T0/B0/hooksecret")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+    logger.addHandler(handler)
+    try:
+        logger.warning("\t#%d : %s", 1, r"tracking.tracking_uri=http\://bob\:PW42@h\:5999")
+        logger.warning("posting to %s", "https://hooks.example/T0/B0/hooksecret")
+    finally:
+        logger.removeHandler(handler)
+    printed = out.getvalue()
+    assert "PW42" not in printed and "hooksecret" not in printed
+    assert printed.count(MASK) == 2
 
 
 def test_metric_values_are_never_masked(tmp_path):
@@ -132,3 +190,21 @@ def test_mlflow_console_lines_hold_no_password(tmp_path, capfd):
         assert "consolepw99" not in out + err
         run = MlflowClient(url).get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["eval/token_f1"] == 0.5
+
+
+def test_a_sweeps_launcher_line_holds_no_password(tmp_path):
+    """Hydra prints each job's overrides (`#1 : ...`), escaping the URL's colons past the mask."""
+    from tests.conftest import run_cli
+
+    data = tmp_path / "small.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    result = run_cli(
+        ["check", "-m", "recipe=demo", f"data.train={data}", f"data.eval={data}"]
+        + ["peft.r=8,16", "tracking=none", "output_dir=sweep"]
+        + ["tracking.tracking_uri=http://bob:sweeppw77@127.0.0.1:5999"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert "#1 : " in printed and r"http\://***@127.0.0.1" in printed
+    assert "sweeppw77" not in printed

@@ -103,6 +103,13 @@ def test_redaction_of_secret_keys_uri_passwords_and_env_values(monkeypatch):
 
 def test_secrets_never_reach_mlflow_or_the_saved_config(tmp_path):
     secret = "hf_SuperSecretToken987"
+    from_env = {  # values a config takes with ${oc.env:NAME}
+        "PGPASSWORD": "pg-Secret-1",
+        "MYSQL_PWD": "my-Secret-2",
+        "OPENAI_KEY": "sk-Secret-3",
+        "SLACK_WEBHOOK_URL": "https://hooks.example/T0/B0/Secret-4",
+        "DB_PASS": "db-Secret-5",
+    }
     args = [
         "recipe=demo",
         "data.demo_size=12",
@@ -111,19 +118,26 @@ def test_secrets_never_reach_mlflow_or_the_saved_config(tmp_path):
         "eval.before=false",
         "eval.after=false",
         "data.num_workers=0",
-        f"tracking.run_name=run-{secret}",
+        f"tracking.run_name=run-{secret}-${{oc.env:PGPASSWORD}}-${{oc.env:SLACK_WEBHOOK_URL}}",
+        "tracking.experiment=exp-${oc.env:DB_PASS}",
+        "name=demo-${oc.env:OPENAI_KEY}",
+        "eval.output=${oc.env:MYSQL_PWD}",
         "output_dir=run",
     ]
-    result = run_cli(
-        args, cwd=tmp_path, env={"HF_TOKEN": secret, "MLFLOW_TRACKING_PASSWORD": "pw-12345"}
-    )
+    env = {"HF_TOKEN": secret, "MLFLOW_TRACKING_PASSWORD": "pw-12345", **from_env}
+    result = run_cli(args, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    secrets = [secret, "pw-12345", *from_env.values()]
     saved = "".join(
         p.read_text(errors="ignore") for p in (tmp_path / "run").glob("*.*") if p.is_file()
     )
-    assert secret not in saved and "pw-12345" not in saved
+    printed = result.stdout + result.stderr
+    assert [s for s in secrets if s in saved or s in printed] == []
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name("demo").experiment_id])[0]
+    experiments = [e.name for e in client.search_experiments()]
+    assert "exp-***" in experiments and not any("Secret" in name for name in experiments)
+    run = client.search_runs([client.get_experiment_by_name("exp-***").experiment_id])[0]
     everything = json.dumps({**run.data.params, **run.data.tags, "name": run.info.run_name})
-    assert secret not in everything and "pw-12345" not in everything
-    assert run.data.params["tracking.run_name"] == "run-***"
+    assert [s for s in secrets if s in everything] == []
+    assert run.data.params["tracking.run_name"] == "run-***-***-***"
+    assert run.data.params["name"] == "demo-***" and run.data.params["eval.output"] == "***"

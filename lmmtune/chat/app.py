@@ -4,7 +4,9 @@ Two events reach the model, both through one queue slot (`concurrency_id="model"
 limit 1), so tabs wait their turn instead of running the GPU out of memory; Gradio shows
 each waiting tab its place in the queue, and turns requests away once `chat.queue_size`
 wait. `ask` is the chat (multi-turn, streamed into two Chatbots); `answer` is the same
-single-turn question for scripts (`gradio_client`), returning (base, adapted).
+single-turn question for scripts (`gradio_client`), returning (base, adapted). Every
+other event is in the same bounded queue too: the image preview (it decodes the
+upload) one at a time in a slot of its own, clearing the conversation beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 
 QUEUE = "model"
 """The one concurrency group every model call joins."""
+PREVIEW_QUEUE = "preview"
+"""The concurrency group of the image preview: one decode at a time."""
+PREVIEW_SIDE = 1024
+"""Longest side of the preview image (the model sees 336 px)."""
 IMAGE_TYPES = "PNG, JPEG, TIFF (16-bit too), DICOM"
 
 
@@ -109,14 +115,16 @@ def connect(ui: SimpleNamespace, answerer: Answerer) -> None:
         lambda path: ([], [], new_state(path), "", ""),
         inputs=ui.image,
         outputs=[ui.base, ui.adapted, ui.state, ui.status, ui.question],
-        queue=False,
+        concurrency_id="clear",
+        concurrency_limit=4,  # touches no file and no model
         api_visibility="private",
     )
     ui.image.change(
         partial(show_image, chat_model=answerer.chat_model),
         inputs=ui.image,
         outputs=[ui.preview, ui.status],
-        concurrency_limit=None,
+        concurrency_id=PREVIEW_QUEUE,
+        concurrency_limit=1,
         api_visibility="private",
     )
     gr.Button(visible=False).click(
@@ -139,16 +147,16 @@ def ask(answerer: Answerer, path, text, conv, tokens, temp, top_p) -> Iterator[t
     started = time.monotonic()
     conv = conv if conv["image"] == path else new_state(path)  # a new image: a new chat
     try:
-        inputs = checked_inputs(answerer, path, conv, text)
+        question, inputs = checked_inputs(answerer, path, conv, text)
     except LmmtuneError as exc:
         yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot answer:** {exc}"
         return
     shown = {name: messages(conv[name]) for name in inputs}
     for name, so_far in streamed(answerer, inputs, settings_of(tokens, temp, top_p)):
-        shown[name] = [*messages(conv[name]), *turn(text, so_far)]
+        shown[name] = [*messages(conv[name]), *turn(question, so_far)]
         yield shown.get("base", []), shown["adapted"], conv, "answering…"
     for name in inputs:
-        conv[name] = [*conv[name], (text.strip(), shown[name][-1]["content"])]
+        conv[name] = [*conv[name], (question, shown[name][-1]["content"])]
     done = f"answered in {time.monotonic() - started:.1f} s"
     yield shown.get("base", []), shown["adapted"], conv, done
 
@@ -156,7 +164,7 @@ def ask(answerer: Answerer, path, text, conv, tokens, temp, top_p) -> Iterator[t
 def answer(answerer: Answerer, path, text, tokens, temp, top_p) -> Iterator[tuple[str, str]]:
     """`/answer`: one question, no history; (base, adapted) as they grow. Bad input: an error."""
     try:
-        inputs = checked_inputs(answerer, path, new_state(path), text)
+        _, inputs = checked_inputs(answerer, path, new_state(path), text)
     except LmmtuneError as exc:
         raise gr.Error(str(exc), title="Cannot answer", print_exception=False) from None
     latest = {"base": "", "adapted": ""}
@@ -165,21 +173,24 @@ def answer(answerer: Answerer, path, text, tokens, temp, top_p) -> Iterator[tupl
         yield latest["base"], latest["adapted"]
 
 
-def checked_inputs(answerer: Answerer, path: str | None, conv: dict, text: str) -> dict:
-    """Each column's model inputs, all checked before any generation starts.
+def checked_inputs(answerer: Answerer, path: str | None, conv: dict, text: str) -> tuple[str, dict]:
+    """The question as asked (`<image>` prefix dropped) and each column's model inputs,
+    all checked before any generation starts.
 
-    A bad image or an overlong question raises LmmtuneError naming the upload by its
+    A bad image, a bad or overlong question raises LmmtuneError naming the upload by its
     file name (not the server's temporary path).
     """
     columns = ("base", "adapted") if answerer.chat_model.has_base else ("adapted",)
     max_length = answerer.chat_model.max_length
     try:
-        return {
-            name: answerer.inputs(conversation(path, conv[name], text, max_length))
+        samples = {
+            name: conversation(path, conv[name], text, answerer.tokenizer, max_length)
             for name in columns
         }
+        inputs = {name: answerer.inputs(sample) for name, sample in samples.items()}
     except LmmtuneError as exc:
         raise LmmtuneError(without_upload_dir(str(exc), path)) from None
+    return samples["adapted"].turns[-1][0], inputs
 
 
 def streamed(answerer: Answerer, inputs: dict, settings: Settings) -> Iterator[tuple[str, str]]:
@@ -198,14 +209,17 @@ def without_upload_dir(message: str, path: str | None) -> str:
 
 
 def show_image(path: str | None, chat_model: ChatModel) -> tuple:
-    """The uploaded image padded to a square, as the model gets it; a message if it cannot be read."""
+    """The uploaded image padded to a square, as the model gets it (at most PREVIEW_SIDE px
+    a side); a message if it cannot be read."""
     if not path:
         return None, ""
     try:
         image = open_image(path, max_pixels=chat_model.max_image_pixels)
     except RecordInvalid as exc:
         return None, f"**Cannot use this file:** {without_upload_dir(exc.reason, path)}"
-    return padded_to_square(image, chat_model.processor.image_processor), ""
+    square = padded_to_square(image, chat_model.processor.image_processor)
+    square.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return square, ""
 
 
 def settings_of(max_new_tokens, temperature, top_p) -> Settings:

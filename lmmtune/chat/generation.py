@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from lmmtune.chat.model import ChatModel
 from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
 from lmmtune.data.records import Sample
+from lmmtune.data.validate import checked_question, special_texts
 from lmmtune.errors import LmmtuneError
 from lmmtune.eval.generate import to_model
-
-MAX_QUESTION_CHARS_PER_TOKEN = 16
-"""A question longer than this many characters per allowed token is refused before tokenizing."""
 
 
 @dataclass
@@ -44,17 +42,22 @@ class Settings:
 
 
 def conversation(
-    image: str | None, history: list[tuple[str, str]], question: str, max_length: int
+    image: str | None, history: list[tuple[str, str]], question: str, tokenizer, max_length: int
 ) -> Sample:
-    """The sample to answer: earlier (question, answer) turns, then `question`."""
-    question = (question or "").strip()
-    if not question:
+    """The sample to answer: earlier (question, answer) turns, then `question`, checked as
+    training checks its records (`checked_question`: one leading `<image>` dropped, other
+    `<image>`s, special-token text such as `</s>` and overlong text refused)."""
+    if not (question or "").strip():
         raise LmmtuneError("type a question first")
-    if len(question) > max_length * MAX_QUESTION_CHARS_PER_TOKEN:
-        raise LmmtuneError(
-            f"the question is {len(question)} characters long, far past what the model was "
-            f"trained on (data.max_length={max_length} tokens); shorten it"
-        )
+    question = checked_question(question, image is not None, tokenizer, max_length)
+    specials = special_texts(tokenizer)
+    for number, (_, answer) in enumerate(history, start=1):
+        found = next((token for token in specials if token in answer), None)
+        if found is not None:  # the model wrote it; read back it would be that token
+            raise LmmtuneError(
+                f"answer {number} of this conversation contains {found!r}, the text of a "
+                "special token: clear the conversation to go on"
+            )
     name = image.rsplit("/", 1)[-1] if image else "none"
     return Sample(id="upload", turns=[*history, (question, "")], image=image, source=name)
 

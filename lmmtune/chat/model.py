@@ -75,8 +75,24 @@ def _load_adapted(cfg: DictConfig, adapter: str | None, overrides) -> ChatModel:
     processor = load_run_processor(adapter_dir, settings.model)
     model = load_adapted_model(settings.model, settings.quant, adapter_dir)
     quant = settings.quant.mode if settings.quant.mode != "none" else "unquantized"
-    description = f"{settings.model.path} ({quant}) with the adapter {adapter_dir}"
+    name = model_name(settings, run_dir, adapter_dir)
+    description = f"{name} ({quant}) with the adapter {adapter_dir}"
     return _chat_model(model, processor, description, settings, run_dir, cfg)
+
+
+def model_name(settings: DictConfig, run_dir: Path | None, adapter_dir: Path) -> str:
+    """The base model as the run's config names it (a hub id, `tiny`, a folder's name), not
+    the local folder it resolved to (a cache path in someone's home directory)."""
+    from lmmtune.config import load_yaml_config
+    from lmmtune.rundir import RunDir
+    from lmmtune.runs import trained_base
+    from lmmtune.weights import hub_id_of
+
+    named = str(settings.model.path)
+    config = RunDir(run_dir).config if run_dir is not None else None
+    if named == trained_base(adapter_dir) and config is not None and config.is_file():
+        named = str(load_yaml_config(config, "the run's config").model.path)
+    return hub_id_of(named) or Path(named).name
 
 
 def _load_merged(cfg: DictConfig, model_dir: Path, overrides) -> ChatModel:

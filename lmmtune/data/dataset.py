@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lmmtune.data.images import open_image, square_padding_processor
+from lmmtune.data.images import fit_square_budget, open_image, pad_colour, square_padding_processor
 from lmmtune.data.problems import RecordInvalid
 from lmmtune.data.records import Sample
 from lmmtune.data.template import (
@@ -128,10 +128,11 @@ class ImageLoader:
         """`max_pixels` is `data.max_image_pixels`: passed by every caller, so that no step
         opens images under another limit than the one `check` used."""
         self.image_processor = square_padding_processor(processor.image_processor)
+        self.fill = pad_colour(self.image_processor)
         self.max_pixels = max_pixels
 
     def __call__(self, sample: Sample) -> torch.Tensor:
-        image = load_sample_image(sample, self.max_pixels)
+        image = fit_square_budget(load_sample_image(sample, self.max_pixels), self.fill)
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 

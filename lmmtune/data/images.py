@@ -7,6 +7,11 @@ that passes `check` loads in a DataLoader worker. What it handles:
 - Named problems instead of PIL tracebacks: zero-byte, truncated, corrupt, not an
   image, and images over a pixel limit (checked from the header, before decoding, so a
   decompression bomb never allocates its pixels).
+- Bounded memory: only the formats in `FORMATS` are decoded (no Ghostscript for EPS, no
+  exotic decoders), 16-bit and float pixels are stretched in chunks (never a float64
+  copy of the image), and the square an image is padded to never exceeds
+  EXACT_PAD_SIDE² pixels (`fit_square_budget`): a 388-byte 20000x5 PNG once made a
+  20000x20000 square (5 GB).
 
 The llava-hf processor centre-crops; that cuts off the edges of a wide image, where a
 lesion or a defect may be. Padding with the processor's mean colour first (transformers'
@@ -41,6 +46,9 @@ HEADER_BYTES = 4096
 """Bytes read to identify an image file before the rest is read."""
 DEFAULT_MAX_PIXELS = 89_478_485
 """PIL's own default; `data.max_image_pixels` sets it per run (null: no limit)."""
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM")
+"""The PIL formats decoded (DICOM aside). Others are refused by name: EPS would run
+Ghostscript on the file, and rarely used decoders are where decoder bugs live."""
 
 
 def read_image_bytes(path: str | Path) -> bytes:
@@ -49,7 +57,7 @@ def read_image_bytes(path: str | Path) -> bytes:
         with open(path, "rb") as handle:
             header = handle.read(HEADER_BYTES)
             if header and not looks_like_image(header, str(path)):
-                raise RecordInvalid(
+                raise _other_format_refused(header, str(path)) or RecordInvalid(
                     Kind.NOT_AN_IMAGE, f"not an image file: {path} (no image header; not read)"
                 )
             return header + handle.read()
@@ -68,7 +76,7 @@ def looks_like_image(header: bytes, name: str) -> bool:
     try:
         with warnings.catch_warnings(), _own_pixel_limit():
             warnings.simplefilter("ignore")
-            Image.open(io.BytesIO(header)).close()  # other PIL formats: identified by header
+            Image.open(io.BytesIO(header), formats=FORMATS).close()  # identified by header
         return True
     except UnidentifiedImageError:
         return False
@@ -107,10 +115,10 @@ def decode_image(
         with warnings.catch_warnings(), _own_pixel_limit():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data"
             if verify:
-                with Image.open(io.BytesIO(data)) as image:
+                with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                     check_pixels(image.size, name, max_pixels)
                     image.verify()
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 check_pixels(image.size, name, max_pixels)
                 check_single_frame(image, name)
                 image.load()
@@ -158,7 +166,11 @@ def is_dicom(data: bytes, name: str) -> bool:
 
 
 def _unidentified(data: bytes, name: str) -> RecordInvalid:
-    """PIL cannot tell the format: a cut-off image if it starts like one, else not an image."""
+    """PIL cannot tell the format: a cut-off image if it starts like one, a format lmmtune
+    does not decode, or not an image."""
+    other = _other_format_refused(data, name)
+    if other is not None:
+        return other
     for magic, image_format in IMAGE_MAGIC.items():
         if data.startswith(magic):
             return RecordInvalid(
@@ -168,13 +180,30 @@ def _unidentified(data: bytes, name: str) -> RecordInvalid:
     return RecordInvalid(Kind.NOT_AN_IMAGE, f"not an image file: {name} (no image header)")
 
 
+def _other_format_refused(data: bytes, name: str) -> RecordInvalid | None:
+    """The problem of a file in a format PIL knows but lmmtune does not decode (told from
+    its header alone, nothing decoded); None for a file PIL does not know either."""
+    try:
+        with warnings.catch_warnings(), _own_pixel_limit():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data[:HEADER_BYTES])) as image:
+                other = image.format
+    except Exception:  # noqa: BLE001 - unknown to PIL too, or broken
+        return None
+    return RecordInvalid(
+        Kind.UNSUPPORTED_IMAGE,
+        f"{name}: an image in {other} format; lmmtune decodes {', '.join(FORMATS)} and DICOM "
+        "(convert it to PNG)",
+    )
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode: 16/32-bit and float stretched, transparency on white."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith(("I", "F")):
         # 16/32-bit or float grayscale: stretch the used range to 8 bits instead of clipping.
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)
         image = Image.fromarray(stretch_to_uint8(pixels, pixels.min(), pixels.max()), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
@@ -215,9 +244,47 @@ def square_padding_processor(image_processor):
     return LlavaImageProcessorPil(**kept, do_pad=True)
 
 
+def pad_colour(image_processor) -> tuple[int, ...]:
+    """LLaVA's `expand2square` colour, `int(mean * 255)`: (122, 116, 104) for CLIP."""
+    return tuple(int(mean * 255) for mean in image_processor.image_mean)
+
+
 def padded_to_square(image: Image.Image, image_processor) -> Image.Image:
     """An RGB `image` padded to a square as training pads it (the same processor's pad), to show."""
     pad = square_padding_processor(image_processor)
-    fill = tuple(int(mean * 255) for mean in pad.image_mean)
-    array = pad.pad_to_square(np.asarray(image).transpose(2, 0, 1), fill)
+    image = fit_square_budget(image, pad_colour(pad))
+    array = pad.pad_to_square(np.asarray(image).transpose(2, 0, 1), pad_colour(pad))
     return Image.fromarray(array.transpose(1, 2, 0))
+
+
+EXACT_PAD_SIDE = 4096
+"""Longest side up to which an image is padded to a square at full resolution (by the
+processor, bit-identical to LLaVA's expand2square + CLIP processor): the square then
+holds at most 4096² pixels (48 MiB in RGB)."""
+
+
+def fit_square_budget(image: Image.Image, fill: tuple, max_side: int = EXACT_PAD_SIDE):
+    """`image` as it is when its padded square has at most `max_side` pixels a side;
+    else that square itself, built at 1/k of its resolution (k = ceil(side / max_side)).
+
+    Each pixel of the smaller square is the k-by-k box average of the full-resolution
+    square (`square.reduce(k)`, the padding colour mixed in where a box straddles the
+    image's edge), computed from the image alone: the full square is never allocated.
+    After the processor's resize to 336 px this is within 2 grey levels (of 255) of
+    resizing the full square (tests/data/test_image_memory.py measures it).
+    """
+    side = max(image.size)
+    if side <= max_side:
+        return image
+    k = -(-side // max_side)
+    offsets = [(side - length) // 2 for length in image.size]
+    leads = [offset % k for offset in offsets]  # aligns the image to the k-by-k grid
+    canvas_size = [  # from a multiple of k in the square to the next one, or the square's end
+        min(-(-(lead + length) // k) * k, side - offset + lead)
+        for lead, length, offset in zip(leads, image.size, offsets, strict=True)
+    ]
+    canvas = Image.new("RGB", tuple(canvas_size), fill)
+    canvas.paste(image, tuple(leads))
+    square = Image.new("RGB", (-(-side // k),) * 2, fill)
+    square.paste(canvas.reduce(k), tuple(offset // k for offset in offsets))
+    return square

@@ -152,7 +152,8 @@ def inspect_data(
 
 
 def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:
-    """data.train and data.eval; `demo` writes the synthetic set into `work_dir` first."""
+    """data.train and data.eval; `demo` writes the synthetic set into `work_dir` first (its
+    own eval split unless data.eval names another)."""
     if data_cfg.train is None:
         raise LmmtuneError(
             "no training data: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
@@ -162,7 +163,7 @@ def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:
         train, evaluation = write_demo_dataset(
             work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
         )
-        return str(train), str(evaluation)
+        return str(train), data_cfg.eval or str(evaluation)
     return data_cfg.train, data_cfg.eval
 
 

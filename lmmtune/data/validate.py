@@ -18,6 +18,7 @@ from lmmtune.data.images import inspect_image
 from lmmtune.data.problems import Kind, RecordInvalid, RecordProblem
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IMAGE_PLACEHOLDER
+from lmmtune.errors import LmmtuneError
 
 DIGEST = "image_sha1"
 """Key in `Sample.extra` of the image's content digest, set by `check_images`."""
@@ -156,13 +157,60 @@ def special_token_text(samples: list[Sample], tokenizer) -> list[RecordProblem]:
     The tokenizer reads such text as the special token itself: a literal `</s>` in an
     answer would be trained as a real end of sequence, teaching the model to stop there.
     """
-    specials = sorted({*tokenizer.all_special_tokens, IMAGE_PLACEHOLDER}, key=len, reverse=True)
+    specials = special_texts(tokenizer)
     problems = []
     for sample in samples:
         reason = _special_text_reason(sample, specials)
         if reason is not None:
             problems.append(problem(sample, SPECIAL_TOKEN_TEXT, reason))
     return problems
+
+
+def special_texts(tokenizer) -> list[str]:
+    """The texts the tokenizer reads as special tokens (and `<image>`), longest first."""
+    return sorted({*tokenizer.all_special_tokens, IMAGE_PLACEHOLDER}, key=len, reverse=True)
+
+
+def checked_question(
+    question: str, has_image: bool, tokenizer, max_length: int, where: str = "the question"
+) -> str:
+    """A question typed for `predict` or the chat, taken as training's check takes a record.
+
+    One leading `<image>` and its newline (LLaVA's `<image>\\n` prefix, copied from a
+    LLaVA-format file) are dropped when there is an image: the prompt puts it first
+    anyway. Any other `<image>`, the text of a special token (`</s> USER: ...` would
+    forge a turn with a real end-of-sequence id) and text far past `max_length` tokens
+    are refused, naming `where`, before anything is tokenized or generated.
+    """
+    question = (question or "").strip()
+    if len(question) > max_length * CHARS_PER_TOKEN_BOUND:
+        raise LmmtuneError(
+            f"{where} is {len(question):,} characters long, far past what the model was "
+            f"trained on (data.max_length={max_length} tokens); shorten it"
+        )
+    if has_image and question.startswith(IMAGE_PLACEHOLDER):
+        # and its newline, also as `\\n` typed in a shell: '<image>\\nWhich side ...?'
+        question = question.removeprefix(IMAGE_PLACEHOLDER).lstrip()
+        question = question.removeprefix("\\n").strip()
+    if IMAGE_PLACEHOLDER in question:
+        raise LmmtuneError(
+            f"{where} contains '<image>' "
+            + (
+                "past its start: the image goes before the question; write at most one "
+                "'<image>', at the start"
+                if has_image
+                else "but there is no image"
+            )
+        )
+    found = next((token for token in special_texts(tokenizer) if token in question), None)
+    if found is not None:
+        raise LmmtuneError(
+            f"{where} contains {found!r}, the text of a special token: the model would read "
+            "it as that token (remove or rewrite it)"
+        )
+    if not question:
+        raise LmmtuneError(f"{where} is empty")
+    return question
 
 
 def _special_text_reason(sample: Sample, specials: list[str]) -> str | None:

@@ -31,6 +31,7 @@ from lmmtune.pipeline import (
     whole_run_loss,
 )
 from lmmtune.preflight import check_eval_prompts, check_export_settings, check_exported_processor
+from lmmtune.resume import check_image_digests
 from lmmtune.rundir import RunDir
 from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, tracked_run
 from lmmtune.track.record import last_logged_step
@@ -60,6 +61,7 @@ def dpo_stage(cfg, run: RunDir, resume_from: Path | None, guard) -> dict:
     data_cfg = on_main(pair_data_config, cfg.data, run_dir)  # demo pairs are written once
     splits = on_main(load_splits, data_cfg, run_dir, processor, pairs_only=True)
     on_main(check_eval_prompts, splits.eval, processor, data_cfg, cfg.eval.after)
+    on_main(check_image_digests, splits, run.data_digest)  # a resume: the same images
     lengths = pair_lengths(splits.train, splits.report.train_lengths, processor, data_cfg)
     train_cfg = fit_to_memory(
         cfg.train, cfg.model, cfg.quant, cfg.peft, max(lengths, default=1), SEQUENCES_PER_PAIR

@@ -43,13 +43,17 @@ class LlavaAnswerer(PythonModel):
 
     def model_inputs(self, row: dict):
         """The prompt ids and pixels of one row, as training built them."""
-        from lmmtune.data.images import open_image
+        from lmmtune.data.images import fit_square_budget, open_image, pad_colour
 
         content = [{"type": "text", "text": str(row["question"])}]
         image = row.get("image")
         if isinstance(image, str) and image:
-            # the exported processor pads to a square itself (do_pad), as training did
-            content.insert(0, {"type": "image", "image": open_image(image)})
+            # the exported processor pads to a square itself (do_pad), as training did; a
+            # very long image is first brought to training's bounded square
+            fill = pad_colour(self.processor.image_processor)
+            content.insert(
+                0, {"type": "image", "image": fit_square_budget(open_image(image), fill)}
+            )
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}],
             add_generation_prompt=True,

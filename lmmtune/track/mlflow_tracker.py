@@ -162,7 +162,7 @@ class MlflowTracker(NullTracker):
         else:
             from mlflow.tracking import MlflowClient
 
-            name = tracking_cfg.experiment or experiment
+            name = redact_value(tracking_cfg.experiment or experiment)
             found = training_experiment(MlflowClient(uri), name, uri)
             mlflow.set_experiment(experiment_id=found.experiment_id)
             self.run = mlflow.start_run(

@@ -98,7 +98,7 @@ class SweepCallback(Callback):
         overrides = [redact_value(o) for o in config.hydra.overrides.task]
         keys = swept_keys(overrides)
         self.client = MlflowClient(resolve_tracking_uri(config.tracking))
-        experiment = config.tracking.experiment or config.name
+        experiment = redact_value(config.tracking.experiment or config.name)
         uri = resolve_tracking_uri(config.tracking)
         experiment_id = training_experiment(self.client, experiment, uri).experiment_id
         run = self.client.create_run(

@@ -382,3 +382,28 @@ def test_llava_square_padding_is_pixel_identical_to_the_hand_written_pad():
         assert shown["pixel_values"].equal(expected["pixel_values"]), (image.mode, image.size)
     wide = padding(images=[Image.new("RGB", (40, 10), (255, 0, 0))], return_tensors="np")
     assert (wide["pixel_values"][0][:, 0, 0] < 0).all()  # the top edge is padding, not red
+
+
+def _saved_as(format_name: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 10), (9, 9, 9)).save(buffer, format_name)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "format_name"),
+    [
+        (lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n" + bytes(200), "EPS"),
+        (lambda: _saved_as("PCX"), "PCX"),
+        (lambda: _saved_as("SGI"), "SGI"),
+    ],
+)
+def test_formats_outside_the_list_are_refused_by_name(make, format_name, tmp_path):
+    """EPS would run Ghostscript on the file; rare decoders are left alone."""
+    path = tmp_path / "scan.png"
+    path.write_bytes(make())
+    for source in (path, path.read_bytes()):  # a file, or bytes inside a data set
+        with pytest.raises(RecordInvalid) as error:
+            open_image(source, "scan.png")
+        assert error.value.kind == Kind.UNSUPPORTED_IMAGE
+        assert f"an image in {format_name} format; lmmtune decodes PNG" in error.value.reason

@@ -103,7 +103,9 @@ def test_chat_serves_the_dpo_run_base_and_adapted(dpo_run, demo_run):
     )
     assert chat_model.has_base and str(run_dir / "adapter") in chat_model.description
     answerer = Answerer(chat_model)
-    sample = conversation(row["image"], [], row["question"], chat_model.max_length)
+    sample = conversation(
+        row["image"], [], row["question"], answerer.tokenizer, chat_model.max_length
+    )
     settings = Settings(OmegaConf.load(run_dir / "config.yaml").eval.max_new_tokens)
     *_, base = answerer.stream(answerer.inputs(sample), settings, adapter=False)
     *_, adapted = answerer.stream(answerer.inputs(sample), settings)
