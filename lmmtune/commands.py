@@ -65,7 +65,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "export",
-            "merge the adapter into the base and save a llava-hf model",
+            "merge the adapter into the base and save a llava-hf model (or GGUF for llama.cpp)",
             "lmmtune.commands:export",
             ("output_dir", "export", "tracking"),
         ),

@@ -34,7 +34,7 @@ from lmmtune.atomic import staged_directory
 from lmmtune.errors import LmmtuneError
 from lmmtune.export.chat_template import export_processor
 from lmmtune.export.gguf_tools import CONVERTER_TYPES, GgufTools, find_tools
-from lmmtune.export.gguf_usage import write_usage_files
+from lmmtune.export.gguf_usage import LLAMA_CPP_CHAT_TEMPLATE, write_usage_files
 from lmmtune.export.gguf_vocab import TOKENIZER_MODEL, added_tokens, provide_tokenizer_model
 from lmmtune.export.run import (
     REPORT,
@@ -74,9 +74,9 @@ class GgufSource:
 def run_gguf_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Write the GGUF export configured in `cfg.export`; return its report."""
     export_cfg = cfg.export
-    tools = find_tools(export_cfg.gguf_type, export_cfg.llama_cpp_dir)  # before anything is written
     source = merged_source(export_cfg) if export_cfg.model else run_source(cfg, overrides)
     check_target(source.target, export_cfg.overwrite, source.protected)
+    tools = find_tools(export_cfg.gguf_type, export_cfg.llama_cpp_dir)  # before anything is written
     report: dict = {
         "format": "gguf",
         "gguf_type": str(export_cfg.gguf_type),
@@ -163,12 +163,22 @@ def write_gguf_files(
 
 
 def stage_text_model(model_dir: Path, staging: Path, processor, base_dirs: list[Path]) -> dict:
-    """The converter's input: the merged folder's files (linked), a SentencePiece tokenizer.model
-    and `added_tokens.json` (`<image>`, `<pad>`) beside them."""
+    """The converter's input: the merged folder's weights and config (linked), a SentencePiece
+    tokenizer.model, `added_tokens.json` (`<image>`, `<pad>`) and llama.cpp's chat template."""
     staging.mkdir(parents=True)
+    replaced = (
+        TOKENIZER_MODEL,
+        "added_tokens.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    )
     for item in model_dir.iterdir():
-        if item.is_file() and item.name not in (TOKENIZER_MODEL, "added_tokens.json"):
+        if item.is_file() and item.name not in replaced and item.suffix != ".jinja":
             (staging / item.name).symlink_to(item.resolve())
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)  # it would win over chat_template.jinja
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    (staging / "chat_template.jinja").write_text(LLAMA_CPP_CHAT_TEMPLATE)
     origin = provide_tokenizer_model(model_dir, base_dirs, staging, processor.tokenizer)
     from sentencepiece import SentencePieceProcessor
 
@@ -197,8 +207,9 @@ def convert_text_model(
 
 def stage_image_encoder(model_dir: Path, staging: Path) -> Path:
     """The legacy converter's input: the vision tower as a CLIPVisionModel folder (float32)
-    and LLaVA's projector file, from the merged model's tensors (either key layout:
-    transformers 5's `model.vision_tower.*` or 4.x's `vision_tower.*`)."""
+    and LLaVA's projector file, from the merged model's tensors. Any key layout: transformers
+    5.24 saves `vision_tower.embeddings.*`, llava-hf's hub files (4.x) have
+    `vision_tower.vision_model.embeddings.*`, a `model.` prefix may come first."""
     import torch
     from safetensors.torch import save_file
 
@@ -214,7 +225,8 @@ def stage_image_encoder(model_dir: Path, staging: Path) -> Path:
     tower, projector = {}, {}
     for name, tensor in model_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
         if name.startswith("vision_tower."):
-            tower[name.removeprefix("vision_tower.")] = tensor.float().contiguous()
+            inner = name.removeprefix("vision_tower.").removeprefix("vision_model.")
+            tower[inner] = tensor.float().contiguous()
         else:
             projector[name] = tensor.float().contiguous()
     if not tower or not projector:

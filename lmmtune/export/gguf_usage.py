@@ -24,6 +24,28 @@ OLLAMA_TEMPLATE = (
     "{{- end }}"
 )
 
+MEDIA_MARKER = "<__media__>"
+"""Where llama.cpp (mtmd) puts an image's embeddings in a prompt."""
+_SYSTEM = SYSTEM_PROMPT.replace("'", "\\'")
+# The chat template written into the GGUF, for llama.cpp's own chat (llama-mtmd-cli,
+# llama-server, LM Studio): the training prompt with the image marker where `<image>` was,
+# then a line break. No BOS (llama.cpp adds it) and no space after it: llama.cpp puts a "▁"
+# before every text piece itself (transformers' template writes them as spaces instead).
+LLAMA_CPP_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- messages[0]['content'] -}}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{{- '" + _SYSTEM + "' -}}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- (' USER: ' if loop.first else 'USER: ') + (message['content']"
+    " | replace('" + MEDIA_MARKER + "\n', '" + MEDIA_MARKER + "')"
+    " | replace('" + MEDIA_MARKER + "', '" + MEDIA_MARKER + "\n')) + ' ASSISTANT:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' ' + message['content'] + '" + EOS + "' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 # llama-cpp-python's chat handler with the training prompt; rendered into the README.
 LLAMA_CPP_PYTHON = '''\
 from pathlib import Path

@@ -3,8 +3,9 @@ process with the cached llama-cpp-python on PYTHONPATH (tests/export/gguf_helper
 
     python llama_cpp_answers.py MODEL MMPROJ QUESTIONS.jsonl OUT.json [--max-new-tokens N]
 
-For each question (`image`, `question`) it renders the training prompt (Vicuna v1), lets
-mtmd tokenize it with the image, evaluates it, and records: the text token ids, the
+For each question (`image`, `question`) it renders the prompt as llama-mtmd-cli does (the
+image marker, then the question, through the GGUF's own chat template, here with Python's
+jinja2), lets mtmd tokenize it with the image, evaluates it, and records: the text token ids, the
 number of image positions, the first token's logits (OUT.npy, one row per question), the
 greedy answer (ids and text, stopping at `</s>`), and llama.cpp's image embedding of the
 question's image (OUT.embeddings.npy, for the first question of each image only).
@@ -17,15 +18,11 @@ import ctypes
 import json
 from pathlib import Path
 
+import jinja2
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 from llama_cpp import Llama
-
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 def open_mtmd(llm: Llama, mmproj: str):
@@ -120,10 +117,13 @@ def main() -> None:
     llm = Llama(args.model, n_ctx=2048, n_batch=1024, n_threads=2, seed=0, verbose=False)
     context = open_mtmd(llm, args.mmproj)
     marker = mtmd.mtmd_default_marker().decode()
+    template = jinja2.Environment().from_string(llm.metadata["tokenizer.chat_template"])
     questions = [json.loads(line) for line in Path(args.questions).read_text().splitlines()]
     results, logits, embeddings, seen = [], [], [], set()
     for item in questions:
-        prompt = f"{SYSTEM_PROMPT} USER: {marker}\n{item['question']} ASSISTANT:"
+        # As llama-mtmd-cli does: the marker before the question, the GGUF's chat template.
+        message = {"role": "user", "content": marker + item["question"]}
+        prompt = template.render(messages=[message], add_generation_prompt=True)
         chunks = tokenize(context, prompt, Path(item["image"]))
         fed = evaluate(llm, context, chunks)
         mtmd.mtmd_input_chunks_free(chunks)
