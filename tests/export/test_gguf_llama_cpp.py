@@ -2,9 +2,11 @@
 
 A small LLaVA with Llama-2's real vocabulary is trained with the demo recipe, exported as
 GGUF in f16, q8_0 and q4_k_m, and asked the demo's 128 eval questions by llama.cpp; the
-same questions go to the merged export in transformers, as its README shows. At 7B width
-(reduced depth) llama.cpp's image embedding of a non-square image is measured against
-the one training computes.
+same questions go to the merged export in transformers, as its README shows. The pinned
+llama.cpp shifts LLaVA's image tokens by one patch (ggml-org/llama.cpp#25814): the tests
+compute that layout in transformers to show the mmproj is exact, compare the language model
+with the same image features, and measure what users get. At 7B width (reduced depth)
+llama.cpp's image features of non-square images are measured against training's.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from tests.real_tokenizer import real_processor_dir
 
 TYPES = ("f16", "q8_0", "q4_k_m")
 MAX_NEW_TOKENS = 8
-F16_LOGIT_TOLERANCE = 1e-2
-"""Largest first-token logit difference, f16 GGUF in llama.cpp against the merged export in
-transformers (float32 compute), relative to the largest logit."""
+F16_LOGIT_TOLERANCE = 2e-3
+"""Largest first-token logit difference of the f16 GGUF in llama.cpp against the merged
+export in transformers (float32 compute, the same image features), relative to the largest
+logit; measured 2.5e-4 on the demo's questions."""
 CHECK_SCRIPT = Path(__file__).with_name("llama_cpp_answers.py")
 
 
