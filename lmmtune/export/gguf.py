@@ -166,15 +166,15 @@ def stage_text_model(model_dir: Path, staging: Path, processor, base_dirs: list[
     """The converter's input: the merged folder's weights and config (linked), a SentencePiece
     tokenizer.model, `added_tokens.json` (`<image>`, `<pad>`) and llama.cpp's chat template."""
     staging.mkdir(parents=True)
-    replaced = (
-        TOKENIZER_MODEL,
-        "added_tokens.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    )
+    replaced = (TOKENIZER_MODEL, "added_tokens.json", "tokenizer_config.json", "config.json")
     for item in model_dir.iterdir():
         if item.is_file() and item.name not in replaced and item.suffix != ".jinja":
             (staging / item.name).symlink_to(item.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    # The converter picks its model class by `architectures`, which LlavaConfig.save_pretrained
+    # alone (a config written without a model) leaves out.
+    config.setdefault("architectures", ["LlavaForConditionalGeneration"])
+    (staging / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)  # it would win over chat_template.jinja
     (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
