@@ -109,8 +109,10 @@ README_TEXT = """\
 The model was trained on the Vicuna v1 prompt: `{system} USER: <image>\\nQUESTION
 ASSISTANT:`; each runtime below is set up to send it. llama.cpp resizes and pads images
 itself (bicubic, then padded to a square with the mean colour), not exactly as training
-did: expect small differences in the image features (measured in lmmtune's
-docs/eval_export.md).
+did; and llama.cpp's LLaVA graph (llama-cpp-python 0.3.36 and the llama.cpp of its time)
+shifts the image tokens by one patch (ggml-org/llama.cpp#25814). Expect answers that rest
+on fine image detail to differ now and then from the model in transformers (measured in
+lmmtune's docs/eval_export.md).
 
 ## llama.cpp
 

@@ -177,3 +177,41 @@ def test_gguf_settings_compose_with_their_defaults():
     cfg = compose_config(["export.format=gguf"])
     assert (cfg.export.gguf_type, cfg.export.model, cfg.export.llama_cpp_dir) == ("f16", None, None)
     assert OmegaConf.select(cfg, "export.format") == "gguf"
+
+
+def test_llama_cpp_chat_template_renders_the_training_prompt():
+    """The GGUF's template (llama.cpp's chat, LM Studio): LLaVA 1.5's prompt, the image marker
+    where training has `<image>`, a line break after it whether or not the user wrote one."""
+    import jinja2
+
+    from lmmtune.data.template import render_conversation, render_prompt
+    from lmmtune.export.gguf_usage import LLAMA_CPP_CHAT_TEMPLATE, MEDIA_MARKER
+
+    template = jinja2.Environment().from_string(LLAMA_CPP_CHAT_TEMPLATE)
+    question = "Which side is the lesion on?"
+    expected = render_prompt(question, True, MEDIA_MARKER)
+    for content in (MEDIA_MARKER + question, f"{MEDIA_MARKER}\n{question}"):
+        assert template.render(messages=[{"role": "user", "content": content}]) == expected
+    turns = [
+        {"role": "user", "content": MEDIA_MARKER + question},
+        {"role": "assistant", "content": "left"},
+        {"role": "user", "content": "Is it large?"},
+    ]
+    rendered = render_conversation([(question, "left"), ("Is it large?", "")], True, MEDIA_MARKER)
+    assert template.render(messages=turns) == rendered.text[: rendered.answer_spans[-1][0]]
+
+
+def test_without_pypi_the_converters_are_refused_naming_the_offline_option(tmp_path, monkeypatch):
+    from lmmtune.export.gguf_tools import find_tools
+
+    monkeypatch.setenv("LMMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(
+        LmmtuneError, match=r"could not fetch llama.cpp's converters .*llama_cpp_dir"
+    ):
+        find_tools("f16", None)
+    assert not any((tmp_path / "cache").glob("llama.cpp-*"))
+    with pytest.raises(LmmtuneError, match=r"has no convert_hf_to_gguf.py"):
+        find_tools("f16", str(tmp_path))
