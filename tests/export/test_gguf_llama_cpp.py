@@ -237,7 +237,8 @@ def test_llama_cpp_answers_the_gguf_export_as_transformers_answers_the_merged_on
     model = real_vocab_llava_dir()
     common = ["output_dir=run", "tracking=none"]
     train = ["recipe=demo", f"model.path={model}", *common, "train.epochs=2", "eval.before=false"]
-    assert run_cli(train, cwd=tmp_path).returncode == 0
+    trained = run_cli(train, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     merged = run_cli(["export", *common, "export.dtype=float16"], cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr[-3000:]
     run_dir = tmp_path / "run"
