@@ -4,10 +4,10 @@ llama.cpp tokenizes Llama-2 models with SentencePiece's BPE rule: merge the adja
 whose joined piece scores highest. The converter takes the scores from `tokenizer.model`;
 without one it reads tokenizer.json and gives every piece the same score (-1000), so
 llama.cpp merges left to right and splits words differently from transformers (and it does
-not pad the vocabulary to the model's 32064 rows, so the GGUF does not load). transformers
-5 saves no tokenizer.model, so a merged export may lack it: then the base model's is used,
-or one is written from tokenizer.json (score = minus the rank of the merge that makes the
-piece) and checked against the transformers tokenizer on probe texts before it is used.
+not pad the vocabulary to the model's 32064 rows, so the GGUF does not load). A merged
+export may lack tokenizer.model (transformers 5 writes tokenizer.json): then the base
+model's is used, or one is written from tokenizer.json (score = minus the rank of the merge
+that makes the piece) and checked against the transformers tokenizer on probe texts first.
 """
 
 from __future__ import annotations
