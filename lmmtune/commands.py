@@ -65,7 +65,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "export",
-            "merge the adapter into the base and save a llava-hf model",
+            "merge the adapter into the base and save a llava-hf model (or GGUF for llama.cpp)",
             "lmmtune.commands:export",
             ("output_dir", "export", "tracking"),
         ),
@@ -132,9 +132,10 @@ def evaluate(cfg: DictConfig) -> None:
 
 def export(cfg: DictConfig) -> None:
     """`export`; SIGINT/SIGTERM mark its MLflow run KILLED and leave no staging folder."""
+    from lmmtune.export.gguf import run_gguf_export
     from lmmtune.export.run import run_export
 
-    _restartable("export", run_export, cfg)
+    _restartable("export", run_gguf_export if cfg.export.format == "gguf" else run_export, cfg)
 
 
 def _restartable(name: str, function: Callable, cfg: DictConfig) -> None:

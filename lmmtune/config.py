@@ -53,7 +53,8 @@ QuantType = choices("QuantType", "nf4 fp4")
 OnError = choices("OnError", "fail skip")
 LossImpl = choices("LossImpl", "chunked default liger")
 TrackingBackend = choices("TrackingBackend", "mlflow none")
-ExportFormat = choices("ExportFormat", "merged adapter")
+ExportFormat = choices("ExportFormat", "merged adapter gguf")
+GgufType = choices("GgufType", "f16 q8_0 q4_k_m")
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of a Llama decoder layer: LoRA's default targets."""
@@ -233,13 +234,15 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     format: ExportFormat = ExportFormat.merged
-    """merged: a plain llava-hf model (adapter merged into an unquantized base); adapter: the adapter alone."""
+    """merged: a plain llava-hf model (adapter merged into an unquantized base); adapter: the adapter
+    alone; gguf: model + mmproj GGUF files for llama.cpp, LM Studio and Ollama."""
     dir: str | None = None
     """Export directory; null: OUTPUT_DIR/export-<format>."""
     adapter: str | None = None
     """The adapter directory; null reads OUTPUT_DIR/adapter."""
     dtype: Dtype | None = None
-    """Dtype of the merged weights: bfloat16, float16 or float32; null: the run's model.dtype."""
+    """Dtype of the merged weights: bfloat16, float16 or float32; null: the run's model.dtype
+    (gguf: float16, the GGUF's own precision)."""
     overwrite: bool = False
     """Replace an existing export directory."""
     parity_samples: int = 4
@@ -251,6 +254,15 @@ class ExportConfig:
     """Log the merged model to MLflow (pyfunc flavour) when tracking is on."""
     register_name: str | None = None
     """Register the logged model in the MLflow Model Registry under this name (merged only)."""
+    gguf_type: GgufType = GgufType.f16
+    """Weights of the GGUF language model (export.format=gguf): f16, q8_0 or q4_k_m (needs
+    llama-cpp-python); the mmproj (vision tower + projector) is always f16."""
+    model: str | None = None
+    """A merged export (llava-hf folder) to convert with export.format=gguf; null: merge the
+    run's adapter first."""
+    llama_cpp_dir: str | None = None
+    """A llama.cpp source folder with its converter scripts; null: the pinned copy lmmtune
+    keeps in its cache (fetched once from PyPI with pip)."""
 
 
 @dataclass

@@ -124,6 +124,8 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs export.format=merged (a loadable model)"
     if export.register_name and (cfg.tracking.backend == "none" or not export.log_model):
         yield "export.register_name needs tracking on and export.log_model=true"
+    if export.model is not None and export.format != "gguf":
+        yield "export.model (a merged export to convert) needs export.format=gguf"
 
 
 def dpo_start(dpo: DictConfig) -> Iterator[str]:

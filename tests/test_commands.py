@@ -31,7 +31,8 @@ def test_each_command_help_lists_its_own_keys_with_their_docs(name):
 def test_export_help_from_the_command_line_shows_choices_and_docstrings(tmp_path):
     result = run_cli(["export", "--help"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "export.format = merged  {merged, adapter}" in result.stdout
+    assert "export.format = merged  {merged, adapter, gguf}" in result.stdout
+    assert "export.gguf_type = f16  {f16, q8_0, q4_k_m}" in result.stdout
     assert "Register the logged model in the MLflow Model Registry" in result.stdout
     assert "export.dtype = null  {bfloat16, float16, float32}" in result.stdout
     assert "peft.r" not in result.stdout

@@ -85,7 +85,7 @@ def test_bad_settings_fail_with_a_short_message(tmp_path, args, expected):
         ("train.loss_impl=chunky", "expected one of [chunked, default"),
         ("quant.mode=16bit", "expected one of [4bit, 8bit, none]"),
         ("tracking.backend=wandb", "expected one of [mlflow, none]"),
-        ("export.format=gguf", "expected one of [merged, adapter]"),
+        ("export.format=onnx", "expected one of [merged, adapter, gguf]"),
         ("model.dtype=float8", "expected one of [bfloat16, float16, float32]"),
         ("data.on_error=ignore", "expected one of [fail, skip]"),
     ],
@@ -104,7 +104,7 @@ def test_closed_set_values_still_compare_as_strings(composer):
 
 def test_issue_command_with_four_bad_values_fails_before_doing_anything(tmp_path):
     args = ["check", "recipe=demo", "train.loss_impl=chunky", "quant.mode=16bit"]
-    result = run_cli([*args, "tracking.backend=wandb", "export.format=gguf"], cwd=tmp_path)
+    result = run_cli([*args, "tracking.backend=wandb", "export.format=onnx"], cwd=tmp_path)
     assert result.returncode != 0 and "Invalid value 'chunky'" in result.stderr
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 

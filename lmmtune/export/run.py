@@ -122,7 +122,7 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 def check_options(export_cfg, tracking_backend: str) -> None:
     """Refuse bad settings before any model is loaded."""
-    if export_cfg.format not in FORMATS:
+    if export_cfg.format not in FORMATS:  # gguf: lmmtune.export.gguf.run_gguf_export
         raise LmmtuneError(f"export.format must be merged or adapter, not '{export_cfg.format}'")
     if export_cfg.dtype is not None and export_cfg.dtype not in PARITY_TOLERANCE:
         raise LmmtuneError(
