@@ -295,16 +295,20 @@ def _thumbnails(paths: list, size: int = 128) -> list | None:
 def tracked_run(tracker):
     """End the tracked run as FINISHED, KILLED (Ctrl-C, a stopping signal) or FAILED, whatever happens."""
     from lmmtune.errors import RunInterrupted
+    from lmmtune.train.guards import stop_signals_held
 
     try:
         yield tracker
     except (KeyboardInterrupt, RunInterrupted):
-        tracker.end("KILLED")
+        with stop_signals_held():  # a second SIGTERM must not cut the ending short
+            tracker.end("KILLED")
         raise
     except BaseException:
-        tracker.end("FAILED")
+        with stop_signals_held():
+            tracker.end("FAILED")
         raise
-    tracker.end("FINISHED")
+    with stop_signals_held():
+        tracker.end("FINISHED")
 
 
 RUN_SUMMARY = ("train_runtime", "train_samples_per_second", "train_steps_per_second")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
+import threading
 
 import torch
 from transformers import TrainerCallback
@@ -89,6 +91,22 @@ class InterruptOutsideTraining:
         for other in StopOnSignal.SIGNALS:
             signal.signal(other, signal.SIG_IGN)
         raise SignalStop(f"{name} while {self.phase}: stopped. {self.resume_hint}", signum)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Ignore SIGINT/SIGTERM while the tracked run ends: a signal raised inside MLflow's
+    `end_run` (a service manager sends SIGTERM twice) would leave the run open, and MLflow's
+    exit hook would then mark a stopped run FINISHED. Only the main thread sets handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in StopOnSignal.SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StopOnNonFinite(TrainerCallback):

@@ -291,3 +291,26 @@ def test_a_registration_that_fails_mid_export_keeps_the_export_and_imports_later
     run = client.get_run(version.run_id)
     assert run.info.run_id == json.loads((record / "tracking.json").read_text())["run_id"]
     assert run.info.status == "FINISHED" and run.data.tags["command"] == "export"
+
+
+def test_a_second_sigterm_while_the_run_ends_still_marks_it_killed(tmp_path, monkeypatch):
+    """A service manager sends SIGTERM twice: the second one, arriving while MLflow ends the
+    run, used to escape from `end_run` and leave the run to MLflow's exit hook (FINISHED)."""
+    import os
+    import signal
+
+    from lmmtune.errors import RunInterrupted
+    from lmmtune.track import mlflow_tracker
+    from lmmtune.train.guards import InterruptOutsideTraining
+
+    def signal_while_ending(run_id):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in the main thread
+
+    monkeypatch.setattr(mlflow_tracker, "log_last_system_sample", signal_while_ending)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = start_tracker(TrackingConfig(tracking_uri=uri), "exp", "run", tmp_path)
+    # KeyboardInterrupt too: without the fix the second signal escapes as one (SignalStop)
+    with pytest.raises((RunInterrupted, KeyboardInterrupt)), InterruptOutsideTraining("hint"):
+        with mlflow_tracker.tracked_run(tracker):
+            raise RunInterrupted("SIGTERM: stopped after step 3", signal.SIGTERM)
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
