@@ -310,7 +310,10 @@ def test_a_second_sigterm_while_the_run_ends_still_marks_it_killed(tmp_path, mon
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = start_tracker(TrackingConfig(tracking_uri=uri), "exp", "run", tmp_path)
     # KeyboardInterrupt too: without the fix the second signal escapes as one (SignalStop)
-    with pytest.raises((RunInterrupted, KeyboardInterrupt)), InterruptOutsideTraining("hint"):
-        with mlflow_tracker.tracked_run(tracker):
-            raise RunInterrupted("SIGTERM: stopped after step 3", signal.SIGTERM)
+    with (
+        pytest.raises((RunInterrupted, KeyboardInterrupt)),
+        InterruptOutsideTraining("hint"),
+        mlflow_tracker.tracked_run(tracker),
+    ):
+        raise RunInterrupted("SIGTERM: stopped after step 3", signal.SIGTERM)
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
