@@ -32,11 +32,13 @@ RECIPES_PATH_ENV = "LMMTUNE_RECIPES_PATH"
 
 class Choice(str, Enum):
     """A closed set of setting values. Member names are the values (OmegaConf parses by
-    name); the str mixin keeps `cfg.quant.mode == "4bit"` true, and str()/f-strings give
-    the bare value on every Python version."""
+    name); the str mixin keeps `cfg.quant.mode == "4bit"` true, str()/f-strings give the
+    bare value on every Python version, and repr() the quoted one (so a list of them logs
+    as `['sigmoid', 'sft']`, as a list of strings does)."""
 
     __str__ = str.__str__
     __format__ = str.__format__
+    __repr__ = str.__repr__
 
 
 def choices(name: str, values: str) -> type[Choice]:
@@ -55,6 +57,14 @@ LossImpl = choices("LossImpl", "chunked default liger")
 TrackingBackend = choices("TrackingBackend", "mlflow none")
 ExportFormat = choices("ExportFormat", "merged adapter gguf")
 GgufType = choices("GgufType", "f16 q8_0 q4_k_m")
+DpoReference = choices("DpoReference", "adapter_off initial")
+DpoLoss = choices(
+    "DpoLoss",
+    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
+    "apo_down discopop sft sigmoid_norm",
+)
+"""TRL's DPO loss names (trl 1.16's DPOTrainer), so that a typo fails at composition, not
+at the first training step after the model and the data have loaded."""
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of a Llama decoder layer: LoRA's default targets."""
@@ -326,12 +336,12 @@ class DpoConfig:
     """Start from the base model with a fresh LoRA (peft.*) instead of an SFT adapter."""
     beta: float = 0.1
     """Strength of the pull towards the reference (higher: stay closer to it)."""
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_type: list[DpoLoss] = field(default_factory=lambda: [DpoLoss.sigmoid])
     """TRL loss names, combined when several: sigmoid (DPO), ipo, hinge, robust, sft (NLL on
-    the chosen answer, as in RPO), ..."""
+    the chosen answer, as in RPO), ... (`DpoLoss` lists them all)."""
     loss_weights: list[float] | None = None
-    """Weight of each loss_type; null weighs each 1."""
-    reference: str = "adapter_off"
+    """Weight of each loss_type (as many as there are); null weighs each 1."""
+    reference: DpoReference = DpoReference.adapter_off
     """adapter_off: the reference is the same quantized weights with the adapter switched off
     (no extra memory); initial: a frozen copy of the starting adapter (the SFT model when
     starting from one; costs the adapter's size once more)."""

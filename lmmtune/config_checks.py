@@ -1,10 +1,12 @@
 """`validate(cfg)`: the checks every command runs right after composing its config.
 
 The schema (`lmmtune.config`) already refuses unknown keys, wrong types and values
-outside a closed set. What a type cannot say is checked here, before any data is read,
-model loaded or folder created: numbers in range, settings that need each other, an
-output directory that can be written, and `${...}` interpolations that resolve. Every
-problem is one line; all of them are reported together.
+outside a closed set (its Enums), at composition; nothing checks those again. What a type
+cannot say is checked here, once, before any data is read, model loaded or folder
+created: numbers in range, settings that need each other (every cross-field check lives
+here), transformers' optimizer and scheduler names, an output directory that can be
+written, and `${...}` interpolations that resolve. Every problem is one line; all of them
+are reported together.
 """
 
 from __future__ import annotations
@@ -117,9 +119,14 @@ def out_of_range(cfg: DictConfig) -> Iterator[str]:
 
 def cross_field(cfg: DictConfig) -> Iterator[str]:
     """Settings that need each other."""
-    train, export = cfg.train, cfg.export
+    train, export, dpo = cfg.train, cfg.export, cfg.dpo
     if train.keep_best and train.eval_steps is None:
         yield ("train.keep_best=true needs train.eval_steps=N (the eval loss it picks the best by)")
+    if dpo.loss_weights is not None and len(dpo.loss_weights) != len(dpo.loss_type):
+        yield (
+            f"dpo.loss_weights has {len(dpo.loss_weights)} weight(s) for "
+            f"{len(dpo.loss_type)} dpo.loss_type name(s): give one per loss, or null"
+        )
     if export.register_name and export.format != "merged":
         yield "export.register_name needs export.format=merged (a loadable model)"
     if export.register_name and (cfg.tracking.backend == "none" or not export.log_model):

@@ -88,6 +88,8 @@ def test_bad_settings_fail_with_a_short_message(tmp_path, args, expected):
         ("export.format=onnx", "expected one of [merged, adapter, gguf]"),
         ("model.dtype=float8", "expected one of [bfloat16, float16, float32]"),
         ("data.on_error=ignore", "expected one of [fail, skip]"),
+        ("dpo.reference=copy", "expected one of [adapter_off, initial]"),
+        ("dpo.loss_type=[sigmoid,sfft]", "Invalid value 'sfft', expected one of [sigmoid, hinge"),
     ],
 )
 def test_closed_sets_are_refused_at_composition(composer, override, expected):
@@ -155,6 +157,18 @@ def test_settings_that_need_each_other(composer):
         validate(composer(["export.register_name=m", "export.format=adapter"]), "export")
     with pytest.raises(LmmtuneError, match="register_name needs tracking on"):
         validate(composer(["export.register_name=m", "tracking=none"]), "export")
+
+
+def test_dpo_loss_weights_need_one_weight_per_loss(composer):
+    cfg = composer(["recipe=demo_dpo", "dpo.from_base=true", "dpo.loss_weights=[1.0]"])
+    with pytest.raises(LmmtuneError, match="dpo.loss_weights has 1 weight.s. for 2 dpo.loss_type"):
+        validate(cfg)
+    validate(composer(["recipe=demo_dpo", "dpo.from_base=true", "dpo.loss_weights=[1.0,0.5]"]))
+
+
+def test_a_list_of_closed_set_values_logs_as_a_list_of_strings(composer):
+    loss_type = composer(["recipe=demo_dpo"]).dpo.loss_type
+    assert str(list(loss_type)) == "['sigmoid', 'sft']" and loss_type == ["sigmoid", "sft"]
 
 
 def test_transformers_optimizer_and_scheduler_names_are_checked(composer):

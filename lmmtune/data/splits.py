@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmmtune.config import DataConfig
+from lmmtune.config import DataConfig, OnError
 from lmmtune.data.dataset import image_token_count
 from lmmtune.data.demo import write_demo_dataset
 from lmmtune.data.pairs import check_rejected_lengths, unpaired
@@ -37,7 +37,6 @@ from lmmtune.errors import LmmtuneError
 
 log = logging.getLogger(__name__)
 DEMO = "demo"
-ON_ERROR = ("fail", "skip")
 REPORT_FILE = "data_report.txt"
 SKIPPED_FILE = "skipped_records.jsonl"
 
@@ -63,7 +62,7 @@ def load_splits(data_cfg: DataConfig, run_dir: Path, processor, pairs_only: bool
     text = format_report(report)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
-    if report.problems and data_cfg.on_error == "fail":
+    if report.problems and data_cfg.on_error == OnError.fail:
         raise DataError(
             report.problems,
             header=f"{report.invalid_records} invalid record(s); fix them, or pass "
@@ -108,8 +107,6 @@ def inspect_data(
     """Read, resolve, decode, tokenize and split the data; on_error is not applied here.
     `pairs_only`: records that are no preference pair are problems (the DPO stage's data)."""
     started = time.perf_counter()
-    if data_cfg.on_error not in ON_ERROR:
-        raise LmmtuneError(f"data.on_error must be fail or skip, not '{data_cfg.on_error}'")
     train_path, eval_path = data_paths(data_cfg, work_dir)
     report = DataReport(max_length=data_cfg.max_length, image_tokens=image_token_count(processor))
     train = _read(train_path, "train", data_cfg, report)

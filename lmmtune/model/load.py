@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from lmmtune import distributed
-from lmmtune.config import ModelConfig, QuantConfig
+from lmmtune.config import Dtype, ModelConfig, QuantConfig, QuantMode
 from lmmtune.data.tokens import UnknownTokenizer, chunk_tokenizer
 from lmmtune.errors import LmmtuneError
 from lmmtune.model.tiny import TINY_NAME, tiny_model_dir
@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 # Full module paths: transformers 5.x matches these against full names, and the short
 # names ("vision_tower") would silently quantize the vision tower and projector too.
 NEVER_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {
+    Dtype.bfloat16: torch.bfloat16,
+    Dtype.float16: torch.float16,
+    Dtype.float32: torch.float32,
+}
+"""Every `Dtype` of the schema (which refuses other names at composition) as a torch dtype."""
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
@@ -76,29 +81,27 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
         return None
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise LmmtuneError(f"unknown dtype '{name}': use one of {', '.join(DTYPES)}")
+def torch_dtype(name: Dtype | str) -> torch.dtype:
+    """The torch dtype of a `Dtype` (or its name)."""
     return DTYPES[name]
 
 
 def build_quantization_config(quant_cfg: QuantConfig) -> BitsAndBytesConfig | None:
-    if quant_cfg.mode == "none":
+    """bitsandbytes' settings for `quant.mode` (a `QuantMode`); None for `none`."""
+    if quant_cfg.mode == QuantMode.none:
         return None
-    if quant_cfg.mode == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_cfg.quant_type,
-            bnb_4bit_use_double_quant=quant_cfg.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(quant_cfg.compute_dtype),
-            bnb_4bit_quant_storage=(
-                torch_dtype(quant_cfg.storage_dtype) if quant_cfg.storage_dtype else torch.uint8
-            ),
-            llm_int8_skip_modules=NEVER_QUANTIZED,
-        )
-    if quant_cfg.mode == "8bit":
+    if quant_cfg.mode == QuantMode["8bit"]:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NEVER_QUANTIZED)
-    raise LmmtuneError(f"quant.mode must be 4bit, 8bit or none, not '{quant_cfg.mode}'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.quant_type,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant_cfg.compute_dtype),
+        bnb_4bit_quant_storage=(
+            torch_dtype(quant_cfg.storage_dtype) if quant_cfg.storage_dtype else torch.uint8
+        ),
+        llm_int8_skip_modules=NEVER_QUANTIZED,
+    )
 
 
 def device_map() -> dict | str | None:
@@ -179,13 +182,6 @@ def load_processor(model_cfg: ModelConfig, source: str | Path | None = None):
     except UnknownTokenizer as exc:
         raise UnknownTokenizer(f"{source or path}: {exc}") from None
     return match_vision_config(processor, config)
-
-
-def image_tokens_of(config) -> int:
-    """Image tokens the model's vision tower yields: one per patch, +1 CLS, -1 under "default"."""
-    vision = config.vision_config
-    count = (vision.image_size // vision.patch_size) ** 2 + _class_tokens(vision)
-    return count - (1 if config.vision_feature_select_strategy == "default" else 0)
 
 
 def _class_tokens(vision_config) -> int:

@@ -11,7 +11,6 @@ from lmmtune.data.dataset import TokenizedConversation
 from lmmtune.data.problems import DataError, Kind
 from lmmtune.data.report import format_report
 from lmmtune.data.splits import load_splits
-from lmmtune.errors import LmmtuneError
 from tests.data.helpers import kinds, llava, save_image, write_json
 
 
@@ -214,8 +213,3 @@ def test_verify_images_false_still_finds_missing_files(tmp_path, inspect):
     checked, unchecked = (inspect(train=str(path), verify_images=v) for v in (True, False))
     assert kinds(checked.problems) == [Kind.EMPTY_IMAGE, Kind.MISSING_IMAGE]
     assert kinds(unchecked.problems) == [Kind.MISSING_IMAGE]
-
-
-def test_on_error_must_be_fail_or_skip(tmp_path, inspect, good_set):
-    with pytest.raises(LmmtuneError, match="data.on_error must be fail or skip, not 'ignore'"):
-        inspect(train=str(good_set), on_error="ignore")
