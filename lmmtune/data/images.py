@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lmmtune.data.pixels import check_pixels, stretch_to_uint8  # noqa: F401 - the public names stay here too
+from lmmtune.data.dicom import check_pixels, decode_dicom, stretch_to_uint8
 from lmmtune.data.problems import Kind, RecordInvalid
 
 IMAGE_MAGIC = {
@@ -108,8 +108,6 @@ def decode_image(
     if not data:
         raise RecordInvalid(Kind.EMPTY_IMAGE, f"zero-byte image file: {name}")
     if is_dicom(data, name):
-        from lmmtune.data.dicom import decode_dicom
-
         return decode_dicom(data, name, max_pixels)
     try:
         with warnings.catch_warnings(), _own_pixel_limit():
