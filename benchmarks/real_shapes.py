@@ -3,7 +3,7 @@
 Builds a llava-hf-layout checkpoint at LLaVA-1.5-7B *width* (hidden 4096, 32 heads,
 MLP 11008, vocabulary 32064, CLIP ViT-L/14-336 at full width, 576 image tokens) with
 reduced depth and random weights, plus the real Llama-2 tokenizer
-(`lmmtune.model.llama_tokenizer`), and runs what a user runs:
+(`benchmarks.llama_tokenizer`), and runs what a user runs:
 
     check -> train (4-bit, LoRA r=128 + projector, a few steps) -> eval -> export
     (parity) -> load the export with plain transformers and generate
@@ -40,8 +40,8 @@ def build_checkpoint(folder: Path, text_layers: int, vision_layers: int) -> Path
     """Random bf16 weights at 7B width, reduced depth, with llava-hf's processor files."""
     import torch
 
-    from lmmtune.bench.models import llava_config, write_random_checkpoint
-    from lmmtune.model.llama_tokenizer import llama2_processor_dir
+    from benchmarks.bench.models import llava_config, write_random_checkpoint
+    from benchmarks.llama_tokenizer import llama2_processor_dir
 
     config = llava_config("7b")
     config.text_config.num_hidden_layers = text_layers

@@ -1,7 +1,7 @@
 """Every `python -m lmmtune COMMAND`: one registry that the command line and `--help` read.
 
 A command either composes the Hydra config (`key=value` overrides, validated before it
-runs) or takes its own arguments (`bench`, `import`). Implementations stay in their
+runs) or takes its own arguments (`import`). Implementations stay in their
 modules and are imported only when their command runs, so `--help` is instant.
 """
 
@@ -85,12 +85,6 @@ COMMANDS: dict[str, Command] = {
             "import",
             "import a folder's local tracking record into MLflow: import FOLDER [--tracking-uri URI]",
             "lmmtune.track.importing:main",
-            composes_config=False,
-        ),
-        Command(
-            "bench",
-            "time lmmtune's recipe against the usual QLoRA pipeline (see bench --help)",
-            "lmmtune.bench.__main__:main",
             composes_config=False,
         ),
     )

@@ -22,9 +22,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()):
 
 
 def run_bench(args: list[str], out: Path) -> dict:
-    """`python -m lmmtune.bench ARGS --out OUT` in a process of its own; its JSON report."""
+    """`python -m benchmarks.bench ARGS --out OUT` in a process of its own; its JSON report."""
     done = subprocess.run(
-        [sys.executable, "-m", "lmmtune.bench", *args, "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.bench", *args, "--out", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

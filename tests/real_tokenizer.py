@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoProcessor
 
-from lmmtune.model.llama_tokenizer import TokenizerUnavailable, llama2_processor_dir
+from benchmarks.llama_tokenizer import TokenizerUnavailable, llama2_processor_dir
 
 
 def real_processor_dir(legacy: bool):

@@ -36,7 +36,6 @@ LAYERS = {
     "check": 7,
     "api": 8,
     "commands": 8,
-    "bench": 8,
     "__init__": 9,
     "__main__": 9,
 }

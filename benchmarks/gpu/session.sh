@@ -35,7 +35,7 @@ fi
 bench() {  # bench NAME ARGS...: one benchmark run, its table printed and kept in $out
   local name=$1
   shift
-  python3 -m lmmtune.bench "$@" --config-timeout 240 --out "$out/$name.json" 2>&1 |
+  python3 -m benchmarks.bench "$@" --config-timeout 240 --out "$out/$name.json" 2>&1 |
     tee "$out/$name.log" | grep -v "^Loading weights"
   return "${PIPESTATUS[0]}"
 }
@@ -46,8 +46,8 @@ run_part() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 - <<'PY'
 import torch
-from lmmtune.bench.report import environment
-import lmmtune.bench.run, lmmtune.export.merge  # the GPU path, without MLflow/datasets/TRL
+from benchmarks.bench.report import environment
+import benchmarks.bench.run, lmmtune.export.merge  # the GPU path, without MLflow/datasets/TRL
 env = environment("check")
 print(env["device"], "CUDA", env["cuda"], env["versions"])
 assert torch.cuda.is_available(), "no CUDA device"
@@ -62,7 +62,7 @@ PY
       return "$first"
     ;;
   ablations) bench gpu-7b-ablations --scale "$scale_7b" --steps 3 --configs "lmmtune,$(python3 -c \
-    'from lmmtune.bench.recipes import ABLATION_KEYS; print(",".join(ABLATION_KEYS))')" ;;
+    'from benchmarks.bench.recipes import ABLATION_KEYS; print(",".join(ABLATION_KEYS))')" ;;
   *) echo "unknown part '$1': check, tests, 7b, budgets or ablations" >&2; return 2 ;;
   esac
 }

@@ -9,7 +9,7 @@ micro-batch that fits, and sets gradient accumulation so that the effective batc
 fails before the model is loaded, naming the settings that would help.
 
 The model is a first-principles estimate, not yet calibrated on a GPU:
-`python -m lmmtune.bench` prints it next to the measured peak, so that its constants
+`python -m benchmarks.bench` prints it next to the measured peak, so that its constants
 can be checked and corrected on a real card. Budgets are in GiB (a "12 GB" card has
 12 GiB).
 """

@@ -8,12 +8,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from lmmtune.bench.__main__ import _without, build_report, main, parse_args
-from lmmtune.bench.cpu_memory import PeakTensorMemory
-from lmmtune.bench.data import IGNORE_INDEX, SyntheticLlavaData
-from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config, random_checkpoint
-from lmmtune.bench.recipes import RECIPES
-from lmmtune.bench.report import markdown, mfu, peak_tflops, ratios
+from benchmarks.bench.__main__ import _without, build_report, main, parse_args
+from benchmarks.bench.cpu_memory import PeakTensorMemory
+from benchmarks.bench.data import IGNORE_INDEX, SyntheticLlavaData
+from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config, random_checkpoint
+from benchmarks.bench.recipes import RECIPES
+from benchmarks.bench.report import markdown, mfu, peak_tflops, ratios
 from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.data.dataset import PaddingCollator
 from lmmtune.model.adapters import apply_lora
@@ -99,7 +99,7 @@ def test_ratios_and_table():
     rows[1]["status"] = "OOM"
     assert [r["pair"] for r in ratios(rows, "lmmtune", ("usual", "lora"))] == ["lmmtune/lora"]
     args = parse_args(["--scale", "7b", "--peak-tflops", "790"])
-    report = build_report(args, rows, "python -m lmmtune.bench --scale 7b")
+    report = build_report(args, rows, "python -m benchmarks.bench --scale 7b")
     assert report["results"][0]["mfu"] == pytest.approx(2600 * 6 * report["matmul_params"] / 790e12)
     table = markdown(report)
     assert "| (a) lmmtune recipe | ok | 4 x 4 | 2600 |" in table
@@ -143,7 +143,7 @@ def test_cpu_benchmark_runs_and_reports_ratios(tmp_path):
 
 
 def test_a_budget_plans_each_configuration_and_runs_a_misfit_at_micro_batch_1(tmp_path):
-    from lmmtune.bench.run import BenchSettings, _configs, _plan
+    from benchmarks.bench.run import BenchSettings, _configs, _plan
 
     path = random_checkpoint("tiny", torch.float32, tmp_path)
     data = SyntheticLlavaData(8, IMAGE_TOKEN_ID, 576, 28, IMAGE_TOKEN_ID)

@@ -83,8 +83,8 @@ def test_chunked_loss_matches_the_default_in_bf16_on_cuda(tiny_model_path):
 
 
 def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
-    from lmmtune.bench.data import SyntheticLlavaData
-    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
+    from benchmarks.bench.data import SyntheticLlavaData
+    from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
     from lmmtune.data.dataset import PaddingCollator
     from lmmtune.train.trainer import build_trainer, build_training_arguments
 
@@ -115,8 +115,8 @@ def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
 
 
 def _train_losses(checkpoint, loss_impl: str, workdir) -> tuple[list[float], object]:
-    from lmmtune.bench.data import SyntheticLlavaData
-    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+    from benchmarks.bench.data import SyntheticLlavaData
+    from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
     from lmmtune.data.dataset import PaddingCollator
     from lmmtune.train.trainer import build_trainer, build_training_arguments
 
@@ -136,7 +136,7 @@ def _train_losses(checkpoint, loss_impl: str, workdir) -> tuple[list[float], obj
 def test_liger_fused_loss_trains_as_the_chunked_loss_on_cuda(tmp_path):
     """train.loss_impl=liger (Trainer's use_liger_kernel): the same losses, Liger's forward."""
     pytest.importorskip("liger_kernel")
-    from lmmtune.bench.models import random_checkpoint
+    from benchmarks.bench.models import random_checkpoint
 
     path = random_checkpoint("tiny", torch.bfloat16, tmp_path)
     chunked, _ = _train_losses(path, "chunked", tmp_path / "chunked")

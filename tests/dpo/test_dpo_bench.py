@@ -1,4 +1,4 @@
-"""`python -m lmmtune.bench --configs lmmtune,dpo`: a DPO step beside an SFT step."""
+"""`python -m benchmarks.bench --configs lmmtune,dpo`: a DPO step beside an SFT step."""
 
 from __future__ import annotations
 

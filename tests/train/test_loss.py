@@ -161,9 +161,9 @@ def test_trainer_training_step_gives_the_same_gradients_with_either_loss(models,
 
 def test_chunked_loss_needs_a_fraction_of_the_memory_at_llava_length(tmp_path):
     """576 image tokens + text, LLaVA's 32064-token vocabulary: the logits dominate the default."""
-    from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
-    from lmmtune.bench.data import SyntheticLlavaData
-    from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
+    from benchmarks.bench.cpu_memory import PeakTensorMemory, state_tensors
+    from benchmarks.bench.data import SyntheticLlavaData
+    from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
     from lmmtune.data.dataset import PaddingCollator
 
     path = random_checkpoint("tiny", torch.float32, tmp_path)

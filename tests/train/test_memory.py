@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from lmmtune.bench.models import llava_config
+from benchmarks.bench.models import llava_config
 from lmmtune.config import LLM_LINEARS, ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.train.memory import (

@@ -1,8 +1,8 @@
-"""`python -m lmmtune.bench`: time lmmtune's recipe against the usual QLoRA pipeline.
+"""`python -m benchmarks.bench`: time lmmtune's recipe against the usual QLoRA pipeline.
 
-    python -m lmmtune.bench                              # CPU: tiny scale, ratios only
-    python -m lmmtune.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
-    python -m lmmtune.bench --scale 13b --gpu-memory-gb 22 --configs all
+    python -m benchmarks.bench                              # CPU: tiny scale, ratios only
+    python -m benchmarks.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
+    python -m benchmarks.bench --scale 13b --gpu-memory-gb 22 --configs all
 
 On a GPU every configuration runs in its own process, so that one's cached or
 paged memory cannot inflate the next one's peak. The report is rewritten after
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from lmmtune.bench.models import llava_config, random_checkpoint
-from lmmtune.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
-from lmmtune.bench.report import environment, markdown, mfu, peak_tflops, ratios
-from lmmtune.bench.run import BenchSettings, run_recipe
+from benchmarks.bench.models import llava_config, random_checkpoint
+from benchmarks.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
+from benchmarks.bench.report import environment, markdown, mfu, peak_tflops, ratios
+from benchmarks.bench.run import BenchSettings, run_recipe
 from lmmtune.model.load import torch_dtype
 from lmmtune.train.memory import GIB, ModelShape
 
-log = logging.getLogger("lmmtune.bench")
+log = logging.getLogger("benchmarks.bench")
 # Per scale: micro-batch, gradient accumulation, warm-up steps, timed steps, LoRA rank.
 SCALE_DEFAULTS = {
     "tiny": (2, 1, 1, 2, 16),
@@ -43,7 +43,7 @@ SCALE_DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m lmmtune.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     gpu = torch.cuda.is_available()
     parser.add_argument("--scale", choices=list(SCALE_DEFAULTS), default="7b" if gpu else "tiny")
@@ -128,7 +128,7 @@ def run_isolated(key: str, argv: list[str], workdir: Path, timeout: float | None
         str(out),
         "--no-isolate",
     ]
-    command = [sys.executable, "-m", "lmmtune.bench", *forwarded]
+    command = [sys.executable, "-m", "benchmarks.bench", *forwarded]
     try:
         done = subprocess.run(command, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cap_gpu_memory(args.gpu_memory_gb)
     checkpoint = random_checkpoint(args.scale, torch_dtype(compute_dtype()), args.cache_dir)
-    command = "python -m lmmtune.bench " + shlex.join(argv)
+    command = "python -m benchmarks.bench " + shlex.join(argv)
     out = args.out or default_out(args.scale)
     with tempfile.TemporaryDirectory(prefix="lmmtune-bench-") as tmp:
         workdir = Path(tmp)

@@ -20,11 +20,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from lmmtune.bench.cpu_memory import PeakTensorMemory, state_tensors
-from lmmtune.bench.data import SyntheticLlavaData
-from lmmtune.bench.dpo import dpo_trainer
-from lmmtune.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config
-from lmmtune.bench.recipes import Recipe
+from benchmarks.bench.cpu_memory import PeakTensorMemory, state_tensors
+from benchmarks.bench.data import SyntheticLlavaData
+from benchmarks.bench.dpo import dpo_trainer
+from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config
+from benchmarks.bench.recipes import Recipe
 from lmmtune.config import DpoConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from lmmtune.data.dataset import PaddingCollator
 from lmmtune.dpo.trainer import build_dpo_arguments
@@ -167,10 +167,30 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
     )
     train_cfg, plan_note = _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data)
     model = apply_lora(load_model(model_cfg, quant_cfg), peft_cfg, train_cfg.gradient_checkpointing)
-    workers = 2 if cuda and recipe.workers else 0
-    dpo = recipe.objective == "dpo"
+    timer = StepTimer(cuda)
+    trainer = _trainer(recipe, settings, model, train_cfg, peft_cfg.projector_lr, data, timer)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train()
+    measured = _throughput(trainer, timer, settings.warmup, train_cfg)
+    measured |= _memory() if cuda else {"peak_allocated_gib": _cpu_peak_gib(trainer, data)}
+    setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg)
+    shape = ModelShape.from_config(config)
+    pairs = recipe.objective == "dpo"
+    sequences = train_cfg.batch_size * (2 if pairs else 1)  # a pair: chosen and rejected
+    planned = estimate_memory(shape, setup, sequences, max(data.lengths))
+    measured["planned_gib"] = planned.total / GIB
+    measured["final_loss"] = output.training_loss
+    measured["plan"] = plan_note
+    del trainer, model
+    return measured
+
+
+def _trainer(recipe: Recipe, settings: BenchSettings, model, train_cfg, projector_lr, data, timer):
+    """The recipe's trainer (SFT, or DPO on pairs) over `data`, keeping no checkpoints."""
+    workers = 2 if torch.cuda.is_available() and recipe.workers else 0
     workdir = settings.workdir / recipe.key
-    if dpo:
+    if recipe.objective == "dpo":
         args = build_dpo_arguments(train_cfg, DpoConfig(), workdir, workers, settings.dtype)
     else:
         reentrant = recipe.checkpointing == "reentrant"
@@ -179,33 +199,17 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
         )
     args.disable_tqdm = True
     args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
-    timer = StepTimer(cuda)
-    if dpo:
-        trainer = dpo_trainer(model, args, data, PAD_TOKEN_ID, peft_cfg.projector_lr, [timer])
-    else:
-        trainer = BenchTrainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            data_collator=PaddingCollator(PAD_TOKEN_ID),
-            projector_lr=peft_cfg.projector_lr,
-            lengths=data.lengths,
-            callbacks=[timer],
-        )
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    output = trainer.train()
-    measured = _throughput(trainer, timer, settings.warmup, train_cfg)
-    measured |= _memory() if cuda else {"peak_allocated_gib": _cpu_peak_gib(trainer, data)}
-    setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg)
-    shape = ModelShape.from_config(config)
-    sequences = train_cfg.batch_size * (2 if dpo else 1)  # a pair: chosen and rejected
-    planned = estimate_memory(shape, setup, sequences, max(data.lengths))
-    measured["planned_gib"] = planned.total / GIB
-    measured["final_loss"] = output.training_loss
-    measured["plan"] = plan_note
-    del trainer, model
-    return measured
+    if recipe.objective == "dpo":
+        return dpo_trainer(model, args, data, PAD_TOKEN_ID, projector_lr, [timer])
+    return BenchTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=PaddingCollator(PAD_TOKEN_ID),
+        projector_lr=projector_lr,
+        lengths=data.lengths,
+        callbacks=[timer],
+    )
 
 
 def _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data) -> tuple[TrainConfig, str]:

@@ -6,7 +6,8 @@ pieces (base64, one per line) and 61,249 merges (pairs of uint16 vocabulary ids)
 ("Hello world" -> [1, 15043, 3186]). Around it this module writes a processor
 directory shaped like llava-hf/llava-1.5-7b-hf's (`<image>`=32000, `<pad>`=32001, the
 CLIP ViT-L/14-336 image processor), once per `legacy` setting, into the lmmtune cache.
-Tests and `benchmarks/real_shapes.py` use it; the vocabulary is never committed.
+Tests (through `tests/real_tokenizer.py`) and `benchmarks/real_shapes.py` use it; it runs
+npm, so it lives here and not in the package. The vocabulary is never committed.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datasets
 import torch
 
-from lmmtune.bench.data import IGNORE_INDEX, SyntheticLlavaData
+from benchmarks.bench.data import IGNORE_INDEX, SyntheticLlavaData
 from lmmtune.config import DpoConfig, ModelConfig
 from lmmtune.data.dataset import PaddingCollator
 from lmmtune.dpo.collator import PAIR
