@@ -338,7 +338,7 @@ class DpoConfig:
     """Strength of the pull towards the reference (higher: stay closer to it)."""
     loss_type: list[DpoLoss] = field(default_factory=lambda: [DpoLoss.sigmoid])
     """TRL loss names, combined when several: sigmoid (DPO), ipo, hinge, robust, sft (NLL on
-    the chosen answer, as in RPO), ... (`DpoLoss` lists them all)."""
+    the chosen answer, as in RPO), and the others of TRL 1.16 (a wrong name lists them all)."""
     loss_weights: list[float] | None = None
     """Weight of each loss_type (as many as there are); null weighs each 1."""
     reference: DpoReference = DpoReference.adapter_off
