@@ -13,16 +13,13 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from lmmtune.config import TrackingConfig
 from lmmtune.redact import redact_value
-
-if TYPE_CHECKING:
-    from lmmtune.track.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +224,13 @@ metrics.json (`train.summary`) instead of one single-point chart each."""
 
 
 class TrackerCallback(TrainerCallback):
-    """Forward the Trainer's logs (loss, learning rate, grad norm) to the tracker per logging step.
+    """Forward the Trainer's logs (loss, learning rate, grad norm) to a `Tracker` per logging step.
 
     `logged_through`: a resumed run replays the steps after its checkpoint that the killed
     process had logged already; those are not logged twice.
     """
 
-    def __init__(self, tracker: Tracker, logged_through: int | None = None):
+    def __init__(self, tracker, logged_through: int | None = None):
         self.tracker = tracker
         self.logged_through = logged_through
 
