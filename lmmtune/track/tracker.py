@@ -55,7 +55,6 @@ def recorded(retried: bool = True):
         def call(self: Tracker, *args, **kwargs):
             return self._deliver(send, retried, args, kwargs)
 
-        call.recorded = True
         return call
 
     return make_recorded
