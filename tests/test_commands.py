@@ -50,12 +50,11 @@ def test_commands_that_fill_no_run_folder_create_none(tmp_path):
 
 @pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_record_import_is_a_subcommand(tmp_path):
-    from lmmtune.track.record import LocalRecord, ResilientTracker
+    from lmmtune.config import TrackingConfig
+    from lmmtune.track.tracker import start_tracker
 
-    def unreachable():
-        raise ConnectionError("MLflow is down")
-
-    tracker = ResilientTracker(unreachable, LocalRecord(tmp_path), "training")
+    down = TrackingConfig(tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
+    tracker = start_tracker(down, "exp", "run", tmp_path)
     for step, loss in ((1, 3.0), (2, 2.0)):
         tracker.log_metrics({"train/loss": loss}, step=step)
     tracker.end("FINISHED")

@@ -198,11 +198,11 @@ def test_each_step_after_training_that_fails_keeps_the_weights_and_names_the_red
 def test_a_failed_mlflow_step_names_the_import_command(tmp_path, monkeypatch):
     """The last step, after metrics.json: the run is finished, `import RUN` redoes it."""
     from lmmtune.api import finetune
-    from lmmtune.track.mlflow_tracker import NullTracker
+    from lmmtune.track.tracker import Tracker
 
     monkeypatch.chdir(tmp_path)
-    fail(monkeypatch, "lmmtune.track.mlflow_tracker.NullTracker.log_adapter_model")
-    assert NullTracker.log_adapter_model is not None
+    fail(monkeypatch, "lmmtune.track.tracker.Tracker.log_adapter_model")
+    assert Tracker.log_adapter_model is not None
     with pytest.raises(LmmtuneError) as raised:
         finetune(compose_config([*TINY_RUN, f"output_dir={tmp_path / 'run'}"]))
     message = str(raised.value)

@@ -178,12 +178,13 @@ def test_multirun_file_is_masked(tmp_path):
 
 def test_mlflow_console_lines_hold_no_password(tmp_path, capfd):
     from lmmtune.config import TrackingConfig
-    from lmmtune.track.mlflow_tracker import MlflowTracker
+    from lmmtune.track.tracker import Tracker
 
     with mlflow_ui(f"sqlite:///{tmp_path}/mlflow.db", tmp_path, tmp_path / "server.log") as url:
         host = url.removeprefix("http://")
         uri = f"http://alice:consolepw99@{host}"
-        tracker = MlflowTracker(TrackingConfig(tracking_uri=uri), "secrets", "run")
+        tracker = Tracker()
+        tracker.start_run(TrackingConfig(tracking_uri=uri), "secrets", "run")
         tracker.log_metrics({"eval/token_f1": 0.5}, step=1)
         tracker.end("FINISHED")
         out, err = capfd.readouterr()

@@ -46,8 +46,8 @@ FILE_ARGUMENTS = {
     "log_model": ("model_dir",),
     "log_adapter_model": ("adapter_dir",),
 }
-"""The calls lmmtune records (the import replays no other), and which of their arguments name
-local files to upload: those must lie inside the record's own folder."""
+"""The calls a `Tracker` records (the import replays no other), and which of their arguments
+name local files to upload: those must lie inside the record's own folder."""
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 ARTIFACT_NAMES = ("artifact_path", "artifact_file")
 """Arguments that name a place in the MLflow run's artifacts: plain relative paths only."""
@@ -104,7 +104,7 @@ def upload_roots(folder: Path) -> list[Path]:
 
 def call_problem(event, roots: list[Path]) -> str | None:
     """What makes one recorded call unsafe or unusable (None: nothing)."""
-    from lmmtune.track.mlflow_tracker import NullTracker
+    from lmmtune.track.tracker import Tracker
 
     method = event.get("method") if isinstance(event, dict) else None
     if not isinstance(method, str) or method not in FILE_ARGUMENTS:
@@ -117,7 +117,7 @@ def call_problem(event, roots: list[Path]) -> str | None:
     ):
         return f"{method}: run_id must be text and delivered true or false"
     try:
-        bound = inspect.signature(getattr(NullTracker, method)).bind(None, *args, **kwargs)
+        bound = inspect.signature(getattr(Tracker, method)).bind(None, *args, **kwargs)
     except TypeError as exc:
         return f"{method}: {exc}"
     named = bound.arguments
@@ -231,11 +231,6 @@ def plan_import(folder: Path, events: list[dict], uri: str):
     return pending, run_id
 
 
-def pending_events(folder: Path, uri: str) -> tuple[list[tuple[int, dict]], str | None]:
-    """The recorded calls the store at `uri` lacks, and the run they go to (see `plan_import`)."""
-    return plan_import(folder, checked_events(folder), uri)
-
-
 def replay(folder: Path, tracker, pending: list[tuple[int, dict]], events, uri: str) -> int:
     """Replay `pending` into `tracker`, then end it as the command ended. How far it got is
     saved after every call that fails, so that the next import starts there, in the same run."""
@@ -286,7 +281,8 @@ def names_of(folder: Path) -> tuple[str, str]:
 
 def import_folder(folder: Path, tracking: TrackingConfig) -> str:
     """Import one folder's record; say what was done."""
-    from lmmtune.track.mlflow_tracker import MlflowTracker, resolve_tracking_uri
+    from lmmtune.track.mlflow_tracker import resolve_tracking_uri
+    from lmmtune.track.tracker import Tracker
 
     events = checked_events(folder)
     if not events:
@@ -296,20 +292,13 @@ def import_folder(folder: Path, tracking: TrackingConfig) -> str:
     if not pending:
         return f"nothing to import: every recorded call of {folder} is in MLflow at {redact_value(uri)}"
     experiment, run_name = names_of(folder)
-    if run_id is not None:  # complete the run MLflow lost contact with, or an earlier import's
-        tracker = MlflowTracker(
-            tracking, experiment, None, resume_run_id=run_id, system_metrics=False
-        )
-    else:
-        tracker = MlflowTracker(
-            tracking, experiment, f"{run_name} (imported)", system_metrics=False
-        )
+    # No record: a call that fails raises, and the run stays open in MLflow for the next import.
+    tracker = Tracker(run_id=run_id)  # complete the run MLflow lost, or an earlier import's
+    new_name = None if run_id is not None else f"{run_name} (imported)"
+    tracker.start_run(tracking, experiment, new_name, system_metrics=False)
+    if run_id is None:
         tracker.set_tags({"lmmtune.imported_from": str(folder.resolve())})
-    try:
-        count = replay(folder, tracker, pending, events, uri)
-    except Exception:
-        tracker.forget()  # the run stays open in MLflow for the next import; this process lets go
-        raise
+    count = replay(folder, tracker, pending, events, uri)
     return f"imported {count} calls of {folder} into MLflow run {tracker.run_id}"
 
 

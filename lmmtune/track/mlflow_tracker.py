@@ -1,8 +1,9 @@
-"""MLflow tracking: the resolved config as params, metrics per logging step, artifacts, tags.
+"""MLflow itself, for the `Tracker` (`lmmtune.track.tracker`): where the store is, starting
+and letting go of a run, system metrics, table thumbnails; and the run's framing in a
+command (`tracked_run`) and in the Trainer (`TrackerCallback`).
 
 The tracking URI comes from `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`, else
-`sqlite:///mlflow.db` in the working directory. `tracking.backend=none` gives a
-`NullTracker` with the same methods, so the pipeline never branches on tracking.
+`sqlite:///mlflow.db` in the working directory.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from lmmtune.config import TrackingConfig
-from lmmtune.redact import redact, redact_value
+from lmmtune.redact import redact_value
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
@@ -40,37 +40,6 @@ def flatten(config: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-class NullTracker:
-    """Tracking switched off: every call is a no-op."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def end(self, status: str = "FINISHED") -> None: ...
-
-    def log_table(
-        self, rows: list[dict], artifact_file: str, image_column: str | None = None
-    ) -> None:
-        """Log rows as an MLflow table; `image_column` holds image paths shown as thumbnails."""
-
-    def log_model(self, model_dir: Path, registered_name: str | None = None) -> dict | None:
-        """Log an exported model directory as an MLflow pyfunc model; register it if named."""
-        return None
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        """Log a JSON-able dict as an artifact (per-run numbers that are no curve)."""
-
-    def log_dataset(self, name: str, source: str, digest: str, context: str, samples: int) -> None:
-        """Record a data set the run used (MLflow's Datasets: name, source, digest, context)."""
-
-    def log_adapter_model(self, adapter_dir: Path) -> str | None:
-        """Log the run's adapter as an MLflow model of this run; its model URI."""
-        return None
 
 
 def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
@@ -106,20 +75,11 @@ def training_experiment(client, name: str, uri: str):
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         experiment = client.get_experiment_by_name(name)
-    mark_training_experiment(experiment, client)
-    return experiment
-
-
-def mark_training_experiment(experiment, client=None) -> None:
-    """Have the MLflow UI show the experiment as model training (runs, metric charts), not GenAI."""
-    if EXPERIMENT_KIND not in experiment.tags:
-        if client is None:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient()
+    if EXPERIMENT_KIND not in experiment.tags:  # the UI's runs and metric charts, not GenAI's
         client.set_experiment_tag(
             experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development"
         )
+    return experiment
 
 
 def system_metrics_wanted() -> bool:
@@ -135,116 +95,62 @@ def quiet_mlflow_urls() -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
-class MlflowTracker(NullTracker):
-    def __init__(
-        self,
-        tracking_cfg: TrackingConfig,
-        experiment: str,
-        run_name: str | None,
-        resume_run_id: str | None = None,
-        parent_run_id: str | None = None,
-        system_metrics: bool = True,
-    ):
-        """`system_metrics`: sample this machine's CPU, memory, ... into the run (off for an
-        import: the numbers would be the importing process's, not the command's)."""
-        # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        quiet_mlflow_urls()
-        import mlflow
+def start_mlflow_run(
+    tracking_cfg: TrackingConfig,
+    experiment: str,
+    run_name: str | None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    system_metrics: bool = True,
+) -> str:
+    """Start MLflow's active run (continue `run_id` if given); its run id.
 
-        self.mlflow = mlflow
-        uri = resolve_tracking_uri(tracking_cfg)
-        mlflow.set_tracking_uri(uri)
-        sample = system_metrics and system_metrics_wanted()
-        if resume_run_id is not None:
-            self.run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=sample)
-        else:
-            from mlflow.tracking import MlflowClient
+    `parent_run_id`: the run of the Hydra multirun sweep this job belongs to.
+    `system_metrics`: sample this machine's CPU, memory, ... into the run (off for an
+    import: the numbers would be the importing process's, not the command's)."""
+    # Fail in seconds, not minutes, when a server is down: the run goes on with its local record.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    quiet_mlflow_urls()
+    import mlflow
 
-            name = redact_value(tracking_cfg.experiment or experiment)
-            found = training_experiment(MlflowClient(uri), name, uri)
-            mlflow.set_experiment(experiment_id=found.experiment_id)
-            self.run = mlflow.start_run(
-                run_name=redact_value(tracking_cfg.run_name or run_name),
-                parent_run_id=parent_run_id,  # a job of a Hydra multirun sweep
-                log_system_metrics=sample,
-            )
-        self.run_id = self.run.info.run_id
-        log.info("MLflow run %s at %s", self.run_id, redact_value(uri))
+    uri = resolve_tracking_uri(tracking_cfg)
+    mlflow.set_tracking_uri(uri)
+    sample = system_metrics and system_metrics_wanted()
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=sample)
+    else:
+        from mlflow.tracking import MlflowClient
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        clean = redact(params)
-        self.mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in clean.items()})
+        name = redact_value(tracking_cfg.experiment or experiment)
+        found = training_experiment(MlflowClient(uri), name, uri)
+        mlflow.set_experiment(experiment_id=found.experiment_id)
+        run = mlflow.start_run(
+            run_name=redact_value(tracking_cfg.run_name or run_name),
+            parent_run_id=parent_run_id,
+            log_system_metrics=sample,
+        )
+    log.info("MLflow run %s at %s", run.info.run_id, redact_value(uri))
+    return run.info.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        numeric = {
-            key: float(value) for key, value in metrics.items() if isinstance(value, int | float)
-        }
-        if numeric:
-            self.mlflow.log_metrics(numeric, step=step)
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
-        else:
-            self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+def forget_run(run_id: str | None) -> None:
+    """Let go of the run in this process without calling the store (it has failed): the
+    next run in the same process (a notebook, a test) may start, the system-metrics thread
+    stops, and MLflow's exit hook does not mark the run FINISHED. MLflow has no public call
+    that skips the store, hence its internals."""
+    from mlflow.tracking import fluent
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(redact(tags))
-
-    def end(self, status: str = "FINISHED") -> None:
-        log_last_system_sample(self.run_id)
-        self.mlflow.end_run(status=status)
-
-    def forget(self) -> None:
-        """Let go of the run in this process without calling the store (it has failed): the
-        next run in the same process (a notebook, a test) may start, and the system-metrics
-        thread stops. MLflow has no public call that skips the store, hence its internals."""
-        from mlflow.tracking import fluent
-
+    try:
         runs = fluent._active_run_stack.get()
-        if runs and runs[-1].info.run_id == self.run_id:
+        if runs and runs[-1].info.run_id == run_id:
             runs.pop()
             fluent.MLFLOW_RUN_ID.unset()
-        monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
         if monitor is not None:
             monitor.finish()
-
-    def log_table(
-        self, rows: list[dict], artifact_file: str, image_column: str | None = None
-    ) -> None:
-        import pandas as pd
-
-        table = pd.DataFrame(rows)
-        if image_column and image_column in table:
-            thumbnails = _thumbnails(list(table[image_column]))
-            if thumbnails is not None:
-                table[image_column] = thumbnails
-        self.mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
-
-    def log_model(self, model_dir: Path, registered_name: str | None = None) -> dict | None:
-        from lmmtune.track.registry import log_pyfunc_model
-
-        return log_pyfunc_model(Path(model_dir), registered_name)
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.mlflow.log_dict(data, artifact_file)
-
-    def log_dataset(self, name: str, source: str, digest: str, context: str, samples: int) -> None:
-        from lmmtune.track.datasets import dataset_input
-
-        with _extra("the dataset input"):
-            dataset = dataset_input(name, source, digest)
-            self.mlflow.log_input(dataset, context=context, tags={"samples": str(samples)})
-
-    def log_adapter_model(self, adapter_dir: Path) -> str | None:
-        from lmmtune.track.adapter_model import log_adapter_model
-
-        with _extra("the adapter as a logged model"):
-            return log_adapter_model(Path(adapter_dir))
-        return None
+    except Exception as problem:  # noqa: BLE001 - MLflow internals moved: keep going
+        log.debug("could not let go of the MLflow run: %s", problem)
 
 
 def log_last_system_sample(run_id: str) -> None:
@@ -256,7 +162,7 @@ def log_last_system_sample(run_id: str) -> None:
     monitor = fluent.run_id_to_system_metrics_monitor.get(run_id)
     if monitor is None or monitor._process is None:
         return
-    with _extra("the last system metrics sample"):
+    with optional("the last system metrics sample"):
         monitor._shutdown_event.set()
         monitor._process.join(timeout=30)
         monitor.collect_metrics()
@@ -264,7 +170,7 @@ def log_last_system_sample(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _extra(what: str):
+def optional(what: str):
     """An extra that fails (an odd data source, a model-logging error) costs a warning, not the
     tracking: raised through, it would switch the run to its local record."""
     try:
@@ -273,7 +179,7 @@ def _extra(what: str):
         log.warning("MLflow: %s was not logged (%s: %s)", what, type(exc).__name__, exc)
 
 
-def _thumbnails(paths: list, size: int = 128) -> list | None:
+def thumbnails(paths: list, size: int = 128) -> list | None:
     """Small RGB copies of the images for an MLflow table, or None if any cannot be opened
     (MLflow wants a column of images only or of none). The paths are the eval report's own
     small PNG copies (`eval/report.py`), so plain PIL opens them."""
@@ -318,13 +224,13 @@ metrics.json (`train.summary`) instead of one single-point chart each."""
 
 
 class TrackerCallback(TrainerCallback):
-    """Forward the Trainer's logs (loss, learning rate, grad norm) to the tracker per logging step.
+    """Forward the Trainer's logs (loss, learning rate, grad norm) to a `Tracker` per logging step.
 
     `logged_through`: a resumed run replays the steps after its checkpoint that the killed
     process had logged already; those are not logged twice.
     """
 
-    def __init__(self, tracker: NullTracker, logged_through: int | None = None):
+    def __init__(self, tracker, logged_through: int | None = None):
         self.tracker = tracker
         self.logged_through = logged_through
 

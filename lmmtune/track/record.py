@@ -1,38 +1,21 @@
-"""A local record of everything sent to the tracker, and a tracker that survives MLflow failures.
-
-One fault policy for every command that tracks (train, the DPO stage, eval, export): every
-call (params, metrics, tags, artifacts, the end status) is appended to the folder's
-`tracking_record.jsonl` before it goes to MLflow, marked delivered or not. When MLflow is
-unreachable at the start, or fails mid-command (server down, sqlite locked), a failed call is
-retried (not a model upload, not the end status), then the command goes on with a warning
-and the record keeps everything;
-`python -m lmmtune import FOLDER` (`lmmtune.track.importing`) sends it to MLflow afterwards.
-`tracking.json` beside it names the MLflow run, its experiment and run name.
+"""The local record of a tracked command: every call its `Tracker` made (params, metrics,
+tags, artifacts, the end status), one JSON line each in `tracking_record.jsonl`, marked
+delivered to MLflow or not; `tracking.json` beside it names the MLflow run, its experiment
+and run name. `python -m lmmtune import FOLDER` (`lmmtune.track.importing`) sends what MLflow
+missed.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from lmmtune.atomic import write_text_atomic
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import adopt, write_manifest
 from lmmtune.redact import redact, redact_value
 from lmmtune.rundir import RunDir
-
-log = logging.getLogger(__name__)
-
-RETRY_DELAYS = (1.0, 4.0)
-"""Seconds to wait before each retry of a failed MLflow call, then the command goes on locally."""
-NOT_RETRIED = ("end", "log_model", "log_adapter_model")
-"""Calls not sent twice: a model upload of gigabytes may have half succeeded (a second logged
-model or registered version); the import replays them once, later."""
-
 
 TRACKING_KIND = "tracking"
 """The manifest kind of a folder that holds a command's tracking record and nothing else."""
@@ -126,93 +109,3 @@ def last_logged_step(run_dir: Path) -> int:
         and any(k.startswith(("train/", "eval/")) for k in (e["args"] or [{}])[0])
     ]
     return max(steps, default=0)
-
-
-class ResilientTracker:
-    """Forward every call to the primary tracker; on its first failure keep going locally.
-
-    `doing` names the command in the warning ("training", "the evaluation", "the export").
-    """
-
-    def __init__(
-        self,
-        start_primary: Callable[[], Any],
-        record: LocalRecord,
-        doing: str,
-        run_id: str | None = None,
-    ):
-        """`run_id`: the MLflow run the calls belong to if the primary cannot start (the run a
-        resumed training continues): the import completes it."""
-        self.record = record
-        self.doing = doing
-        self._run_id = run_id
-        self.primary = None
-        self.failed_reason: str | None = None
-        try:
-            self.primary = start_primary()
-        except Exception as exc:  # any failure of the tracking backend must not stop the command
-            self._fail("could not start", exc)
-
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run, kept after MLflow fails: the import completes that run."""
-        if self.primary is not None:
-            self._run_id = getattr(self.primary, "run_id", None)
-        return self._run_id
-
-    def __getattr__(self, method: str) -> Callable[..., None]:
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        def call(*args, **kwargs):
-            run_id = self.run_id
-            result, delivered = None, False
-            if self.primary is not None:
-                result, delivered = self._call_with_retries(method, args, kwargs)
-            self.record.append(method, args, kwargs, delivered=delivered, run_id=run_id)
-            return result
-
-        return call
-
-    def _call_with_retries(self, method: str, args: tuple, kwargs: dict) -> tuple[Any, bool]:
-        """(result, True), or after RETRY_DELAYS (a server restarting) (None, False)."""
-        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
-            try:
-                return getattr(self.primary, method)(*args, **kwargs), True
-            except Exception as exc:  # noqa: BLE001 - see above
-                if delay is None or method in NOT_RETRIED:
-                    self._fail(f"failed in {method} (after {attempt + 1} tries)", exc)
-                    return None, False
-                time.sleep(delay)
-        return None, False
-
-    def _fail(self, what: str, exc: Exception) -> None:
-        reason = redact_value(f"{type(exc).__name__}: {exc}")
-        self.failed_reason = reason.splitlines()[0][:300] if reason else type(exc).__name__
-        log.warning(
-            "MLflow %s (%s); %s goes on and everything is kept in %s. %s",
-            what,
-            self.failed_reason,
-            self.doing,
-            self.record.path,
-            import_hint(self.record.folder),
-        )
-        # No more calls to a broken backend (each may block for its timeout); the MLflow run
-        # stays open there, and the import completes it from the record.
-        forget = getattr(self.primary, "forget", None)
-        if forget is not None:
-            try:
-                forget()
-            except Exception as problem:  # noqa: BLE001 - MLflow internals moved: keep training
-                log.debug("could not let go of the MLflow run: %s", problem)
-        self.primary = None
-
-
-def import_hint(folder: Path) -> str:
-    return f"Import it later with: python -m lmmtune import {folder}"
-
-
-if __name__ == "__main__":  # the import command's old name, printed by earlier versions
-    import sys
-
-    sys.exit("the import moved: python -m lmmtune import FOLDER [--tracking-uri URI]")

@@ -18,7 +18,7 @@ from lmmtune.eval.evaluate import EvalResult
 from lmmtune.eval.metrics import score_predictions
 from lmmtune.eval.report import save_eval_report
 from lmmtune.eval.samples import log_sample_images
-from lmmtune.track.mlflow_tracker import MlflowTracker
+from lmmtune.track.tracker import Tracker
 
 datasets = pytest.importorskip("datasets")
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
@@ -47,7 +47,8 @@ def test_in_table_images_get_thumbnails_and_sample_tiles(tmp_path, monkeypatch):
     after = EvalResult(metrics=metrics, predictions=answers, scores=scores)
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = MlflowTracker(TrackingConfig(tracking_uri=uri), experiment="tables", run_name="t")
+    tracker = Tracker()
+    tracker.start_run(TrackingConfig(tracking_uri=uri), experiment="tables", run_name="t")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_eval_report(run_dir, "eval_", samples, None, after, tracker, DEFAULT_MAX_PIXELS)

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from lmmtune.config import TrackingConfig
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import claim_folder, read_manifest
+from lmmtune.track.importing import checked_events, plan_import
 from lmmtune.track.importing import main as import_main
-from lmmtune.track.importing import pending_events
 from lmmtune.track.record import LocalRecord
 from lmmtune.track.tracker import start_tracker
 
@@ -89,7 +89,7 @@ def test_a_model_upload_that_fails_is_not_sent_again(tmp_path):
     tracker = start_tracker(store, "e", "x", tmp_path / "record", "the export")
     started = time.monotonic()
     assert tracker.log_model(tmp_path / "no-such-export", None) is None
-    assert time.monotonic() - started < 4.0 and tracker.primary is None
+    assert time.monotonic() - started < 4.0 and tracker.failed_reason is not None
     (event,) = [json.loads(line) for line in (tmp_path / "record/tracking_record.jsonl").open()]
     assert event["method"] == "log_model" and not event["delivered"]
     assert event["run_id"] == tracker.run_id  # the import completes that run
@@ -103,6 +103,17 @@ def test_a_resume_with_mlflow_down_keeps_the_run_it_continues(tmp_path):
     assert json.loads((tmp_path / "tracking.json").read_text())["run_id"] == "abc123"
     (event,) = LocalRecord(tmp_path).events()
     assert event["run_id"] == "abc123"  # the import completes that run, not a new one
+
+
+def test_tracking_off_sends_and_writes_nothing(tmp_path):
+    from lmmtune.config import TrackingBackend
+
+    off = TrackingConfig(backend=TrackingBackend.none)
+    tracker = start_tracker(off, "e", "x", tmp_path / "t", "the export")
+    tracker.log_metrics({"parity/max_abs_diff": 0.0}, step=None)
+    assert tracker.log_model(tmp_path, "demo-model") is None
+    tracker.end("FINISHED")
+    assert tracker.run_id is None and not (tmp_path / "t").exists()
 
 
 def test_registering_refuses_to_start_when_mlflow_is_down(tmp_path):
@@ -145,7 +156,7 @@ def test_an_imported_eval_folder_is_cleared_whole_by_overwrite(tmp_path, capsys)
     tracker = start_tracker(DOWN, "exp", "second", path, "the evaluation")
     tracker.log_metrics({"eval/accuracy": 0.75}, step=None)
     tracker.end("FINISHED")
-    pending, run_id = pending_events(path, f"sqlite:///{tmp_path}/mlflow.db")
+    pending, run_id = plan_import(path, checked_events(path), f"sqlite:///{tmp_path}/mlflow.db")
     assert len(pending) == 2 and run_id is None  # a new run, not the first eval's
 
 
@@ -300,20 +311,20 @@ def test_a_second_sigterm_while_the_run_ends_still_marks_it_killed(tmp_path, mon
     import signal
 
     from lmmtune.errors import RunInterrupted
-    from lmmtune.track import mlflow_tracker
+    from lmmtune.track import mlflow_tracker, tracker
     from lmmtune.train.guards import InterruptOutsideTraining
 
     def signal_while_ending(run_id):
         os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in the main thread
 
-    monkeypatch.setattr(mlflow_tracker, "log_last_system_sample", signal_while_ending)
+    monkeypatch.setattr(tracker, "log_last_system_sample", signal_while_ending)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = start_tracker(TrackingConfig(tracking_uri=uri), "exp", "run", tmp_path)
+    run = start_tracker(TrackingConfig(tracking_uri=uri), "exp", "run", tmp_path)
     # KeyboardInterrupt too: without the fix the second signal escapes as one (SignalStop)
     with (
         pytest.raises((RunInterrupted, KeyboardInterrupt)),
         InterruptOutsideTraining("hint"),
-        mlflow_tracker.tracked_run(tracker),
+        mlflow_tracker.tracked_run(run),
     ):
         raise RunInterrupted("SIGTERM: stopped after step 3", signal.SIGTERM)
-    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "KILLED"

@@ -155,10 +155,30 @@ def test_a_folder_inside_that_holds_a_link_out_is_not_uploaded(tmp_path, capsys)
     assert not [p for p in tmp_path.rglob("id_ed25519") if "keys" not in p.parts]
 
 
-def test_the_allow_list_is_the_trackers_calls():
-    """Every call a command can record is importable, and nothing else is."""
-    from lmmtune.track.importing import FILE_ARGUMENTS
+def test_the_allow_list_is_what_a_tracker_records(tmp_path):
+    """Every public call of a Tracker writes a line the import accepts, and the import
+    accepts no other call."""
+    from lmmtune.track.importing import FILE_ARGUMENTS, checked_events
     from lmmtune.track.tracker import Tracker
 
-    calls = {name for name in vars(Tracker) if not name.startswith("_") and name != "run_id"}
-    assert set(FILE_ARGUMENTS) == calls
+    folder = tmp_path / "eval"
+    sample_args = {
+        "log_params": ({"train.lr": 0.1},),
+        "log_metrics": ({"eval/accuracy": 0.5}, 3),
+        "set_tags": ({"command": "eval"},),
+        "log_artifact": (folder / "metrics.json", "eval"),
+        "log_table": ([{"question": "q"}], "eval/predictions.json"),
+        "log_dict": ({"a": 1}, "eval/numbers.json"),
+        "log_dataset": ("eval", "data.jsonl", "abc123", "evaluation", 3),
+        "log_model": (folder / "model", "demo-model"),
+        "log_adapter_model": (folder / "adapter",),
+        "end": ("FINISHED",),
+    }
+    public = [name for name, attr in vars(Tracker).items() if callable(attr) and name[0] != "_"]
+    calls = [name for name in public if name != "start_run"]
+    tracker = start_tracker(DOWN, "exp", "run-eval", folder, "the evaluation")
+    for name in calls:
+        getattr(tracker, name)(*sample_args[name])  # a new call: give it arguments above
+
+    assert [event["method"] for event in checked_events(folder)] == calls
+    assert set(FILE_ARGUMENTS) == set(calls)

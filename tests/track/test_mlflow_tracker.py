@@ -1,4 +1,4 @@
-"""MlflowTracker on a real sqlite store: where a new experiment keeps its artifacts, and system
+"""A Tracker on a real sqlite store: where a new experiment keeps its artifacts, and system
 metrics of a run shorter than MLflow's sampling interval."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from lmmtune.config import TrackingConfig
-from lmmtune.track.mlflow_tracker import MlflowTracker
+from lmmtune.track.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,8 @@ def test_artifacts_go_beside_the_sqlite_database_not_into_the_working_directory(
     (work / "elsewhere").mkdir()
     (work / "notes.txt").write_text("a file to log")
 
-    tracker = MlflowTracker(TrackingConfig(), "beside", "run")
+    tracker = Tracker()
+    tracker.start_run(TrackingConfig(), "beside", "run")
     tracker.log_artifact(work / "notes.txt", "files")
     tracker.end("FINISHED")
 
@@ -42,7 +43,8 @@ def test_a_run_shorter_than_the_sampling_interval_has_system_metrics(tmp_path, m
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     started = time.monotonic()
 
-    tracker = MlflowTracker(TrackingConfig(tracking_uri=uri), "short", "run")
+    tracker = Tracker()
+    tracker.start_run(TrackingConfig(tracking_uri=uri), "short", "run")
     tracker.log_metrics({"train/loss": 1.0}, step=1)
     tracker.end("FINISHED")
 
