@@ -33,8 +33,6 @@ LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export"}
 RUN_KIND = "run"
 NESTED_KINDS = ("eval", "export", "tracking")
 """Kinds of the folders a run may hold of its own (its evaluations, exports, export records)."""
-LEGACY_OWN_FOLDERS = ("eval", "export-merged", "export-adapter", "export-*.tracking-*")
-"""A run made before runs recorded their own folders: the names lmmtune gave them."""
 MAX_MANIFEST_BYTES = 64 * 2**20
 """Larger than the manifest of any run (about 100 bytes per file); a bigger one is refused."""
 MAX_ENTRY_CHARS = 4096  # PATH_MAX on Linux
@@ -172,7 +170,7 @@ class OwnedFolder:
     def write_manifest(self, files: set[str], folders: set[str] | None = None) -> None:
         """Write the manifest with `files`; the recorded own folders are kept unless given."""
         if folders is None:
-            folders = recorded_folders(self.path, read_manifest(self.path) or {})
+            folders = recorded_folders(read_manifest(self.path) or {})
         write_manifest(self.path, self.kind, files, folders)
 
     def tracked(self) -> set[str]:
@@ -219,18 +217,16 @@ class OwnedFolder:
         return doomed
 
 
-def recorded_folders(folder: Path, manifest: dict) -> set[str]:
-    """The names of the folders of its own a manifest records (see `LEGACY_OWN_FOLDERS`)."""
-    if "folders" in manifest or manifest.get("kind") != RUN_KIND:
-        return set(manifest.get("folders", []))
-    return {path.name for pattern in LEGACY_OWN_FOLDERS for path in folder.glob(pattern)}
+def recorded_folders(manifest: dict) -> set[str]:
+    """The names of the folders of its own a manifest records (a run's only)."""
+    return set(manifest.get("folders", []))
 
 
 def own_folders(folder: Path, manifest: dict) -> list[Path]:
     """The folders inside `folder` that its manifest records as its own and that still hold
     an evaluation's, export's or export record's manifest (never a run kept inside a run)."""
     found = []
-    for name in sorted(recorded_folders(folder, manifest)):
+    for name in sorted(recorded_folders(manifest)):
         inner = folder / name
         if inner.is_symlink():
             raise link_refused(inner)
@@ -289,8 +285,8 @@ def adopt(folder: Path) -> None:
     manifest = read_manifest(parent)
     if manifest is None or manifest.get("kind") != RUN_KIND:
         return
-    folders = recorded_folders(parent, manifest)
-    if folder.name not in folders or "folders" not in manifest:
+    folders = recorded_folders(manifest)
+    if folder.name not in folders:
         write_manifest(parent, RUN_KIND, set(manifest["files"]), folders | {folder.name})
 
 
@@ -385,7 +381,7 @@ def add_to_manifest(folder: Path, files: list[Path]) -> None:
     if manifest is None:
         return
     names = {os.path.relpath(path, folder) for path in files}
-    folders = recorded_folders(folder, manifest) if manifest["kind"] == RUN_KIND else None
+    folders = recorded_folders(manifest) if manifest["kind"] == RUN_KIND else None
     write_manifest(folder, manifest["kind"], set(manifest["files"]) | names, folders)
 
 
@@ -398,9 +394,7 @@ def owning_folder(path: Path) -> Path | None:
         if manifest is None:
             continue
         inside = path.relative_to(folder)
-        if str(inside) in manifest["files"] or inside.parts[0] in recorded_folders(
-            folder, manifest
-        ):
+        if str(inside) in manifest["files"] or inside.parts[0] in recorded_folders(manifest):
             return folder
     return None
 

@@ -71,11 +71,8 @@ class RunDir:
         return self.root / f"export-{export_format}"
 
     def holds_run(self) -> bool:
-        """An lmmtune run: its manifest says so, or (made before manifests) it has config.yaml."""
-        manifest = read_manifest(self.root)
-        if manifest is not None:
-            return manifest.get("kind") == RUN_KIND
-        return self.config.is_file()
+        """An lmmtune run: its manifest says so (a folder without one is not lmmtune's)."""
+        return (read_manifest(self.root) or {}).get("kind") == RUN_KIND
 
     def finished(self) -> bool:
         """The run got to its end: metrics.json is written last."""
@@ -140,63 +137,69 @@ def prepare_run_dir(
 ) -> Path | None:
     """Create or reopen the run directory; return the checkpoint to resume from, if any.
 
-    Refused: a folder that is not empty and not an lmmtune run (whatever overwrite says),
-    an existing run without overwrite or resume, resuming a finished run, a run that holds
-    a link. overwrite=true clears only the files this run directory's manifest lists, and
-    refuses to delete any of `inputs` (setting -> path: what the command reads).
+    Refused: what `check_run_dir` refuses, and an existing run without overwrite or resume.
+    overwrite=true clears only the files this run directory's manifest lists, and refuses
+    to delete any of `inputs` (setting -> path: what the command reads).
     """
     run = RunDir(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LmmtuneError(f"output_dir={run_dir} is a file; choose a folder")
-    holds_run = run.holds_run()
-    if run_dir.is_dir() and files_under(run_dir) and not holds_run:
-        raise LmmtuneError(
-            f"output_dir={run_dir} holds files and is not an lmmtune run (no {MANIFEST} or "
-            "config.yaml): lmmtune never writes into or clears such a folder. Choose an empty "
-            "or new output_dir"
-        )
-    if resume is not None and holds_run and run.finished() and not overwrite:
-        raise LmmtuneError(
-            f"{run_dir} holds a finished run (metrics.json is written): train.resume={resume} "
-            "would train on and replace its adapter. Choose a new output_dir=..., or pass "
-            "overwrite=true to replace the run"
-        )
-    if holds_run:
-        refuse_links(run_dir, "output_dir")
+    holds_run = check_run_dir(run, overwrite, resume)
     take_lock(run)
+    checkpoint = None
     if resume is not None and not (holds_run and run.finished()):
-        check_tracking_state(run)
-        checkpoint = find_resume_checkpoint(run.checkpoints, resume)
-        if checkpoint is None:
-            log.info(
-                "train.resume=%s: no finished checkpoint in %s, starting from the beginning",
-                resume,
-                run_dir,
-            )
-        else:
-            log.info("resuming from %s", checkpoint)
-        open_run_dir(run_dir)
-        return checkpoint
-    if holds_run and not overwrite:
+        checkpoint = resume_checkpoint(run, resume)
+    elif holds_run and not overwrite:
         raise LmmtuneError(
             f"{run_dir} already holds a run. Continue it with train.resume=auto, "
             "choose another output_dir=..., or pass overwrite=true to replace it"
         )
-    if holds_run:
+    elif holds_run:
         clear_run(run, inputs)
     open_run_dir(run_dir)
-    return None
+    return checkpoint
+
+
+def check_run_dir(run: RunDir, overwrite: bool, resume: str | None) -> bool:
+    """Whether the folder holds a run. Refused: a file, a folder that is not empty and not
+    an lmmtune run (whatever overwrite says), resuming a finished run without overwrite,
+    a run that holds a link."""
+    if run.root.exists() and not run.root.is_dir():
+        raise LmmtuneError(f"output_dir={run.root} is a file; choose a folder")
+    holds_run = run.holds_run()
+    if run.root.is_dir() and files_under(run.root) and not holds_run:
+        raise LmmtuneError(
+            f"output_dir={run.root} holds files and is not an lmmtune run (no {MANIFEST}): "
+            "lmmtune never writes into or clears such a folder. Choose an empty or new "
+            "output_dir"
+        )
+    if resume is not None and holds_run and run.finished() and not overwrite:
+        raise LmmtuneError(
+            f"{run.root} holds a finished run (metrics.json is written): train.resume={resume} "
+            "would train on and replace its adapter. Choose a new output_dir=..., or pass "
+            "overwrite=true to replace the run"
+        )
+    if holds_run:
+        refuse_links(run.root, "output_dir")
+    return holds_run
+
+
+def resume_checkpoint(run: RunDir, resume: str) -> Path | None:
+    """The latest finished checkpoint of the run to continue from (None: start over)."""
+    check_tracking_state(run)
+    checkpoint = find_resume_checkpoint(run.checkpoints, resume)
+    if checkpoint is None:
+        log.info(
+            "train.resume=%s: no finished checkpoint in %s, starting from the beginning",
+            resume,
+            run.root,
+        )
+    else:
+        log.info("resuming from %s", checkpoint)
+    return checkpoint
 
 
 def clear_run(run: RunDir, inputs: Iterable[tuple[str, str]] = ()) -> None:
     """overwrite=true: delete what lmmtune wrote into the run (its manifest), nothing else,
     and nothing of `inputs`, what the command reads."""
-    if read_manifest(run.root) is None:
-        raise LmmtuneError(
-            f"{run.root} was made by an lmmtune that did not list the files it wrote, so "
-            "overwrite=true cannot tell them from yours. Move what you keep away and delete "
-            "the folder, or choose another output_dir"
-        )
     folder = OwnedFolder(run.root, RUN_KIND)
     folder.planned_deletions()  # refused (a link, a bad manifest) before the warning
     log.warning("overwrite=true: replacing the run in %s (only the files lmmtune wrote)", run.root)

@@ -140,8 +140,7 @@ def test_the_run_lock_is_never_a_link(tmp_path):
     assert victim.read_text() == "the user's"
 
 
-@pytest.mark.parametrize("manifest", ["records_folders", "written_before_folders_were_recorded"])
-def test_overwrite_clears_the_runs_own_eval_and_export_folders(tmp_path, manifest):
+def test_overwrite_clears_the_runs_own_eval_and_export_folders(tmp_path):
     from lmmtune.export.run import mark_export
     from lmmtune.owned import adopt, claim_folder
 
@@ -154,12 +153,7 @@ def test_overwrite_clears_the_runs_own_eval_and_export_folders(tmp_path, manifes
     (export / "model.safetensors").write_text("w")
     mark_export(export)
     adopt(export)
-    if manifest == "written_before_folders_were_recorded":
-        data = json.loads((run.root / MANIFEST).read_text())
-        del data["folders"]
-        (run.root / MANIFEST).write_text(json.dumps(data))
-    else:
-        assert json.loads((run.root / MANIFEST).read_text())["folders"] == ["eval", "export-merged"]
+    assert json.loads((run.root / MANIFEST).read_text())["folders"] == ["eval", "export-merged"]
 
     prepare_run_dir(run.root, overwrite=True, resume=None)
 

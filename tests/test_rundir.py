@@ -87,13 +87,16 @@ def test_resume_of_an_unfinished_run_continues_from_its_checkpoint(tmp_path):
     )
 
 
-def test_a_run_without_a_manifest_is_never_cleared_by_name(tmp_path):
+@pytest.mark.parametrize("options", [(True, None), (False, "auto"), (False, None)])
+def test_a_run_like_folder_without_a_manifest_is_not_lmmtunes(tmp_path, options):
+    """A config.yaml and an adapter under lmmtune's names: neither cleared, resumed nor used."""
     (tmp_path / "config.yaml").write_text("name: old\n")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_text("weights")
-    with pytest.raises(LmmtuneError, match="did not list the files"):
-        prepare_run_dir(tmp_path, overwrite=True, resume=None)
+    with pytest.raises(LmmtuneError, match="is not an lmmtune run"):
+        prepare_run_dir(tmp_path, *options)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+    assert not (tmp_path / MANIFEST).exists()
 
 
 @pytest.mark.parametrize("where", ["run", "parent", "user"])

@@ -66,3 +66,12 @@ def test_shared_adapter_files_name_the_hub_id_not_a_local_path(tiny_model_path, 
     home = str(Path.home())
     assert '"base_model_name_or_path": "llava-hf/llava-1.5-7b-hf"' in config
     assert home not in config and home not in card and "llava-hf/llava-1.5-7b-hf" in card
+
+
+@pytest.mark.parametrize("named", ["./org/name", "~/models", "org/name/sub", "tiny", "/abs/org"])
+def test_a_local_path_is_no_hub_id_for_the_adapter_files_or_the_model_card(named):
+    from lmmtune.export.model_card import front_matter, how_to_load
+    from lmmtune.weights import hub_id_of
+
+    assert hub_id_of(named) is None
+    assert "base_model" not in front_matter(named) and "PATH/TO/BASE/MODEL" in how_to_load(named)

@@ -88,13 +88,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def closed_accuracy(predictions: list[str], references: list[str]) -> float:
-    if not references:
-        return float("nan")
-    hits = sum(closed_correct(p, r) for p, r in zip(predictions, references, strict=True))
-    return hits / len(references)
-
-
 @dataclass
 class SampleScore:
     closed: bool

@@ -17,6 +17,7 @@ import yaml
 
 from lmmtune.eval.description import run_description
 from lmmtune.eval.report import HEADLINE
+from lmmtune.weights import hub_id_of
 
 CARD_FILE = "README.md"
 
@@ -39,15 +40,10 @@ def write_model_card(adapter_dir: Path, cfg, train_cfg, metrics: dict, report) -
 def front_matter(base: str) -> dict:
     """Hub metadata; `base_model` only when it is a hub id (not a local folder or `tiny`)."""
     matter: dict = {"library_name": "peft", "pipeline_tag": "image-text-to-text"}
-    if is_hub_id(base):
+    if hub_id_of(base):
         matter["base_model"] = base
     matter["tags"] = ["lmmtune", "llava", "lora", "qlora"]
     return matter
-
-
-def is_hub_id(path: str) -> bool:
-    """`owner/name`, not a path on disk."""
-    return path.count("/") == 1 and not Path(path).expanduser().exists() and path[0] not in "./~"
 
 
 def metrics_table(before: dict | None, after: dict | None) -> str:
@@ -75,10 +71,10 @@ def _cell(result: dict | None, name: str) -> str:
 
 def how_to_load(base: str) -> str:
     """Three lines with plain peft and transformers, then one question asked."""
-    base_ref = json.dumps(base if is_hub_id(base) else "PATH/TO/BASE/MODEL")
+    base_ref = json.dumps(hub_id_of(base) or "PATH/TO/BASE/MODEL")
     note = (
         ""
-        if is_hub_id(base)
+        if hub_id_of(base)
         else f"\n`{base}` is a local base model; `lmmtune_base.json` names the folder trained on.\n"
     )
     return f"""## How to load it

@@ -1,27 +1,43 @@
-"""MLflow pyfunc model of an lmmtune export, logged as code ("models from code").
+"""MLflow pyfunc model of a LLaVA model lmmtune made, logged as code ("models from code").
 
+One class for both of lmmtune's logged models: a merged export (artifact `model`) and a
+training run's adapter (artifact `adapter`, put on its base: the `base_model` model
+config when given, `mlflow.pyfunc.load_model(uri, model_config={"base_model": ...})`,
+else the folder it was trained on, from `lmmtune_base.json`).
 MLflow copies this file next to the model, and lmmtune's package with it (`code_paths`),
-so images open exactly as training opened them: `open_image` (EXIF rotation, 16-bit and
-DICOM scaling, transparency on white); the exported processor pads to a square in
-LLaVA's padding colour.
+so the model answers where lmmtune is not installed, and images open exactly as training
+opened them: `open_image` (EXIF rotation, 16-bit and DICOM scaling, transparency on
+white); the processor pads to a square in LLaVA's padding colour.
 Input: a DataFrame with a `question` column and an optional `image` column (file
-paths); output: one answer per row. The exported processor carries the training
-prompt (chat template, the same token ids as training).
+paths); output: one answer per row. The processor carries the training prompt (chat
+template, the same token ids as training).
 """
+
+import json
+from pathlib import Path
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+BASE_RECORD = "lmmtune_base.json"  # lmmtune.rundir.BASE_RECORD, read without lmmtune
 
 
 class LlavaAnswerer(PythonModel):
     def load_context(self, context):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        path = context.artifacts["model"]
-        self.processor = AutoProcessor.from_pretrained(path)
+        adapter = context.artifacts.get("adapter")
+        folder = adapter or context.artifacts["model"]
+        self.processor = AutoProcessor.from_pretrained(folder)
         self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype="auto", use_safetensors=True
+            base_model(adapter, context.model_config) if adapter else folder,
+            dtype="auto",
+            use_safetensors=True,
         )
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
@@ -48,8 +64,8 @@ class LlavaAnswerer(PythonModel):
         content = [{"type": "text", "text": str(row["question"])}]
         image = row.get("image")
         if isinstance(image, str) and image:
-            # the exported processor pads to a square itself (do_pad), as training did; a
-            # very long image is first brought to training's bounded square
+            # the processor pads to a square itself (do_pad), as training did; a very long
+            # image is first brought to training's bounded square
             fill = pad_colour(self.processor.image_processor)
             content.insert(
                 0, {"type": "image", "image": fit_square_budget(open_image(image), fill)}
@@ -61,6 +77,13 @@ class LlavaAnswerer(PythonModel):
             return_dict=True,
             return_tensors="pt",
         )
+
+
+def base_model(adapter: str, model_config: dict | None) -> str:
+    """The base an adapter goes on: the model config's `base_model`, else the one it was
+    trained on."""
+    given = (model_config or {}).get("base_model")
+    return given or json.loads((Path(adapter) / BASE_RECORD).read_text())["base_model"]
 
 
 mlflow.models.set_model(LlavaAnswerer())

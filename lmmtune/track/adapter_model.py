@@ -1,8 +1,8 @@
 """The training run's adapter as an MLflow logged model of that run (pyfunc, models from code).
 
 `mlflow.pyfunc.load_model(run's model URI)` answers questions with the adapter on its
-base; the export command's merged model is the one to register and serve. The
-requirements and signature are the merged export's, plus peft.
+base; the export command's merged model is the one to register and serve. The model
+code, shipped package, requirements and signature are the merged export's, plus peft.
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from lmmtune.track.registry import PYFUNC_CODE, requirements, shareable_code, signature
+from lmmtune.track.registry import (
+    PACKAGE_DIR,
+    PYFUNC_CODE,
+    requirements,
+    shareable_code,
+    signature,
+)
 
-ADAPTER_CODE = Path(__file__).parent.parent / "export" / "pyfunc_adapter.py"
 ADAPTER_MODEL_NAME = "adapter_model"
 """Not `adapter`: MLflow would take the run's `adapter/` artifact folder for this model."""
 
@@ -22,7 +27,7 @@ def log_adapter_model(adapter_dir: Path) -> str:
     import mlflow
     import peft
 
-    with warnings.catch_warnings(), shareable_code(ADAPTER_CODE) as code:
+    with warnings.catch_warnings(), shareable_code(PYFUNC_CODE) as code:
         # MLflow's advice to the model's author (type hints, an input example); the signature
         # is given in full, so there is nothing for a user to act on.
         warnings.filterwarnings(
@@ -31,7 +36,7 @@ def log_adapter_model(adapter_dir: Path) -> str:
         info = mlflow.pyfunc.log_model(
             name=ADAPTER_MODEL_NAME,
             python_model=code,
-            code_paths=[str(PYFUNC_CODE)],  # the question answering it shares with the export
+            code_paths=[str(PACKAGE_DIR)],  # images open as training opened them, anywhere
             artifacts={"adapter": str(adapter_dir)},
             signature=signature(),
             pip_requirements=[*requirements(), f"peft=={peft.__version__}"],
