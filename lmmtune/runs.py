@@ -74,13 +74,13 @@ class FinishedRun:
         """The model in eval mode: the merged model, or the base (quantized as trained) with the
         adapter and trained projector attached by peft, so `disable_adapter()` gives the base.
         `unquantized_dtype`: the base unquantized in that dtype instead, as a merge needs it."""
+        if self.merged is not None:
+            return load_merged_model(self.merged).eval()
         from peft import PeftModel
 
         from lmmtune.config import QuantConfig
         from lmmtune.model.load import disable_bnb_cpu_repack, load_model
 
-        if self.merged is not None:
-            return load_merged_model(self.merged).eval()
         model_cfg, quant_cfg = self.settings.model, self.settings.quant
         if unquantized_dtype is not None:
             model_cfg = OmegaConf.merge(model_cfg, {"dtype": unquantized_dtype})
@@ -141,14 +141,15 @@ def load_finished_run(
     return FinishedRun(run_settings(cfg, run_dir, adapter_dir, overrides), run_dir, adapter_dir)
 
 
-def load_merged_model(path: Path):
-    """A merged model as a user loads it: plain transformers, safetensors only."""
+def load_merged_model(path: Path, dtype="auto"):
+    """A merged model as a user loads it: plain transformers, safetensors only; `dtype`: a
+    torch dtype, or "auto" (the one it was saved in)."""
     from transformers import AutoModelForImageTextToText
 
     from lmmtune.model.load import device_map
 
     return AutoModelForImageTextToText.from_pretrained(
-        path, dtype="auto", device_map=device_map(), use_safetensors=True
+        path, dtype=dtype, device_map=device_map(), use_safetensors=True
     )
 
 

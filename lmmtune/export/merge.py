@@ -18,7 +18,7 @@ import torch
 from lmmtune.data.dataset import BatchBuilder
 from lmmtune.data.records import Sample
 from lmmtune.eval.generate import to_model
-from lmmtune.runs import FinishedRun
+from lmmtune.runs import FinishedRun, load_merged_model
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,7 @@ def merge_and_save(
 
 
 def load_exported(path: Path, dtype: str):
-    """The export as a user loads it: plain transformers, no lmmtune code involved."""
-    from transformers import AutoModelForImageTextToText
+    """The export as a user loads it (plain transformers, no lmmtune code involved), in `dtype`."""
+    from lmmtune.model.load import torch_dtype
 
-    from lmmtune.model.load import device_map, torch_dtype
-
-    return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(dtype), device_map=device_map(), use_safetensors=True
-    )
+    return load_merged_model(path, torch_dtype(dtype))
