@@ -193,42 +193,12 @@ def _image_path(image: str | None, root: Path, where: str) -> str | None:
 
 
 def load_predictor(cfg: DictConfig, overrides: list[str] | None):
-    """An exported merged model (plain transformers), or the base with an adapter; and the
-    `data` settings to check the questions and open their images with (the run's, unless
-    overridden; the command's own for a merged model)."""
-    from lmmtune.runs import (
-        ADAPTER_CONFIG,
-        find_adapter,
-        find_run_dir,
-        load_adapted_model,
-        load_run_processor,
-        run_settings,
-    )
+    """The model (an export, or the base with an adapter), its processor, and the `data`
+    settings to check the questions and open their images with (the run's, unless overridden;
+    the command's own for a merged model outside a run)."""
+    from lmmtune.runs import load_finished_run
 
-    model_dir = cfg.predict.model
-    adapter = cfg.predict.adapter
-    if model_dir and (Path(model_dir) / ADAPTER_CONFIG).is_file():
-        adapter, model_dir = model_dir, None  # an adapter export
-    if model_dir:
-        return (*load_merged(Path(model_dir)), cfg.data)
-    run_dir = find_run_dir(cfg, adapter)
-    adapter_dir = find_adapter(adapter, run_dir, cfg)
-    settings = run_settings(cfg, run_dir, adapter_dir, overrides)
-    processor = load_run_processor(adapter_dir, settings.model)
-    model = load_adapted_model(settings.model, settings.quant, adapter_dir)
-    return model, processor, settings.data
-
-
-def load_merged(path: Path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from lmmtune.model.load import device_map
-    from lmmtune.weights import require_safetensors
-
-    if not (path / "config.json").is_file():
-        raise LmmtuneError(f"predict.model={path} is not a model directory (no config.json)")
-    require_safetensors(path, "predict.model")
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype="auto", device_map=device_map(), use_safetensors=True
-    )
-    return model, AutoProcessor.from_pretrained(path)
+    predict_cfg = cfg.predict
+    run = load_finished_run(cfg, predict_cfg.adapter, predict_cfg.model, overrides)
+    processor = run.processor
+    return run.load_model(), processor, run.settings.data

@@ -28,7 +28,7 @@ from pathlib import Path
 from lmmtune.data.dataset import ImageLoader, TokenizedConversation
 from lmmtune.errors import LmmtuneError
 from lmmtune.export.chat_template import check_prompt_ids, export_processor
-from lmmtune.export.run import EXPORT_KIND, check_options
+from lmmtune.export.run import EXPORT_KIND
 from lmmtune.owned import read_manifest
 from lmmtune.rundir import RunDir
 
@@ -48,11 +48,8 @@ def check_exported_processor(processor):
 
 
 def check_export_settings(export_cfg, tracking_backend: str, run_dir: Path) -> None:
-    """The export the config names can run after training: its options and its folder."""
-    try:
-        check_options(export_cfg, tracking_backend)
-    except LmmtuneError as exc:
-        raise LmmtuneError(f"refused before training: {exc}") from None
+    """The export the config names can run after training: its folder (its options were
+    checked when the config was composed)."""
     target = Path(export_cfg.dir) if export_cfg.dir else RunDir(run_dir).export(export_cfg.format)
     if target.exists():
         manifest = read_manifest(target) if target.is_dir() else None

@@ -1,16 +1,19 @@
-"""What `eval`, `export` and `predict` need from a finished training run.
+"""A finished training run, loaded one way for `eval`, `export`, `predict` and `chat`.
 
-A run directory holds the resolved config it trained with (`config.yaml`) and the
-adapter (`adapter/`). These commands take the run's model, quantization, LoRA and data
-settings from there (and its eval generation settings), so `python -m lmmtune eval
-output_dir=RUN` needs no recipe; `model.*`, `quant.*`, `peft.*`, `data.*` and `eval.*`
-given on the command line still win.
+`load_finished_run` finds the run (or an export of it) and returns a `FinishedRun`: its
+settings, its folders, its processor and `load_model()`. A run directory holds the
+resolved config it trained with (`config.yaml`) and the adapter (`adapter/`). The
+commands take the run's model, quantization, LoRA and data settings from there (and its
+eval generation settings), so `python -m lmmtune eval output_dir=RUN` needs no recipe;
+`model.*`, `quant.*`, `peft.*`, `data.*` and `eval.*` given on the command line still win.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,13 +31,126 @@ ADAPTER_CONFIG = "adapter_config.json"
 """Written by training next to the adapter: the resolved base model path."""
 
 
-def command_line_overrides() -> list[str]:
-    """The `key=value` overrides of the running Hydra command ([] outside one)."""
-    from hydra.core.hydra_config import HydraConfig
+@dataclass(eq=False)
+class FinishedRun:
+    """A finished training run as `eval`, `export`, `predict` and `chat` use it: its settings,
+    where it lies, and its model, loaded only when asked for."""
 
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
+    settings: DictConfig
+    """The command's config with the run's model/quant/peft/data/eval sections and name
+    (the command line wins)."""
+    run_dir: Path | None
+    """The training run folder (config.yaml), when the adapter or export sits in one."""
+    adapter: Path | None
+    """The adapter folder (RUN/adapter, an adapter export); None for a merged model."""
+    merged: Path | None = None
+    """A merged model folder (an export, a registry download); None for an adapter."""
+
+    @property
+    def base_model(self) -> str:
+        """The base model the adapter attaches to (a folder or hub id), or the merged folder."""
+        return str(self.merged) if self.merged is not None else self.settings.model.path
+
+    @property
+    def folder(self) -> Path:
+        """Where the run's own outputs go (RUN/eval, RUN/export-merged): the run folder, else
+        the folder holding the adapter."""
+        return self.run_dir or (self.adapter or self.merged).parent
+
+    @cached_property
+    def processor(self):
+        """The processor saved with the model (what training used), else the base model's."""
+        from lmmtune.model.load import load_processor
+
+        if self.merged is not None:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(self.merged)
+        if (self.adapter / "processor_config.json").is_file():
+            return load_processor(self.settings.model, source=self.adapter)
+        return load_processor(self.settings.model)
+
+    def load_model(self, unquantized_dtype: str | None = None):
+        """The model in eval mode: the merged model, or the base (quantized as trained) with the
+        adapter and trained projector attached by peft, so `disable_adapter()` gives the base.
+        `unquantized_dtype`: the base unquantized in that dtype instead, as a merge needs it."""
+        if self.merged is not None:
+            return load_merged_model(self.merged).eval()
+        from peft import PeftModel
+
+        from lmmtune.config import QuantConfig
+        from lmmtune.model.load import disable_bnb_cpu_repack, load_model
+
+        model_cfg, quant_cfg = self.settings.model, self.settings.quant
+        if unquantized_dtype is not None:
+            model_cfg = OmegaConf.merge(model_cfg, {"dtype": unquantized_dtype})
+            quant_cfg = QuantConfig(mode="none")
+        base = load_model(model_cfg, quant_cfg)
+        model = PeftModel.from_pretrained(base, str(self.adapter), is_trainable=False)
+        disable_bnb_cpu_repack(model)
+        return model.eval()
+
+    def eval_samples(self, data: str | None = None) -> list[Sample]:
+        """`data` (a file, all its records), else the run's own eval split, as training had it."""
+        return eval_samples(self.settings, self.run_dir, self.processor, data)
+
+    def command_tags(self, command: str, **extra: str) -> dict:
+        """MLflow tags of an eval/export run: what it ran on, linked to the training run if known."""
+        tags = {
+            "command": command,
+            **extra,
+            "recipe": self.settings.name,
+            "base_model": self.settings.model.path,
+            "adapter": str(self.adapter.resolve()),
+        }
+        run_id = source_run_id(self.run_dir)
+        if run_id:
+            tags["source_run_id"] = run_id
+        return tags
+
+
+def load_finished_run(
+    cfg: DictConfig,
+    adapter: str | None = None,
+    model: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    model_key: str = "predict.model",
+    in_a_run: bool = True,
+) -> FinishedRun:
+    """The finished run to use: `model` (an adapter export or a merged export), else `adapter`,
+    else OUTPUT_DIR's adapter; its settings read from the run it sits in (`in_a_run=False`: a
+    folder with no run behind it, such as a registry download). Nothing is loaded yet.
+
+    `model_key` names the setting `model` came from, in errors.
+    """
+    if model and (Path(model) / ADAPTER_CONFIG).is_file():
+        adapter, model = model, None  # an adapter export
+    if model:
+        merged = Path(model)
+        if not (merged / "config.json").is_file():
+            raise LmmtuneError(
+                f"{model_key}={model} is not a model directory (no config.json): pass an "
+                "export folder (RUN/export-merged, RUN/export-adapter)"
+            )
+        require_safetensors(merged, model_key)
+        run_dir = find_run_dir(cfg, model) if in_a_run else None
+        return FinishedRun(run_settings(cfg, run_dir, None, overrides), run_dir, None, merged)
+    run_dir = find_run_dir(cfg, adapter)
+    adapter_dir = find_adapter(adapter, run_dir, cfg)
+    return FinishedRun(run_settings(cfg, run_dir, adapter_dir, overrides), run_dir, adapter_dir)
+
+
+def load_merged_model(path: Path, dtype="auto"):
+    """A merged model as a user loads it: plain transformers, safetensors only; `dtype`: a
+    torch dtype, or "auto" (the one it was saved in)."""
+    from transformers import AutoModelForImageTextToText
+
+    from lmmtune.model.load import device_map
+
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, device_map=device_map(), use_safetensors=True
+    )
 
 
 def find_run_dir(cfg: DictConfig, adapter: str | None) -> Path | None:
@@ -43,6 +159,19 @@ def find_run_dir(cfg: DictConfig, adapter: str | None) -> Path | None:
     if adapter is not None:
         candidates += list(Path(adapter).resolve().parents)[:2]
     return next((c for c in candidates if RunDir(c).config.is_file()), None)
+
+
+def find_adapter(adapter: str | None, run_dir: Path | None, cfg: DictConfig) -> Path:
+    """The adapter directory (`adapter` or RUN/adapter); a clear error if it holds no adapter."""
+    path = Path(adapter) if adapter else RunDir(run_dir or cfg.output_dir).adapter
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise LmmtuneError(
+            f"no adapter in {path} ({ADAPTER_CONFIG} missing): pass output_dir=RUN of a finished "
+            "training run, or the adapter directory itself (eval.adapter=, export.adapter=, "
+            "predict.adapter=)"
+        )
+    require_safetensors(path, "adapter")
+    return path
 
 
 def run_settings(
@@ -86,6 +215,15 @@ def _apply_run_config(settings: DictConfig, cfg: DictConfig, saved_file: Path, k
     settings.name = saved.get("name", settings.name)
 
 
+def command_line_overrides() -> list[str]:
+    """The `key=value` overrides of the running Hydra command ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def trained_base(adapter: Path) -> str | None:
     """The resolved base directory the adapter was trained on, if it is still there."""
     import json
@@ -104,19 +242,6 @@ def _schema():
     return Config
 
 
-def find_adapter(adapter: str | None, run_dir: Path | None, cfg: DictConfig) -> Path:
-    """The adapter directory (`adapter` or RUN/adapter); a clear error if it holds no adapter."""
-    path = Path(adapter) if adapter else RunDir(run_dir or cfg.output_dir).adapter
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise LmmtuneError(
-            f"no adapter in {path} ({ADAPTER_CONFIG} missing): pass output_dir=RUN of a finished "
-            "training run, or the adapter directory itself (eval.adapter=, export.adapter=, "
-            "predict.adapter=)"
-        )
-    require_safetensors(path, "adapter")
-    return path
-
-
 def source_run_id(run_dir: Path | None) -> str | None:
     """The training run's MLflow run id (RUN/tracking.json), to link eval and export runs to it."""
     import json
@@ -128,46 +253,6 @@ def source_run_id(run_dir: Path | None) -> str | None:
         return json.loads(state.read_text()).get("run_id")
     except (ValueError, AttributeError):
         return None
-
-
-def command_tags(
-    command: str, settings: DictConfig, run_dir: Path | None, adapter: Path, **extra: str
-) -> dict:
-    """MLflow tags of an eval/export run: what it ran on, linked to the training run if known."""
-    tags = {
-        "command": command,
-        **extra,
-        "recipe": settings.name,
-        "base_model": settings.model.path,
-        "adapter": str(adapter.resolve()),
-    }
-    run_id = source_run_id(run_dir)
-    if run_id:
-        tags["source_run_id"] = run_id
-    return tags
-
-
-def load_run_processor(adapter_dir: Path, model_cfg):
-    """The processor saved with the adapter (what training used), else the base model's."""
-
-    from lmmtune.model.load import load_processor
-
-    if (adapter_dir / "processor_config.json").is_file():
-        return load_processor(model_cfg, source=adapter_dir)
-    return load_processor(model_cfg)
-
-
-def load_adapted_model(model_cfg, quant_cfg, adapter_dir: Path):
-    """The base (quantized as configured) with the adapter and trained projector attached by peft."""
-    from peft import PeftModel
-
-    from lmmtune.model.load import disable_bnb_cpu_repack, load_model
-
-    base = load_model(model_cfg, quant_cfg)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    disable_bnb_cpu_repack(model)
-    model.eval()
-    return model
 
 
 def eval_samples(

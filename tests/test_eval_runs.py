@@ -119,3 +119,32 @@ def test_the_chat_names_the_base_model_not_its_local_folder(run_dir, tiny_model_
     assert model_name(settings, run_dir, run_dir / "adapter") == "llava-hf/llava-1.5-7b-hf"
     settings.model.path = "/models/llava-1.5-7b-hf"
     assert model_name(settings, run_dir, run_dir / "adapter") == "llava-1.5-7b-hf"
+
+
+def test_every_command_finds_a_finished_run_the_same_way(run_dir, tmp_path):
+    """An adapter, an adapter export or a merged export of a run: the run's settings and
+    folder; a merged folder outside a run (a registry download): the command's own."""
+    from lmmtune.runs import load_finished_run
+
+    cfg = compose_config([])
+    adapted = load_finished_run(cfg, adapter=str(run_dir / "adapter"), overrides=[])
+    assert (adapted.run_dir, adapted.adapter, adapted.merged) == (
+        run_dir,
+        run_dir / "adapter",
+        None,
+    )
+    assert adapted.settings.peft.r == 4 and adapted.folder == run_dir
+    (run_dir / "export-adapter").mkdir()
+    (run_dir / "export-adapter" / "adapter_config.json").write_text("{}")
+    exported = load_finished_run(cfg, model=str(run_dir / "export-adapter"), overrides=[])
+    assert exported.adapter == run_dir / "export-adapter" and exported.run_dir == run_dir
+    merged_dir = run_dir / "export-merged"
+    merged_dir.mkdir()
+    (merged_dir / "config.json").write_text("{}")
+    merged = load_finished_run(cfg, model=str(merged_dir), overrides=[])
+    assert (merged.run_dir, merged.adapter, merged.merged) == (run_dir, None, merged_dir)
+    assert merged.settings.peft.r == 4 and merged.base_model == str(merged_dir)
+    alone = load_finished_run(cfg, model=str(merged_dir), overrides=[], in_a_run=False)
+    assert alone.run_dir is None and alone.settings.peft.r != 4
+    with pytest.raises(LmmtuneError, match="chat.model=.* is not a model directory"):
+        load_finished_run(cfg, model=str(tmp_path), overrides=[], model_key="chat.model")

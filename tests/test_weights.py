@@ -40,12 +40,12 @@ def test_a_pickled_adapter_is_refused_and_the_named_conversion_works(tmp_path):
 
 
 def test_predict_refuses_a_pickled_model(tmp_path):
-    from lmmtune.predict import load_merged
+    from lmmtune.runs import load_finished_run
 
     (tmp_path / "config.json").write_text("{}")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(LmmtuneError, match="pytorch_model.bin.*safetensors only"):
-        load_merged(tmp_path)
+        load_finished_run(compose_config([]), model=str(tmp_path))
 
 
 def test_shared_adapter_files_name_the_hub_id_not_a_local_path(tiny_model_path, tmp_path):

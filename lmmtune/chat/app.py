@@ -56,40 +56,9 @@ def layout(chat_model: ChatModel, chat_cfg) -> SimpleNamespace:
             ui.preview = gr.Image(
                 label="What the model sees", interactive=False, height=240, elem_id="preview"
             )
-            with gr.Accordion("Generation", open=False):
-                ui.settings = [
-                    gr.Slider(1, 1024, chat_cfg.max_new_tokens, step=1, label="Max new tokens"),
-                    gr.Slider(
-                        0,
-                        2,
-                        chat_cfg.temperature,
-                        step=0.05,
-                        label="Temperature (0: greedy, as eval)",
-                    ),
-                    gr.Slider(0.05, 1, chat_cfg.top_p, step=0.05, label="Top-p"),
-                ]
+            ui.settings = generation_settings(chat_cfg)
         with gr.Column(scale=2):
-            with gr.Row():
-                ui.base = gr.Chatbot(
-                    label="Base model (adapter off)",
-                    elem_id="base-answers",
-                    visible=chat_model.has_base,
-                )
-                ui.adapted = gr.Chatbot(
-                    label="Adapted model" if chat_model.has_base else "Model",
-                    elem_id="adapted-answers",
-                )
-            ui.question = gr.Textbox(label="Question", elem_id="question", lines=2)
-            ui.reference = gr.Textbox(
-                label="Reference answer (eval split)",
-                interactive=False,
-                visible=bool(chat_model.examples),
-                elem_id="reference",
-            )
-            with gr.Row():
-                ui.ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                ui.clear = gr.Button("Clear conversation", elem_id="clear")
-            ui.status = gr.Markdown(elem_id="status")
+            conversation_column(ui, chat_model)
     if chat_model.examples:
         gr.Examples(
             [[s.image, s.turns[-1][0], s.turns[-1][1]] for s in chat_model.examples],
@@ -97,6 +66,47 @@ def layout(chat_model: ChatModel, chat_cfg) -> SimpleNamespace:
             label="Examples from the run's eval split",
         )
     return ui
+
+
+def generation_settings(chat_cfg) -> list:
+    """The sliders of the generation settings, in `Settings`' order, in a closed accordion."""
+    with gr.Accordion("Generation", open=False):
+        return [
+            gr.Slider(1, 1024, chat_cfg.max_new_tokens, step=1, label="Max new tokens"),
+            gr.Slider(
+                0,
+                2,
+                chat_cfg.temperature,
+                step=0.05,
+                label="Temperature (0: greedy, as eval)",
+            ),
+            gr.Slider(0.05, 1, chat_cfg.top_p, step=0.05, label="Top-p"),
+        ]
+
+
+def conversation_column(ui: SimpleNamespace, chat_model: ChatModel) -> None:
+    """The two conversations side by side, the question, the reference answer and the buttons."""
+    with gr.Row():
+        ui.base = gr.Chatbot(
+            label="Base model (adapter off)",
+            elem_id="base-answers",
+            visible=chat_model.has_base,
+        )
+        ui.adapted = gr.Chatbot(
+            label="Adapted model" if chat_model.has_base else "Model",
+            elem_id="adapted-answers",
+        )
+    ui.question = gr.Textbox(label="Question", elem_id="question", lines=2)
+    ui.reference = gr.Textbox(
+        label="Reference answer (eval split)",
+        interactive=False,
+        visible=bool(chat_model.examples),
+        elem_id="reference",
+    )
+    with gr.Row():
+        ui.ask = gr.Button("Ask", variant="primary", elem_id="ask")
+        ui.clear = gr.Button("Clear conversation", elem_id="clear")
+    ui.status = gr.Markdown(elem_id="status")
 
 
 def connect(ui: SimpleNamespace, answerer: Answerer) -> None:

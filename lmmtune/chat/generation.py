@@ -1,9 +1,8 @@
 """One streamed answer: the prompt as training renders it, decoded as `eval` decodes.
 
-The prompt is `TokenizedConversation.prompt_ids` (Vicuna v1, earlier turns included,
-image tokens expanded) and the image goes through `ImageLoader` (lmmtune's decoder,
-padded to a square), so a greedy answer here equals `eval`'s and `predict`'s for the
-same image and question. Tokens are streamed with transformers' TextIteratorStreamer
+The inputs are `BatchBuilder`'s prompt batch (Vicuna v1, earlier turns included, image
+tokens expanded; the image through lmmtune's decoder, padded to a square), so a greedy
+answer here equals `eval`'s and `predict`'s for the same image and question. Tokens are streamed with transformers' TextIteratorStreamer
 while `generate` runs in a thread; the last text yielded is the whole answer decoded
 at once, exactly as `eval` decodes it.
 """
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lmmtune.chat.model import ChatModel
-from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
+from lmmtune.data.dataset import BatchBuilder
 from lmmtune.data.records import Sample
 from lmmtune.data.validate import checked_question, special_texts
 from lmmtune.errors import LmmtuneError
@@ -69,24 +68,20 @@ class Answerer:
         self.chat_model = chat_model
         processor = chat_model.processor
         self.tokenizer = processor.tokenizer
-        self.tokenize = TokenizedConversation(processor, max_length=chat_model.max_length)
-        self.load_image = ImageLoader(processor, chat_model.max_image_pixels)
-        self.collate = PaddingCollator(self.tokenizer.pad_token_id, padding_side="left")
+        self.build = BatchBuilder(processor, chat_model.max_length, chat_model.max_image_pixels)
         self.lock = threading.Lock()
 
     def inputs(self, sample: Sample) -> dict:
         """Model inputs for the sample's last question; a readable error for a bad image or length."""
-        item = {"input_ids": self.tokenize.prompt_ids(sample)}
-        length, limit = len(item["input_ids"]), self.chat_model.max_length
+        batch = self.build.batch([sample], prompt=True)  # LmmtuneError naming an image's problem
+        length, limit = batch["input_ids"].shape[1], self.chat_model.max_length
         if length > limit:
             raise LmmtuneError(
                 f"the conversation is {length} tokens long (image tokens included), past "
                 f"data.max_length={limit} the model was trained with; shorten the question "
                 "or clear the conversation"
             )
-        if sample.image is not None:
-            item["pixel_values"] = self.load_image(sample)  # LmmtuneError naming the problem
-        return to_model(self.chat_model.model, self.collate([item]))
+        return to_model(self.chat_model.model, batch)
 
     def stream(self, inputs: dict, settings: Settings, adapter: bool = True) -> Iterator[str]:
         """The answer so far, growing token by token; the last item is the whole answer.

@@ -1,4 +1,4 @@
-"""The model the chat app talks to, loaded the way `eval` and `predict` load it.
+"""The model the chat app talks to, loaded as `eval` and `predict` load it (`load_finished_run`).
 
 Three sources:
 - a run directory (`output_dir=RUN`): the base quantized as trained, with the adapter
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from lmmtune.data.records import Sample
 from lmmtune.errors import LmmtuneError
+from lmmtune.runs import FinishedRun
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +47,48 @@ class ChatModel:
 
 
 def load_chat_model(cfg: DictConfig, overrides: list[str] | None = None) -> ChatModel:
-    """The model named by `chat.model`, else the run's base with its adapter."""
-    from lmmtune.runs import ADAPTER_CONFIG
+    """The model named by `chat.model` (an export, or a registered model), else the run's
+    base with its adapter."""
+    from lmmtune.runs import load_finished_run
 
     source = cfg.chat.model
     if source and source.startswith(REGISTRY_PREFIX):
         with tempfile.TemporaryDirectory(prefix="lmmtune-chat-") as download:
-            return _load_merged(cfg, registered_model_dir(source, cfg, Path(download)), overrides)
-    if source and (Path(source) / ADAPTER_CONFIG).is_file():
-        return _load_adapted(cfg, source, overrides)  # an adapter export
-    if source:
-        return _load_merged(cfg, Path(source), overrides)
-    return _load_adapted(cfg, cfg.chat.adapter, overrides)
+            model_dir = registered_model_dir(source, cfg, Path(download))
+            run = load_finished_run(
+                cfg,
+                model=str(model_dir),
+                overrides=overrides,
+                model_key="chat.model",
+                in_a_run=False,
+            )
+            return chat_model(run, cfg)  # loaded before the download is removed
+    run = load_finished_run(cfg, cfg.chat.adapter, source, overrides, model_key="chat.model")
+    return chat_model(run, cfg)
 
 
-def _load_adapted(cfg: DictConfig, adapter: str | None, overrides) -> ChatModel:
-    from lmmtune.runs import (
-        find_adapter,
-        find_run_dir,
-        load_adapted_model,
-        load_run_processor,
-        run_settings,
+def chat_model(run: FinishedRun, cfg: DictConfig) -> ChatModel:
+    """The run's model and processor, described for the header, with examples of its eval split."""
+    processor = run.processor
+    return ChatModel(
+        model=run.load_model(),
+        processor=processor,
+        description=description(run, cfg),
+        max_length=run.settings.data.max_length,
+        max_image_pixels=run.settings.data.max_image_pixels,
+        examples=eval_examples(run.settings, run.run_dir, processor, cfg.chat.examples),
     )
 
-    run_dir = find_run_dir(cfg, adapter)
-    adapter_dir = find_adapter(adapter, run_dir, cfg)
-    settings = run_settings(cfg, run_dir, adapter_dir, overrides)
-    processor = load_run_processor(adapter_dir, settings.model)
-    model = load_adapted_model(settings.model, settings.quant, adapter_dir)
-    quant = settings.quant.mode if settings.quant.mode != "none" else "unquantized"
-    name = model_name(settings, run_dir, adapter_dir)
-    description = f"{name} ({quant}) with the adapter {adapter_dir}"
-    return _chat_model(model, processor, description, settings, run_dir, cfg)
+
+def description(run: FinishedRun, cfg: DictConfig) -> str:
+    """What was loaded, in words: the base as the run names it, quantized or not, and the
+    adapter; or the merged model as `chat.model` names it."""
+    if run.merged is not None:
+        return f"the merged model {cfg.chat.model}"
+    quant = run.settings.quant.mode
+    quant = quant if quant != "none" else "unquantized"
+    name = model_name(run.settings, run.run_dir, run.adapter)
+    return f"{name} ({quant}) with the adapter {run.adapter}"
 
 
 def model_name(settings: DictConfig, run_dir: Path | None, adapter_dir: Path) -> str:
@@ -93,37 +104,6 @@ def model_name(settings: DictConfig, run_dir: Path | None, adapter_dir: Path) ->
     if named == trained_base(adapter_dir) and config is not None and config.is_file():
         named = str(load_yaml_config(config, "the run's config").model.path)
     return hub_id_of(named) or Path(named).name
-
-
-def _load_merged(cfg: DictConfig, model_dir: Path, overrides) -> ChatModel:
-    """A merged export; settings and examples from its run when it sits in one (RUN/export-merged)."""
-    from lmmtune.predict import load_merged
-    from lmmtune.runs import find_run_dir, run_settings
-
-    if not (model_dir / "config.json").is_file():
-        raise LmmtuneError(
-            f"chat.model={model_dir} is not a model directory (no config.json): pass an export "
-            "directory, models:/NAME/VERSION, or leave chat.model unset for OUTPUT_DIR's adapter"
-        )
-    registered = cfg.chat.model.startswith(REGISTRY_PREFIX)
-    run_dir = None if registered else find_run_dir(cfg, str(model_dir))
-    settings = run_settings(cfg, run_dir, None, overrides)
-    model, processor = load_merged(model_dir)
-    model.eval()
-    return _chat_model(
-        model, processor, f"the merged model {cfg.chat.model}", settings, run_dir, cfg
-    )
-
-
-def _chat_model(model, processor, description, settings, run_dir, cfg) -> ChatModel:
-    return ChatModel(
-        model=model,
-        processor=processor,
-        description=description,
-        max_length=settings.data.max_length,
-        max_image_pixels=settings.data.max_image_pixels,
-        examples=eval_examples(settings, run_dir, processor, cfg.chat.examples),
-    )
 
 
 def eval_examples(

@@ -136,6 +136,36 @@ class ImageLoader:
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
+class BatchBuilder:
+    """Samples -> model inputs, built one way for training, eval, export parity, chat and DPO:
+    the tokens as LLaVA 1.5 rendered them (Vicuna v1 prompt, earlier turns, image tokens
+    expanded) and the image padded to a square."""
+
+    def __init__(self, processor, max_length: int, max_image_pixels: int | None):
+        self.tokenize = TokenizedConversation(processor, max_length)
+        self.load_image = ImageLoader(processor, max_image_pixels)
+        self.pad_token_id = processor.tokenizer.pad_token_id
+
+    def item(self, sample: Sample, prompt: bool = False, pixel_values=None) -> dict:
+        """`input_ids` and `labels` of the whole conversation, or (`prompt`) only the
+        `input_ids` of the prompt for its last question; and the image's `pixel_values`
+        (given ones are used as they are: one image shared by several items)."""
+        if prompt:
+            item = {"input_ids": self.tokenize.prompt_ids(sample)}
+        else:
+            input_ids, labels = self.tokenize(sample)
+            item = {"input_ids": input_ids, "labels": labels}
+        if sample.image is not None:
+            item["pixel_values"] = self.load_image(sample) if pixel_values is None else pixel_values
+        return item
+
+    def batch(self, samples: list[Sample], prompt: bool = False) -> dict:
+        """The samples' items padded to the longest: prompts on the left (for `generate`),
+        whole conversations on the right (as training batches them)."""
+        pad = PaddingCollator(self.pad_token_id, padding_side="left" if prompt else "right")
+        return pad([self.item(sample, prompt) for sample in samples])
+
+
 class SupervisedDataset(Dataset):
     """Training samples as `input_ids`, `labels` and (for image samples) `pixel_values`."""
 
@@ -147,19 +177,13 @@ class SupervisedDataset(Dataset):
         max_image_pixels: int | None,
     ):
         self.samples = samples
-        self.tokenize = TokenizedConversation(processor, max_length)
-        self.load_image = ImageLoader(processor, max_image_pixels)
+        self.build = BatchBuilder(processor, max_length, max_image_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        input_ids, labels = self.tokenize(sample)
-        item = {"input_ids": input_ids, "labels": labels}
-        if sample.image is not None:
-            item["pixel_values"] = self.load_image(sample)
-        return item
+        return self.build.item(self.samples[index])
 
 
 class PaddingCollator:

@@ -2,7 +2,7 @@
 
 TRL's own vision collator renders prompts with the processor's chat template, which
 is not the Vicuna v1 prompt LLaVA 1.5 was trained on. Here each side of a pair goes
-through SFT's `TokenizedConversation`, so a DPO stage on an SFT adapter sees the same
+through SFT's `BatchBuilder`, so a DPO stage on an SFT adapter sees the same
 ids; the completion is the last answer (its `</s>` included), as SFT labels it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
+from lmmtune.data.dataset import BatchBuilder, PaddingCollator
 from lmmtune.data.pairs import as_rejected
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX
@@ -40,20 +40,18 @@ class PreferenceCollator:
         max_image_pixels: int | None,
     ):
         self.samples = samples
-        self.tokenize = TokenizedConversation(processor, max_length)
-        self.load_image = ImageLoader(processor, max_image_pixels)
+        self.build = BatchBuilder(processor, max_length, max_image_pixels)
         self.pad = PaddingCollator(processor.tokenizer.pad_token_id)
 
     def sequence(self, sample: Sample, pixel_values: torch.Tensor | None) -> dict:
-        input_ids, labels = self.tokenize(sample)
-        item = {"input_ids": input_ids, "labels": last_answer_labels(labels)}
-        if pixel_values is not None:
-            item["pixel_values"] = pixel_values
+        """SFT's item of one side of a pair, only its last answer labelled."""
+        item = self.build.item(sample, pixel_values=pixel_values)
+        item["labels"] = last_answer_labels(item["labels"])
         return item
 
     def __call__(self, rows: list[dict]) -> dict:
         pairs = [self.samples[int(row[PAIR])] for row in rows]
-        images = [self.load_image(s) if s.image is not None else None for s in pairs]
+        images = [self.build.load_image(s) if s.image is not None else None for s in pairs]
         chosen = [self.sequence(s, image) for s, image in zip(pairs, images, strict=True)]
         rejected = [
             self.sequence(as_rejected(s), image) for s, image in zip(pairs, images, strict=True)

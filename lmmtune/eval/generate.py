@@ -1,7 +1,7 @@
 """Batched greedy answers to each sample's last question (left padding).
 
-The prompt is the one training used (`TokenizedConversation.prompt_ids`: Vicuna v1,
-image tokens expanded) and images are padded to a square the same way.
+The batch is `BatchBuilder`'s: the prompt training used (Vicuna v1, image tokens
+expanded) and images padded to a square the same way.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
+from lmmtune.data.dataset import BatchBuilder
 from lmmtune.data.records import Sample
 
 
@@ -40,22 +40,15 @@ def generate_answers(
     max_image_pixels: int | None,
     desc: str = "generating",
 ) -> list[str]:
-    tokenize = TokenizedConversation(processor, max_length=10**9)
-    load_image = ImageLoader(processor, max_image_pixels)
+    """Each sample's greedy answer to its last question, `batch_size` prompts at a time."""
+    build = BatchBuilder(processor, max_length=10**9, max_image_pixels=max_image_pixels)
     tokenizer = processor.tokenizer
-    collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
     was_training = model.training
     model.eval()
     answers: list[str] = []
     bars = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=None)
     for start in bars:  # disable=None: a bar on a terminal, none in a file or pipe
-        items = []
-        for sample in samples[start : start + batch_size]:
-            item = {"input_ids": tokenize.prompt_ids(sample)}
-            if sample.image is not None:
-                item["pixel_values"] = load_image(sample)
-            items.append(item)
-        batch = to_model(model, collate(items))
+        batch = to_model(model, build.batch(samples[start : start + batch_size], prompt=True))
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

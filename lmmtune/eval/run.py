@@ -26,15 +26,7 @@ from lmmtune.owned import (
     listed_when_done,
 )
 from lmmtune.rundir import RunDir
-from lmmtune.runs import (
-    command_tags,
-    eval_samples,
-    find_adapter,
-    find_run_dir,
-    load_adapted_model,
-    load_run_processor,
-    run_settings,
-)
+from lmmtune.runs import load_finished_run
 from lmmtune.track.mlflow_tracker import tracked_run
 from lmmtune.track.tracker import start_tracker
 
@@ -45,37 +37,34 @@ EVAL_KIND = "eval"
 
 def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Evaluate before/after on the eval data; return the metrics written to metrics.json."""
-    run_dir = find_run_dir(cfg, cfg.eval.adapter)
-    adapter = find_adapter(cfg.eval.adapter, run_dir, cfg)
-    settings = run_settings(cfg, run_dir, adapter, overrides)
-    eval_cfg = settings.eval  # the run's generation settings unless overridden
+    run = load_finished_run(cfg, adapter=cfg.eval.adapter, overrides=overrides)
+    eval_cfg = run.settings.eval  # the run's generation settings unless overridden
     if not (eval_cfg.before or eval_cfg.after):
         raise LmmtuneError("eval.before and eval.after are both false: nothing to evaluate")
-    out_path = Path(eval_cfg.output) if eval_cfg.output else RunDir(run_dir or adapter.parent).eval
+    out_path = Path(eval_cfg.output) if eval_cfg.output else RunDir(run.folder).eval
     check_claim(out_path, EVAL_KIND, eval_cfg.overwrite, "eval.output", "eval.overwrite")
-    processor = load_run_processor(adapter, settings.model)
-    samples = eval_samples(settings, run_dir, processor, eval_cfg.data)
-    model = load_adapted_model(settings.model, settings.quant, adapter)
+    samples = run.eval_samples(eval_cfg.data)
+    model = run.load_model()
 
     # Created only now that data and model are there, and removed again if the eval fails.
     with claimed_for_this_command(prepare_output_dir, out_path, eval_cfg.overwrite) as out_folder:
         out_dir = out_folder.path
         tracker = start_tracker(
             cfg.tracking,
-            settings.name,
-            f"{(run_dir or adapter).name}-eval",
+            run.settings.name,
+            f"{(run.run_dir or run.adapter).name}-eval",
             out_dir,
             "the evaluation",
         )
         with tracked_run(tracker), listed_when_done(out_folder):
             eval_data = eval_cfg.data or "run eval split"
-            tracker.set_tags(command_tags("eval", settings, run_dir, adapter, eval_data=eval_data))
+            tracker.set_tags(run.command_tags("eval", eval_data=eval_data))
             tracker.log_params({f"eval.{k}": v for k, v in eval_cfg.items()})
             before, after = evaluate_adapter(
-                model, processor, samples, eval_cfg, settings.data.max_image_pixels
+                model, run.processor, samples, eval_cfg, run.settings.data.max_image_pixels
             )
             metrics = write_eval_results(
-                out_dir, adapter, eval_cfg, settings, samples, before, after, tracker
+                out_dir, run.adapter, eval_cfg, run.settings, samples, before, after, tracker
             )
     log.info("eval written to %s", out_dir)
     return metrics

@@ -45,7 +45,7 @@ from lmmtune.export.run import (
     portable_path,
 )
 from lmmtune.rundir import RunDir
-from lmmtune.runs import find_adapter, find_run_dir, load_run_processor, run_settings
+from lmmtune.runs import load_finished_run
 from lmmtune.weights import require_safetensors
 
 log = logging.getLogger(__name__)
@@ -114,22 +114,22 @@ def merged_source(export_cfg) -> GgufSource:
 def run_source(cfg: DictConfig, overrides: list[str] | None) -> GgufSource:
     """A run (or `export.adapter`): merged into its unquantized base first, parity checked."""
     export_cfg = cfg.export
-    run_dir = find_run_dir(cfg, export_cfg.adapter)
-    adapter = find_adapter(export_cfg.adapter, run_dir, cfg)
-    settings = run_settings(cfg, run_dir, adapter, overrides)
-    base_dir = run_dir or adapter.parent
-    target = Path(export_cfg.dir) if export_cfg.dir else RunDir(base_dir).export("gguf")
+    run = load_finished_run(cfg, adapter=export_cfg.adapter, overrides=overrides)
+    target = Path(export_cfg.dir) if export_cfg.dir else RunDir(run.folder).export("gguf")
     merge_cfg = OmegaConf.merge(export_cfg, {"dtype": export_cfg.dtype or GGUF_DTYPE})
 
     def merge(folder: Path) -> dict:
-        processor = export_processor(load_run_processor(adapter, settings.model))
-        merged = export_merged(settings, run_dir, adapter, folder, processor, merge_cfg)
+        merged = export_merged(run, folder, export_processor(run.processor), merge_cfg)
         if "parity" in merged and not merged["parity"]["passed"]:
             raise LmmtuneError(parity_failure(merged["parity"]))
         return merged
 
     return GgufSource(
-        target, [base_dir, adapter], settings.name, merge=merge, base_dirs=local_base(settings)
+        target,
+        [run.folder, run.adapter],
+        run.settings.name,
+        merge=merge,
+        base_dirs=local_base(run.settings),
     )
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lmmtune.data.dataset import ImageLoader, PaddingCollator, TokenizedConversation
+from lmmtune.data.dataset import BatchBuilder
 from lmmtune.data.records import Sample
 from lmmtune.eval.generate import to_model
+from lmmtune.runs import FinishedRun, load_merged_model
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,11 @@ class Parity:
 
 
 def parity_batch(processor, samples: list[Sample], max_image_pixels: int | None) -> dict:
-    """Whole conversations (prompt and answer) with their images, right-padded."""
-    tokenize = TokenizedConversation(processor, max_length=10**9)
-    load_image = ImageLoader(processor, max_image_pixels)
-    items = []
-    for sample in samples:
-        item = {"input_ids": tokenize(sample)[0]}
-        if sample.image is not None:
-            item["pixel_values"] = load_image(sample)
-        items.append(item)
-    return PaddingCollator(processor.tokenizer.pad_token_id)(items)
+    """Whole conversations (prompt and answer) with their images, right-padded; no labels
+    (only the logits are compared)."""
+    batch = BatchBuilder(processor, 10**9, max_image_pixels).batch(samples)
+    del batch["labels"]
+    return batch
 
 
 @torch.no_grad()
@@ -87,38 +83,28 @@ def compare_logits(
 
 
 def merge_and_save(
-    model_cfg, adapter_dir: Path, target: Path, processor, batch: dict | None
+    run: FinishedRun, dtype: str, target: Path, processor, batch: dict | None
 ) -> torch.Tensor | None:
-    """Load the base unquantized in `model_cfg.dtype`, attach and merge the adapter, save it.
+    """Load the run's base unquantized in `dtype`, attach and merge the adapter, save it.
 
     Returns the adapter model's logits on `batch` (taken before merging), for parity.
     """
-    from peft import PeftModel
+    from lmmtune.model.load import torch_dtype
 
-    from lmmtune.config import QuantConfig
-    from lmmtune.model.load import load_model, torch_dtype
-
-    base = load_model(model_cfg, QuantConfig(mode="none"))
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model = run.load_model(unquantized_dtype=dtype)
     reference = token_logits(model, batch) if batch is not None else None
     merged = model.merge_and_unload()  # LoRA folded into the weights, projector copies swapped in
-    merged.to(torch_dtype(model_cfg.dtype))
+    merged.to(torch_dtype(dtype))
     merged.save_pretrained(target)
     processor.save_pretrained(target)
-    log.info(
-        "merged %s into %s (%s) and saved %s", adapter_dir, model_cfg.path, model_cfg.dtype, target
-    )
-    del merged, model, base
+    log.info("merged %s into %s (%s) and saved %s", run.adapter, run.base_model, dtype, target)
+    del merged, model
     gc.collect()
     return reference
 
 
 def load_exported(path: Path, dtype: str):
-    """The export as a user loads it: plain transformers, no lmmtune code involved."""
-    from transformers import AutoModelForImageTextToText
+    """The export as a user loads it (plain transformers, no lmmtune code involved), in `dtype`."""
+    from lmmtune.model.load import torch_dtype
 
-    from lmmtune.model.load import device_map, torch_dtype
-
-    return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(dtype), device_map=device_map(), use_safetensors=True
-    )
+    return load_merged_model(path, torch_dtype(dtype))

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
@@ -39,74 +39,44 @@ from lmmtune.export.merge import (
 from lmmtune.owned import OwnedFolder, adopt, files_under, foreign_files, read_manifest
 from lmmtune.redact import redact_value
 from lmmtune.rundir import RunDir
-from lmmtune.runs import (
-    command_tags,
-    eval_samples,
-    find_adapter,
-    find_run_dir,
-    load_run_processor,
-    run_settings,
-    source_run_id,
-)
+from lmmtune.runs import FinishedRun, eval_samples, load_finished_run, source_run_id
 from lmmtune.track.mlflow_tracker import tracked_run
 from lmmtune.track.tracker import start_tracker
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("merged", "adapter")
 REPORT = "export_report.json"
 EXPORT_KIND = "export"
 
 
 def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
-    """Export the run's adapter as configured in `cfg.export`; return the export report."""
+    """Export the run's adapter as configured in `cfg.export`; return the export report.
+
+    The settings were checked when the config was composed (`lmmtune.config_checks`)."""
     export_cfg = cfg.export
-    check_options(export_cfg, cfg.tracking.backend)
-    run_dir = find_run_dir(cfg, export_cfg.adapter)
-    adapter = find_adapter(export_cfg.adapter, run_dir, cfg)
-    settings = run_settings(cfg, run_dir, adapter, overrides)
-    base_dir = run_dir or adapter.parent
-    target = Path(export_cfg.dir) if export_cfg.dir else RunDir(base_dir).export(export_cfg.format)
-    check_target(target, export_cfg.overwrite, protected=[base_dir, adapter])
-    processor = export_processor(load_run_processor(adapter, settings.model))
+    run = load_finished_run(cfg, adapter=export_cfg.adapter, overrides=overrides)
+    target = (
+        Path(export_cfg.dir) if export_cfg.dir else RunDir(run.folder).export(export_cfg.format)
+    )
+    check_target(target, export_cfg.overwrite, protected=[run.folder, run.adapter])
+    processor = export_processor(run.processor)
 
     record_folder = tracking_record_folder(target)
     tracker = start_tracker(
         cfg.tracking,
-        settings.name,
-        f"{base_dir.name}-export",
+        run.settings.name,
+        f"{run.folder.name}-export",
         record_folder,
         "the export",
         only_if_needed=True,  # no tracking files in or beside a model folder MLflow has whole
         required_for="export.register_name needs MLflow" if export_cfg.register_name else None,
     )
     with tracked_run(tracker):
-        tags = command_tags("export", settings, run_dir, adapter, export_format=export_cfg.format)
-        tracker.set_tags(tags)
+        tracker.set_tags(run.command_tags("export", export_format=export_cfg.format))
         tracker.log_params({f"export.{k}": v for k, v in export_cfg.items()})
-        report = {
-            "format": export_cfg.format,
-            "base_model": settings.model.path,
-            "adapter": portable_path(adapter, target),
-            "source_run_id": source_run_id(run_dir),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
         end_killed_exports(remove_stale_staging(target), cfg.tracking)
         adopt(target)  # a run's own export: the run's overwrite=true clears it
-        with staged_directory(
-            target, export_cfg.overwrite, marked=True, note=tracker.run_id or ""
-        ) as tmp:
-            if export_cfg.format == "adapter":
-                shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-                processor.save_pretrained(tmp)  # adds the chat template and padding processor
-            else:
-                report.update(export_merged(settings, run_dir, adapter, tmp, processor, export_cfg))
-                parity = report["parity"]
-                tracker.log_metrics({f"parity/{k}": float(v) for k, v in parity.items()})
-                if not parity["passed"]:
-                    raise LmmtuneError(parity_failure(parity))
-            (tmp / REPORT).write_text(json.dumps(report, indent=2))
-            mark_export(tmp)
+        report = write_export(run, target, processor, export_cfg, tracker)
         log.info("export written to %s", target)
         report["mlflow"] = log_export(tracker, target, export_cfg)
         if report["mlflow"]:
@@ -120,18 +90,31 @@ def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     return report
 
 
-def check_options(export_cfg, tracking_backend: str) -> None:
-    """Refuse bad settings before any model is loaded."""
-    if export_cfg.format not in FORMATS:  # gguf: lmmtune.export.gguf.run_gguf_export
-        raise LmmtuneError(f"export.format must be merged or adapter, not '{export_cfg.format}'")
-    if export_cfg.dtype is not None and export_cfg.dtype not in PARITY_TOLERANCE:
-        raise LmmtuneError(
-            f"export.dtype must be one of {', '.join(PARITY_TOLERANCE)}, not '{export_cfg.dtype}'"
-        )
-    if export_cfg.register_name and export_cfg.format != "merged":
-        raise LmmtuneError("export.register_name needs export.format=merged (a loadable model)")
-    if export_cfg.register_name and (tracking_backend == "none" or not export_cfg.log_model):
-        raise LmmtuneError("export.register_name needs tracking on and export.log_model=true")
+def write_export(run: FinishedRun, target: Path, processor, export_cfg, tracker) -> dict:
+    """The export, its report and its manifest in a staging folder renamed to `target` when
+    complete; the report. A merged export that fails its parity check writes nothing."""
+    report = {
+        "format": export_cfg.format,
+        "base_model": run.settings.model.path,
+        "adapter": portable_path(run.adapter, target),
+        "source_run_id": source_run_id(run.run_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with staged_directory(
+        target, export_cfg.overwrite, marked=True, note=tracker.run_id or ""
+    ) as tmp:
+        if export_cfg.format == "adapter":
+            shutil.copytree(run.adapter, tmp, dirs_exist_ok=True)
+            processor.save_pretrained(tmp)  # adds the chat template and padding processor
+        else:
+            report.update(export_merged(run, tmp, processor, export_cfg))
+            parity = report["parity"]
+            tracker.log_metrics({f"parity/{k}": float(v) for k, v in parity.items()})
+            if not parity["passed"]:
+                raise LmmtuneError(parity_failure(parity))
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        mark_export(tmp)
+    return report
 
 
 def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
@@ -211,15 +194,13 @@ def mark_export(folder: Path) -> None:
     OwnedFolder(folder, EXPORT_KIND).write_manifest(files_under(folder) - {STAGING_MARKER})
 
 
-def export_merged(
-    settings: DictConfig, run_dir: Path | None, adapter: Path, tmp: Path, processor, export_cfg
-) -> dict:
+def export_merged(run: FinishedRun, tmp: Path, processor, export_cfg) -> dict:
     """Merge into an unquantized base, save to `tmp`, reload it with transformers, check parity."""
-    dtype = export_cfg.dtype or settings.model.dtype
-    model_cfg = OmegaConf.merge(settings.model, {"dtype": dtype})
-    samples = parity_samples(settings, run_dir, processor, export_cfg.parity_samples)
-    batch = parity_batch(processor, samples, settings.data.max_image_pixels) if samples else None
-    reference = merge_and_save(model_cfg, adapter, tmp, processor, batch)
+    dtype = export_cfg.dtype or run.settings.model.dtype
+    samples = parity_samples(run, processor, export_cfg.parity_samples)
+    max_pixels = run.settings.data.max_image_pixels
+    batch = parity_batch(processor, samples, max_pixels) if samples else None
+    reference = merge_and_save(run, dtype, tmp, processor, batch)
     report: dict = {"dtype": dtype}
     if batch is None:
         log.warning("export.parity_samples=0: the merge is not checked")
@@ -245,12 +226,13 @@ def export_merged(
     return report
 
 
-def parity_samples(settings: DictConfig, run_dir: Path | None, processor, count: int) -> list:
-    """The first `count` eval samples of the run (real images and answers)."""
+def parity_samples(run: FinishedRun, processor, count: int) -> list:
+    """The first `count` eval samples of the run (real images and answers), read with the
+    exported processor."""
     if count <= 0:
         return []
     try:
-        return eval_samples(settings, run_dir, processor, None)[:count]
+        return eval_samples(run.settings, run.run_dir, processor, None)[:count]
     except LmmtuneError as exc:
         raise LmmtuneError(
             f"no samples for the parity check ({exc}); set export.parity_samples=0 to skip it"
