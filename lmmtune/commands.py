@@ -12,13 +12,11 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import shutil
 import textwrap
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -46,7 +44,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "train",
             "fine-tune (the default when the first word is an override)",
-            "lmmtune.commands:train",
+            "lmmtune.stages:train",
             ("name", "output_dir", "overwrite", "model", "quant", "peft", "data", "train")
             + ("tracking", "eval.before", "eval.after", "eval.max_new_tokens", "eval.batch_size")
             + ("eval.table_images",),
@@ -92,31 +90,6 @@ COMMANDS: dict[str, Command] = {
 DEFAULT_COMMAND = "train"
 
 
-def train(cfg: DictConfig) -> dict:
-    """Join the process group (torchrun / accelerate launch), settle the run directory, train."""
-    from lmmtune import distributed
-    from lmmtune.pipeline import train as train_pipeline
-    from lmmtune.rundir import job_output_dir
-
-    distributed.init()
-    try:
-        cfg.output_dir = job_output_dir(cfg.output_dir)
-        run_dir = Path(cfg.output_dir)
-        fresh = not run_dir.exists()
-        try:
-            if cfg.dpo.enabled:  # the preference stage (recipes demo_dpo, medical_dpo)
-                from lmmtune.dpo.pipeline import train_dpo
-
-                return train_dpo(cfg)
-            return train_pipeline(cfg)
-        except Exception:  # not an interrupt: that run is kept, to be resumed as it says
-            if fresh and distributed.world_size() == 1:
-                remove_failed_start(run_dir)
-            raise
-    finally:
-        distributed.shutdown()
-
-
 def evaluate(cfg: DictConfig) -> None:
     """`eval`; SIGINT/SIGTERM mark its MLflow run KILLED and leave nothing half-written."""
     from lmmtune.eval.run import run_eval
@@ -138,22 +111,6 @@ def _restartable(name: str, function: Callable, cfg: DictConfig) -> None:
     with InterruptOutsideTraining(f"Run `{name}` again to start it over.") as guard:
         guard.phase = f"running {name}"
         function(cfg)
-
-
-def remove_failed_start(run_dir: Path) -> None:
-    """Remove the run folder this command created when it failed before its first checkpoint.
-
-    Everything in it was written by the failed start (config.yaml, eval_before.json, the
-    data report); left behind, it would make the corrected command refuse the folder as
-    "already holds a run", or resume on the old before-eval.
-    """
-    from lmmtune.rundir import RunDir
-
-    checkpoints = RunDir(run_dir).checkpoints
-    if not run_dir.is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    log.warning("removed %s: the run stopped before its first checkpoint", run_dir)
 
 
 def usage() -> str:

@@ -1,5 +1,5 @@
 """A training run either refuses before its first step or finishes: what would fail after
-training is checked first (lmmtune.preflight), and a step after training that still fails
+training is checked first (lmmtune.stages.checks), and a step after training that still fails
 keeps the trained weights and the run and names the command that redoes it."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_checkpoint_space_is_the_adapter_and_optimizer_state_times_the_checkpoin
     tmp_path,
 ):
     from lmmtune.config import TrainConfig
-    from lmmtune.preflight import GIB, check_disk_space, checkpoint_space
+    from lmmtune.stages.checks import GIB, check_disk_space, checkpoint_space
 
     train = TrainConfig(save_steps=100, save_total_limit=2, optim="adamw_torch")
     # 1 GiB adapter of 250M fp32 weights, AdamW: 2 GiB of state per checkpoint; 10 saves
@@ -133,9 +133,9 @@ def test_checkpoint_space_is_the_adapter_and_optimizer_state_times_the_checkpoin
 # resume is the command the message names, until the last resume finishes the run.
 FAILURES = [
     ("saving the adapter", "peft.PeftModel.save_pretrained"),
-    ("evaluating after training", "lmmtune.pipeline.evaluate"),
-    ("evaluating after training", "lmmtune.pipeline.save_eval_report"),
-    ("writing the model card and metrics.json", "lmmtune.pipeline.write_model_card"),
+    ("evaluating after training", "lmmtune.stages.sft.evaluate"),
+    ("evaluating after training", "lmmtune.stages.sft.save_eval_report"),
+    ("writing the model card and metrics.json", "lmmtune.stages.sft.write_model_card"),
 ]
 
 

@@ -255,7 +255,7 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
 def test_out_of_memory_message_says_what_to_lower():
     from transformers import TrainingArguments
 
-    from lmmtune.pipeline import out_of_memory_message
+    from lmmtune.stages.sft import out_of_memory_message
 
     args = TrainingArguments(
         output_dir="x", per_device_train_batch_size=8, use_cpu=True, report_to="none"

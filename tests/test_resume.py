@@ -120,7 +120,7 @@ def test_a_damaged_tracking_state_is_refused_before_the_model_loads(tmp_path):
 
 
 def test_whole_run_loss_weights_each_logged_loss_by_the_steps_it_covers():
-    from lmmtune.pipeline import whole_run_loss
+    from lmmtune.stages.sft import whole_run_loss
 
     history = [{"step": 1, "loss": 4.0}, {"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.0}]
     assert whole_run_loss(history, fallback=0.0) == pytest.approx((4 + 2 * 4 + 1 * 5) / 10)

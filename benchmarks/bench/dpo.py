@@ -13,7 +13,7 @@ from benchmarks.bench.data import IGNORE_INDEX, SyntheticLlavaData
 from lmmtune.config import DpoConfig, ModelConfig
 from lmmtune.data.dataset import PaddingCollator
 from lmmtune.dpo.collator import PAIR
-from lmmtune.dpo.trainer import LlavaDPOTrainer
+from lmmtune.stages.dpo import LlavaDPOTrainer
 
 
 class SyntheticPairCollator:

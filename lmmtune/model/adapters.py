@@ -51,12 +51,21 @@ def apply_lora(
         # Checkpointed blocks need an input that requires grad, or no gradient reaches LoRA.
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, build_lora_config(peft_cfg))
-    # Trainable weights in fp32: optimizer updates in bf16 lose small steps.
-    for parameter in peft_model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+    trainable_in_fp32(peft_model)
     match_dtypes_at_trained_modules(peft_model)
     return peft_model
+
+
+def trainable_in_fp32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Cast the trainable weights to fp32 (optimizer updates in bf16 lose small steps);
+    return them by name."""
+    trainable = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+            trainable[name] = parameter.data
+    return trainable
 
 
 def match_dtypes_at_trained_modules(model: torch.nn.Module) -> None:

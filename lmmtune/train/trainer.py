@@ -56,16 +56,7 @@ def build_training_arguments(
     on_gpu = torch.cuda.is_available()
     return (args_class or LlavaTrainingArguments)(
         output_dir=str(RunDir(run_dir).checkpoints),
-        num_train_epochs=train_cfg.epochs,
-        max_steps=train_cfg.max_steps,
-        per_device_train_batch_size=train_cfg.batch_size,
-        gradient_accumulation_steps=train_cfg.grad_accum,
-        learning_rate=train_cfg.learning_rate,
-        weight_decay=train_cfg.weight_decay,
-        warmup_steps=train_cfg.warmup_ratio,
-        lr_scheduler_type=train_cfg.scheduler,
-        optim=train_cfg.optim,
-        max_grad_norm=train_cfg.max_grad_norm,
+        **optimization_arguments(train_cfg),
         **checkpointing_arguments(train_cfg.gradient_checkpointing, use_reentrant),
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
@@ -95,6 +86,22 @@ def build_training_arguments(
         disable_tqdm=not progress_bars(),  # in a file or pipe: one line per logging step
         **extra,
     )
+
+
+def optimization_arguments(train_cfg: TrainConfig) -> dict:
+    """How long, in which batches, and how the optimizer steps."""
+    return {
+        "num_train_epochs": train_cfg.epochs,
+        "max_steps": train_cfg.max_steps,
+        "per_device_train_batch_size": train_cfg.batch_size,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "learning_rate": train_cfg.learning_rate,
+        "weight_decay": train_cfg.weight_decay,
+        "warmup_steps": train_cfg.warmup_ratio,
+        "lr_scheduler_type": train_cfg.scheduler,
+        "optim": train_cfg.optim,
+        "max_grad_norm": train_cfg.max_grad_norm,
+    }
 
 
 def checkpointing_arguments(enabled: bool, use_reentrant: bool = False) -> dict:

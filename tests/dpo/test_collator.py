@@ -10,7 +10,7 @@ from lmmtune.data.pairs import as_rejected
 from lmmtune.data.records import Sample
 from lmmtune.data.template import IGNORE_INDEX
 from lmmtune.dpo.collator import PreferenceCollator, last_answer_labels
-from lmmtune.dpo.trainer import pair_index
+from lmmtune.stages.dpo import pair_index
 from tests.data.helpers import save_image
 
 

@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
-from tests.test_distributed import TORCHRUN, assert_same_training, launch
+from tests.test_distributed import SMALL, TORCHRUN, assert_same_training, launch
 
 SFT = [
     "recipe=demo",
@@ -35,15 +35,9 @@ SFT = [
 
 
 def dpo_args(adapter: Path) -> list[str]:
-    return [
-        "recipe=demo_dpo",
-        f"dpo.init_adapter={adapter}",
-        "data.demo_size=24",
-        "train.max_steps=4",
-        "train.grad_accum=1",
-        "train.logging_steps=1",
-        "train.save_steps=2",
-        "train.group_by_length=false",
+    """SFT's small DDP run (tests/test_distributed.py), as DPO from `adapter`."""
+    small = [arg for arg in SMALL if not arg.startswith("recipe=")]
+    return ["recipe=demo_dpo", f"dpo.init_adapter={adapter}", *small] + [
         "eval.before=false",
         "eval.after=false",
     ]

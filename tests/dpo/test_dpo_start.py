@@ -7,9 +7,9 @@ import pytest
 from safetensors.torch import save_file
 
 from lmmtune.config_checks import validate
-from lmmtune.dpo.model import check_init_adapter
 from lmmtune.errors import LmmtuneError
 from lmmtune.owned import LOCK
+from lmmtune.stages.dpo import check_init_adapter
 from tests.conftest import compose_config, run_cli
 
 

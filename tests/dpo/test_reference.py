@@ -9,10 +9,14 @@ import torch
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from lmmtune.dpo.collator import PreferenceCollator
-from lmmtune.dpo.model import start_policy
-from lmmtune.dpo.trainer import REFERENCE_ADAPTER, build_dpo_arguments, build_dpo_trainer
 from lmmtune.model.adapters import apply_lora
 from lmmtune.model.load import load_model
+from lmmtune.stages.dpo import (
+    REFERENCE_ADAPTER,
+    build_dpo_arguments,
+    build_dpo_trainer,
+    start_policy,
+)
 from tests.conftest import compose_config
 from tests.data.helpers import save_image
 

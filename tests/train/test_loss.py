@@ -339,7 +339,7 @@ def test_liger_loss_on_a_gpu_without_the_package_names_the_install(monkeypatch):
 
 @no_gpu
 def test_train_with_the_liger_loss_on_cpu_stops_before_writing_anything(tmp_path):
-    from lmmtune.pipeline import train
+    from lmmtune.stages import train
     from tests.conftest import compose_config
 
     run_dir = tmp_path / "run"

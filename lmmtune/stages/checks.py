@@ -1,4 +1,5 @@
-"""Before the first training step, everything that could otherwise fail after it.
+"""The checks around a training run: before its first step, everything that could otherwise
+fail after it; after it, a failing step turned into one line that keeps the weights.
 
 A training run either refuses at start or finishes: hours of GPU time must not end in an
 error that was knowable before the first step. Checked here, cheapest first:
@@ -18,6 +19,7 @@ error that was knowable before the first step. Checked here, cheapest first:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,11 +28,12 @@ import tempfile
 from pathlib import Path
 
 from lmmtune.data.dataset import ImageLoader, TokenizedConversation
-from lmmtune.errors import LmmtuneError
+from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.export.chat_template import check_prompt_ids, export_processor
 from lmmtune.export.run import EXPORT_KIND
 from lmmtune.owned import read_manifest
 from lmmtune.rundir import RunDir
+from lmmtune.train.checkpoints import completed_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +180,38 @@ def check_space_for_checkpoints(model, adapter_bytes: int, train_cfg, samples: i
         needed / GIB,
     )
     check_disk_space(needed, alive, run_dir)
+
+
+def check_saving(model, exported, processor, train_cfg, samples: int, run_dir: Path) -> None:
+    """Rank 0, before the first step: the dry-run save, then the disk space for checkpoints."""
+    adapter_bytes = dry_run_save(model, exported, processor, run_dir)
+    check_space_for_checkpoints(model, adapter_bytes, train_cfg, samples, run_dir)
+
+
+@contextlib.contextmanager
+def after_training(step: str, run: RunDir, redo: str | None = None):
+    """Turn a failure of a step after training into one line: what failed, where the trained
+    weights are kept, and the command that redoes it (by default: resume from the last
+    checkpoint, which trains no step again and does everything after training)."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the run keeps its weights
+        redo = redo or (
+            f"the same command plus: output_dir={run.root} train.resume=auto (it continues "
+            "from the last checkpoint: no training step is repeated)"
+        )
+        reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise LmmtuneError(
+            f"training finished, but {step} failed: {reason}. The trained weights are kept in "
+            f"{kept_weights(run)}; nothing of the run was deleted. Redo it with {redo}"
+        ) from exc
+
+
+def kept_weights(run: RunDir) -> Path:
+    """Where the trained weights are: the adapter folder once saved, else the last checkpoint."""
+    if any(run.adapter.glob("adapter_model.*")):
+        return run.adapter
+    checkpoints = completed_checkpoints(run.checkpoints)
+    return checkpoints[-1] if checkpoints else run.checkpoints

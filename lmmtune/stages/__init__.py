@@ -1,0 +1,12 @@
+"""The training stages: `SFTRecipe` (stages/sft.py) and the stages that extend it (DPO)."""
+
+from __future__ import annotations
+
+
+def train(cfg) -> dict:
+    """Run the training stage the config names (`dpo.enabled`: DPO, else SFT); its metrics."""
+    if cfg.dpo.enabled:  # the preference stage (recipes demo_dpo, medical_dpo)
+        from lmmtune.stages.dpo import DPORecipe as Stage
+    else:
+        from lmmtune.stages.sft import SFTRecipe as Stage
+    return Stage(cfg).run()
