@@ -22,6 +22,7 @@ from torch.utils.data import SequentialSampler
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
+from lmmtune.config import DpoReference
 from lmmtune.data.pairs import check_rejected_lengths
 from lmmtune.data.records import Sample
 from lmmtune.data.splits import load_splits
@@ -39,7 +40,6 @@ from lmmtune.weights import require_adapter_weights
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-REFERENCES = ("adapter_off", "initial")
 REFERENCE_ADAPTER = "ref"
 """The frozen copy of the starting adapter TRL adds to a PeftModel (dpo.reference=initial)."""
 PREFERENCE_KEYS = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -130,10 +130,6 @@ class DPORecipe(SFTRecipe):
 
 def start_policy(model: torch.nn.Module, cfg) -> PeftModel:
     """The model DPO starts from: `dpo.init_adapter` (trainable) or a fresh LoRA (`peft.*`)."""
-    if cfg.dpo.reference not in REFERENCES:
-        raise LmmtuneError(
-            f"dpo.reference must be one of {', '.join(REFERENCES)}, not '{cfg.dpo.reference}'"
-        )
     checkpointing = cfg.train.gradient_checkpointing
     if not cfg.dpo.from_base:
         adapter_dir = Path(cfg.dpo.init_adapter).expanduser()
@@ -272,7 +268,7 @@ class LlavaDPOTrainer(LlavaTrainer, DPOTrainer):
         for name, parameter in unwrapped.named_parameters():
             if name in trainable:
                 parameter.data = trainable[name].to(parameter.device)
-        if reference == "adapter_off" and REFERENCE_ADAPTER in unwrapped.peft_config:
+        if reference == DpoReference.adapter_off and REFERENCE_ADAPTER in unwrapped.peft_config:
             unwrapped.delete_adapter(REFERENCE_ADAPTER)  # TRL then disables the adapter instead
         frozen = (f".{REFERENCE_ADAPTER}.", *frozen)
         self.kept_frozen = [
