@@ -157,7 +157,9 @@ class SFTRecipe:
     def start_tracking(self) -> None:
         """Start the tracked run (ended FINISHED, KILLED or FAILED on the way out)."""
         run_dir = self.folder.root
-        tracker = start_tracker(self.cfg.tracking, self.cfg.name, run_dir.name, run_dir, True)
+        tracker = start_tracker(
+            self.cfg.tracking, self.cfg.name, run_dir.name, run_dir, resume=True
+        )
         self.tracker = self.resources.enter_context(tracked_run(tracker))
         self.tracker.set_tags(self.run_tags())
         if self.resume_from is None:
