@@ -267,7 +267,7 @@ def test_out_of_memory_message_says_what_to_lower():
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_run_directory_is_kept_unless_overwrite(tmp_path, overwrite):
+def test_a_run_like_folder_without_a_manifest_is_never_written_or_cleared(tmp_path, overwrite):
     from lmmtune.errors import LmmtuneError
     from lmmtune.rundir import prepare_run_dir
 
@@ -277,11 +277,11 @@ def test_run_directory_is_kept_unless_overwrite(tmp_path, overwrite):
     (tmp_path / "export-merged").mkdir()
     (tmp_path / "eval_predictions.jsonl").write_text("{}\n")
     (tmp_path / "my_notes.txt").write_text("the user's own file")
-    # A run without lmmtune's manifest of the files it wrote: overwrite cannot tell them apart.
-    match = "did not list the files" if overwrite else "overwrite=true"
-    with pytest.raises(LmmtuneError, match=match):
+    # No manifest of the files lmmtune wrote: not lmmtune's folder, however run-like it looks.
+    with pytest.raises(LmmtuneError, match="is not an lmmtune run"):
         prepare_run_dir(tmp_path, overwrite=overwrite, resume=None)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+    assert (tmp_path / "my_notes.txt").exists()
 
 
 def test_half_written_checkpoint_is_never_picked_up(tmp_path):
