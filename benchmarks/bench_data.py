@@ -88,7 +88,7 @@ def _cpu() -> float:
 
 def time_check(data_file: Path, workers: int, processor) -> tuple[Timer, object]:
     from lmmtune.config import DataConfig
-    from lmmtune.data.splits import inspect_data
+    from lmmtune.data.checks import inspect_data
 
     data_cfg = DataConfig(train=str(data_file), num_workers=workers)
     with Timer() as timer:
@@ -112,7 +112,7 @@ def time_cli(data_file: Path, workers: int) -> Timer:
 def time_epoch(samples: list, processor, workers: int, batch_size: int) -> Timer:
     from torch.utils.data import DataLoader
 
-    from lmmtune.data.dataset import PaddingCollator, SupervisedDataset
+    from lmmtune.data.batches import PaddingCollator, SupervisedDataset
 
     dataset = SupervisedDataset(samples, processor, max_length=2048)
     loader = DataLoader(
@@ -137,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmmtune.config import ModelConfig
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     processor = load_processor(ModelConfig(path="tiny"))
     with tempfile.TemporaryDirectory(prefix="lmmtune-bench-") as folder:

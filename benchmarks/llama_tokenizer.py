@@ -24,8 +24,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import CLIPImageProcessorPil, LlamaTokenizer, LlavaProcessor
 
+from lmmtune.demo import default_cache_dir
 from lmmtune.errors import LmmtuneError
-from lmmtune.model.tiny import default_cache_dir
 
 NPM_PACKAGE = "llama-tokenizer-js"
 NPM_VERSION = "1.2.2"

@@ -9,7 +9,7 @@ reduced depth and random weights, plus the real Llama-2 tokenizer
     (parity) -> load the export with plain transformers and generate
 
 Each command's peak RSS and wall time, the 4-bit bytes of one decoder layer against
-`lmmtune.train.memory`'s model of them, and the step time per layer go to a JSON report.
+`lmmtune.training.memory`'s model of them, and the step time per layer go to a JSON report.
 
     python benchmarks/real_shapes.py --out /tmp/real-shapes [--text-layers 2 --vision-layers 3]
 """
@@ -156,8 +156,8 @@ def load_export(export_dir: Path) -> None:
 def layer_weight_bytes(checkpoint: Path) -> dict:
     """Bytes of one 4-bit decoder layer (packed weights + block constants) vs memory.py's model."""
     from lmmtune.config import ModelConfig, QuantConfig
-    from lmmtune.model.load import load_model
-    from lmmtune.train.memory import NF4_BITS, ModelShape
+    from lmmtune.model import load_model
+    from lmmtune.training.memory import NF4_BITS, ModelShape
 
     model = load_model(ModelConfig(path=str(checkpoint), dtype="bfloat16"), QuantConfig())
     layer = model.model.language_model.layers[0]

@@ -7,8 +7,8 @@
     lmmtune.export_model(cfg)
 
 Each function validates the config first, as `python -m lmmtune COMMAND` does. (The
-names differ from the commands' because `lmmtune.train`, `.export`, `.check` and
-`.predict` are the modules that implement them.)
+names differ from the commands' (`train`, `export`, `check`, `predict`) so that no
+notebook function reads like a module of the package.)
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def _run(command: str, cfg: DictConfig):
-    from lmmtune.commands import COMMANDS
-    from lmmtune.config_checks import validate
+    from lmmtune.cli import COMMANDS
+    from lmmtune.validate import validate
 
     validate(cfg, command)
     return COMMANDS[command].function()(cfg)

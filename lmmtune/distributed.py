@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,3 +156,13 @@ def agree_on_output_dir(output_dir: str) -> str:
 def _remove_if_empty(path: Path) -> None:
     with contextlib.suppress(OSError):  # rmdir only ever removes an empty directory
         path.rmdir()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """Joined for the stage under torchrun / accelerate launch (alone: nothing to join)."""
+    init()
+    try:
+        yield
+    finally:
+        shutdown()

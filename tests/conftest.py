@@ -36,7 +36,7 @@ def run_bench(args: list[str], out: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from lmmtune.model.tiny import tiny_model_dir
+    from lmmtune.demo import tiny_model_dir
 
     return tiny_model_dir()
 

@@ -9,7 +9,7 @@ the start of the text, none after special tokens), the setting of LLaVA's curren
 
 from __future__ import annotations
 
-from lmmtune.data.template import SYSTEM_PROMPT
+from lmmtune.data.prompt import SYSTEM_PROMPT
 
 IGNORE_INDEX = -100
 IMAGE_INDEX = -200

@@ -8,7 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmmtune.commands import COMMANDS, command_help, describe, usage
+from lmmtune.cli import COMMANDS, command_help, describe, usage
 from tests.conftest import run_cli
 
 
@@ -51,7 +51,7 @@ def test_commands_that_fill_no_run_folder_create_none(tmp_path):
 @pytest.mark.slow  # end-to-end processes: run by CI's slow step
 def test_record_import_is_a_subcommand(tmp_path):
     from lmmtune.config import TrackingConfig
-    from lmmtune.track.tracker import start_tracker
+    from lmmtune.tracking.tracker import start_tracker
 
     down = TrackingConfig(tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
     tracker = start_tracker(down, "exp", "run", tmp_path)

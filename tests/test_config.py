@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmmtune.config import Config, available_recipes
-from lmmtune.config_checks import validate
 from lmmtune.errors import LmmtuneError
+from lmmtune.validate import validate
 from tests.conftest import compose_config, run_cli
 
 

@@ -135,7 +135,7 @@ def test_accelerate_launch_two_processes_train_what_one_process_trains(single_ru
 
 def test_a_single_process_passes_through_the_distributed_helpers(tmp_path):
     from lmmtune import distributed
-    from lmmtune.rundir import job_output_dir
+    from lmmtune.rundir.run import job_output_dir
 
     assert distributed.world_size() == 1 and distributed.is_main()
     assert distributed.on_main(lambda a, b: a + b, 2, b=3) == 5
@@ -153,7 +153,7 @@ def test_ddp_finds_unused_parameters_unless_the_chunked_loss_trains_the_head():
 
 def test_fsdp_and_deepspeed_load_without_a_device_map_and_skip_eval_generation(monkeypatch):
     from lmmtune import distributed
-    from lmmtune.model.load import device_map
+    from lmmtune.model import device_map
 
     assert device_map() == "cpu" and distributed.generates_here()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -165,7 +165,7 @@ def test_fsdp_and_deepspeed_load_without_a_device_map_and_skip_eval_generation(m
 
 def test_fsdp_quant_config_stores_4bit_weights_as_bfloat16():
     from lmmtune.config import QuantConfig
-    from lmmtune.model.load import build_quantization_config
+    from lmmtune.model import build_quantization_config
     from tests.conftest import compose_config
 
     cfg = compose_config(["quant=4bit_fsdp"])

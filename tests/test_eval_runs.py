@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.runs import find_adapter, find_run_dir, run_settings
+from lmmtune.finished_run import find_adapter, find_run_dir, run_settings
 from tests.conftest import compose_config
 
 
@@ -68,8 +68,8 @@ def test_the_run_is_found_from_its_adapter_or_checkpoint(run_dir):
 def test_eval_data_file_gives_its_valid_records_checked_as_training_checks(
     tmp_path, tiny_processor
 ):
-    from lmmtune.data.problems import DataError
-    from lmmtune.runs import eval_samples
+    from lmmtune.errors import DataError
+    from lmmtune.finished_run import eval_samples
     from tests.data.helpers import llava, save_image, write_json
 
     save_image(tmp_path / "img" / "a.png")
@@ -85,9 +85,9 @@ def test_eval_data_file_gives_its_valid_records_checked_as_training_checks(
 
 def test_data_eval_on_a_demo_run_replaces_its_eval_split(run_dir, tmp_path, tiny_processor):
     """`eval` and the chat's examples read a demo run's eval split; data.eval was ignored."""
-    from lmmtune.chat.model import eval_examples
-    from lmmtune.data.demo import write_demo_dataset
-    from lmmtune.runs import eval_samples
+    from lmmtune.chat.answer import eval_examples
+    from lmmtune.demo import write_demo_dataset
+    from lmmtune.finished_run import eval_samples
     from tests.data.helpers import llava, save_image, write_json
 
     write_demo_dataset(run_dir / "demo_data", 12, 0)
@@ -105,8 +105,8 @@ def test_data_eval_on_a_demo_run_replaces_its_eval_split(run_dir, tmp_path, tiny
 
 
 def test_the_chat_names_the_base_model_not_its_local_folder(run_dir, tiny_model_path):
-    from lmmtune.chat.model import model_name
-    from lmmtune.rundir import base_model_file
+    from lmmtune.chat.answer import model_name
+    from lmmtune.rundir.run import base_model_file
 
     base_model_file(run_dir / "adapter").write_text(
         json.dumps({"base_model": str(tiny_model_path)})
@@ -124,7 +124,7 @@ def test_the_chat_names_the_base_model_not_its_local_folder(run_dir, tiny_model_
 def test_every_command_finds_a_finished_run_the_same_way(run_dir, tmp_path):
     """An adapter, an adapter export or a merged export of a run: the run's settings and
     folder; a merged folder outside a run (a registry download): the command's own."""
-    from lmmtune.runs import load_finished_run
+    from lmmtune.finished_run import load_finished_run
 
     cfg = compose_config([])
     adapted = load_finished_run(cfg, adapter=str(run_dir / "adapter"), overrides=[])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.owned import MANIFEST
-from lmmtune.rundir import prepare_run_dir
+from lmmtune.rundir.folders import MANIFEST
+from lmmtune.rundir.run import prepare_run_dir
 from tests.test_rundir import make_run
 
 
@@ -59,7 +59,7 @@ def test_overwrite_never_clears_another_run_kept_inside_the_run(tmp_path):
 
 
 def test_a_folder_claimed_by_a_command_that_fails_is_removed_again(tmp_path):
-    from lmmtune.owned import claim_folder, claimed_for_this_command
+    from lmmtune.rundir.folders import claim_folder, claimed_for_this_command
 
     user_empty = tmp_path / "empty"
     user_empty.mkdir()
@@ -78,7 +78,7 @@ def test_a_folder_claimed_by_a_command_that_fails_is_removed_again(tmp_path):
 
 
 def test_the_refusal_of_a_user_folder_reads_as_a_sentence(tmp_path):
-    from lmmtune.owned import claim_folder
+    from lmmtune.rundir.folders import claim_folder
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(LmmtuneError) as refused:
@@ -92,7 +92,7 @@ def test_the_refusal_of_a_user_folder_reads_as_a_sentence(tmp_path):
 def test_a_manifest_that_is_no_plain_small_json_file_is_refused_without_hanging(tmp_path, shape):
     import os
 
-    from lmmtune.owned import MAX_MANIFEST_BYTES
+    from lmmtune.rundir.folders import MAX_MANIFEST_BYTES
 
     run = make_run(tmp_path / "run")
     manifest = run.root / MANIFEST
@@ -118,7 +118,7 @@ def test_a_planted_temporary_link_is_never_written_through(tmp_path):
     folder someone else made must not lead the write to a file of the user's."""
     import os
 
-    from lmmtune.atomic import write_text_atomic
+    from lmmtune.rundir.files import write_text_atomic
 
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's")
@@ -142,7 +142,7 @@ def test_the_run_lock_is_never_a_link(tmp_path):
 
 def test_overwrite_clears_the_runs_own_eval_and_export_folders(tmp_path):
     from lmmtune.export.run import mark_export
-    from lmmtune.owned import adopt, claim_folder
+    from lmmtune.rundir.folders import adopt, claim_folder
 
     run = make_run(tmp_path / "run")
     evaluation = claim_folder(run.eval, "eval", False, "eval.output", "eval.overwrite")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lmmtune.commands import predict
 from lmmtune.errors import LmmtuneError
-from lmmtune.predict import predict
 from tests.conftest import compose_config
 from tests.export.test_export import export_once
 

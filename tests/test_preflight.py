@@ -166,7 +166,7 @@ def test_each_step_after_training_that_fails_keeps_the_weights_and_names_the_red
     tmp_path, monkeypatch
 ):
     from lmmtune.api import finetune
-    from lmmtune.train.checkpoints import completed_checkpoints
+    from lmmtune.rundir.run import completed_checkpoints
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -198,10 +198,10 @@ def test_each_step_after_training_that_fails_keeps_the_weights_and_names_the_red
 def test_a_failed_mlflow_step_names_the_import_command(tmp_path, monkeypatch):
     """The last step, after metrics.json: the run is finished, `import RUN` redoes it."""
     from lmmtune.api import finetune
-    from lmmtune.track.tracker import Tracker
+    from lmmtune.tracking.tracker import Tracker
 
     monkeypatch.chdir(tmp_path)
-    fail(monkeypatch, "lmmtune.track.tracker.Tracker.log_adapter_model")
+    fail(monkeypatch, "lmmtune.tracking.tracker.Tracker.log_adapter_model")
     assert Tracker.log_adapter_model is not None
     with pytest.raises(LmmtuneError) as raised:
         finetune(compose_config([*TINY_RUN, f"output_dir={tmp_path / 'run'}"]))

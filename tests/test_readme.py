@@ -28,7 +28,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_predict_example_asks_a_demo_question_about_a_demo_image():
-    from lmmtune.data.demo import PRESENCE_QUESTION, SIDE_QUESTION
+    from lmmtune.demo import PRESENCE_QUESTION, SIDE_QUESTION
 
     readme = (ROOT / "README.md").read_text()
     (example,) = re.findall(r"python -m lmmtune predict output_dir=RUN.+?\n.+?\n", readme)

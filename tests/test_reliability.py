@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from lmmtune.train.checkpoints import completed_checkpoints
+from lmmtune.rundir.run import completed_checkpoints
 from tests.conftest import run_cli
 
 FAST = [
@@ -213,7 +213,7 @@ def test_locked_sqlite_mid_run_keeps_everything_in_the_record(tmp_path):
     import mlflow
 
     from lmmtune.config import TrackingConfig
-    from lmmtune.track.tracker import start_tracker
+    from lmmtune.tracking.tracker import start_tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = start_tracker(TrackingConfig(tracking_uri=uri), "exp", "r", tmp_path)
@@ -269,7 +269,7 @@ def test_out_of_memory_message_says_what_to_lower():
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_run_like_folder_without_a_manifest_is_never_written_or_cleared(tmp_path, overwrite):
     from lmmtune.errors import LmmtuneError
-    from lmmtune.rundir import prepare_run_dir
+    from lmmtune.rundir.run import prepare_run_dir
 
     (tmp_path / "config.yaml").write_text("name: old\n")
     (tmp_path / "adapter").mkdir()
@@ -285,7 +285,7 @@ def test_a_run_like_folder_without_a_manifest_is_never_written_or_cleared(tmp_pa
 
 
 def test_half_written_checkpoint_is_never_picked_up(tmp_path):
-    from lmmtune.train.checkpoints import STAGING, find_resume_checkpoint
+    from lmmtune.rundir.run import STAGING, find_resume_checkpoint
 
     root = tmp_path / "checkpoints"
     (root / "checkpoint-4").mkdir(parents=True)

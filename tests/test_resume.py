@@ -9,8 +9,8 @@ import time
 import pytest
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.resume import check_resume, save_data_digest
-from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files, release_lock, save_config
+from lmmtune.rundir.resume import check_resume, save_data_digest
+from lmmtune.rundir.run import RunDir, prepare_run_dir, record_run_files, release_lock, save_config
 from tests.conftest import REPO_ROOT, compose_config, run_cli
 
 
@@ -86,7 +86,7 @@ def test_a_second_train_on_a_run_in_use_is_refused_naming_the_first(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from lmmtune.rundir import RunDir, "
+            "import sys, time; from pathlib import Path; from lmmtune.rundir.run import RunDir, "
             "take_lock; take_lock(RunDir(Path(sys.argv[1]))); print('locked', flush=True); "
             "time.sleep(60)",
             str(run.root),
@@ -128,7 +128,7 @@ def test_whole_run_loss_weights_each_logged_loss_by_the_steps_it_covers():
 
 
 def test_state_files_are_replaced_whole(tmp_path):
-    from lmmtune.atomic import write_text_atomic
+    from lmmtune.rundir.files import write_text_atomic
 
     target = tmp_path / "tracking.json"
     write_text_atomic(target, '{"run_id": "a"}')
@@ -141,8 +141,8 @@ def test_resume_with_changed_images_is_refused_before_the_model_loads(tmp_path, 
     """Only the JSON's sha256 was compared: replaced PNGs resumed and trained on other data."""
     import os
 
-    from lmmtune.data.splits import load_splits
-    from lmmtune.resume import check_image_digests
+    from lmmtune.data.checks import load_splits
+    from lmmtune.rundir.resume import check_image_digests
     from tests.data.helpers import llava, save_image, write_json
 
     for name, colour in (("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))):
@@ -169,4 +169,4 @@ def test_resume_with_changed_images_is_refused_before_the_model_loads(tmp_path, 
     assert "train.resume: the images changed since this run started" in result.stderr
     assert f"data.train: 1 of 3 images have other content ({replaced})" in result.stderr
     assert f"data.eval: 1 of 3 images have other content ({replaced})" in result.stderr
-    assert "lmmtune.model.load: loaded" not in result.stderr  # refused before the model loads
+    assert "lmmtune.model: loaded" not in result.stderr  # refused before the model loads

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.owned import MANIFEST, read_manifest
-from lmmtune.rundir import RunDir, prepare_run_dir, record_run_files, release_lock
+from lmmtune.rundir.folders import MANIFEST, read_manifest
+from lmmtune.rundir.run import RunDir, prepare_run_dir, record_run_files, release_lock
 from tests.conftest import compose_config, run_cli
 
 
 def make_run(run_dir: Path, finished: bool = True) -> RunDir:
     """A run directory as `train` leaves it (manifest, config, adapter, a checkpoint, metrics)."""
-    from lmmtune.rundir import save_config
+    from lmmtune.rundir.run import save_config
 
     prepare_run_dir(run_dir, overwrite=False, resume=None)
     run = RunDir(run_dir)
@@ -167,7 +167,7 @@ def test_export_overwrite_replaces_an_earlier_export(tmp_path):
 
 
 def test_staging_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
-    from lmmtune.atomic import staged_directory
+    from lmmtune.rundir.files import staged_directory
 
     target = tmp_path / "export-merged"
     dead = subprocess.run(
@@ -192,7 +192,7 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
 
 @pytest.mark.parametrize(("limit", "kept"), [(-1, [4, 8, 12]), (0, [4, 8, 12]), (2, [8, 12])])
 def test_checkpoint_rotation_never_deletes_what_it_should_keep(tmp_path, limit, kept):
-    from lmmtune.train.checkpoints import completed_checkpoints, keep_last
+    from lmmtune.rundir.run import completed_checkpoints, keep_last
 
     for step in (4, 8, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from lmmtune.redact import MASK, is_secret_name, redact, redact_value
-from tests.track.test_mlflow_ui import mlflow_ui
+from tests.tracking.test_mlflow_ui import mlflow_ui
 
 SECRET_NAMES = [
     "HF_TOKEN",
@@ -115,7 +115,7 @@ def test_text_without_secrets_is_unchanged(text):
 def test_no_setting_of_lmmtune_is_named_like_a_secret():
     """Every key of the schema keeps its value in MLflow params and the saved config."""
     from lmmtune.config import Config
-    from lmmtune.track.mlflow_tracker import flatten
+    from lmmtune.tracking.mlflow_run import flatten
 
     keys = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
     assert len(keys) > 100
@@ -152,7 +152,7 @@ def test_log_lines_of_any_logger_are_masked(monkeypatch):
 
 
 def test_metric_values_are_never_masked(tmp_path):
-    from lmmtune.track.record import LocalRecord
+    from lmmtune.tracking.tracker import LocalRecord
 
     metrics = {"eval_after/token_f1": 0.75, "token_f1": 0.5, "train/loss": 1.0}
     assert redact(metrics) == metrics
@@ -162,7 +162,7 @@ def test_metric_values_are_never_masked(tmp_path):
 
 
 def test_multirun_file_is_masked(tmp_path):
-    from lmmtune.track.sweep import mask_multirun_file, sweep_description
+    from lmmtune.tracking.sweep import mask_multirun_file, sweep_description
 
     (tmp_path / "multirun.yaml").write_text(
         "tracking:\n  tracking_uri: http://u:filepw@h:5000\n"
@@ -178,7 +178,7 @@ def test_multirun_file_is_masked(tmp_path):
 
 def test_mlflow_console_lines_hold_no_password(tmp_path, capfd):
     from lmmtune.config import TrackingConfig
-    from lmmtune.track.tracker import Tracker
+    from lmmtune.tracking.tracker import Tracker
 
     with mlflow_ui(f"sqlite:///{tmp_path}/mlflow.db", tmp_path, tmp_path / "server.log") as url:
         host = url.removeprefix("http://")

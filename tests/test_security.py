@@ -20,7 +20,7 @@ def test_remote_code_is_off_by_default_and_not_run(tmp_path, tiny_model_path):
     """A checkpoint's own processor code (auto_map) runs only with model.trust_remote_code=true."""
     import shutil
 
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     assert Config().model.trust_remote_code is False
     model_dir = tmp_path / "model"
@@ -62,8 +62,8 @@ def from_pretrained_calls() -> list[tuple[str, ast.Call]]:
 def test_every_model_load_asks_for_safetensors():
     calls = from_pretrained_calls()
     files = {where.split(":")[0] for where, _ in calls}
-    # training's loader, the export's reload, predict on an export, the MLflow pyfunc model
-    assert {"model/load.py", "export/merge.py", "predict.py", "export/pyfunc_model.py"} <= files
+    # training's loader, a finished run's merged model (export parity, predict, chat), MLflow's
+    assert {"model.py", "finished_run.py", "export/pyfunc_model.py"} <= files
     for where, call in calls:
         safe = [k for k in call.keywords if k.arg == "use_safetensors"]
         assert safe and ast.literal_eval(safe[0].value) is True, f"{where}: no use_safetensors=True"

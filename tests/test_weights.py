@@ -17,7 +17,7 @@ from tests.conftest import compose_config
 
 
 def test_a_pickled_adapter_is_refused_and_the_named_conversion_works(tmp_path):
-    from lmmtune.runs import find_adapter
+    from lmmtune.finished_run import find_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -40,7 +40,7 @@ def test_a_pickled_adapter_is_refused_and_the_named_conversion_works(tmp_path):
 
 
 def test_predict_refuses_a_pickled_model(tmp_path):
-    from lmmtune.runs import load_finished_run
+    from lmmtune.finished_run import load_finished_run
 
     (tmp_path / "config.json").write_text("{}")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
@@ -52,7 +52,7 @@ def test_shared_adapter_files_name_the_hub_id_not_a_local_path(tiny_model_path, 
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    from lmmtune.weights import hub_id_of, name_base_by_hub_id
+    from lmmtune.rundir.files import hub_id_of, name_base_by_hub_id
 
     assert hub_id_of("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
     assert hub_id_of(str(tiny_model_path)) is None and hub_id_of("tiny") is None
@@ -70,8 +70,8 @@ def test_shared_adapter_files_name_the_hub_id_not_a_local_path(tiny_model_path, 
 
 @pytest.mark.parametrize("named", ["./org/name", "~/models", "org/name/sub", "tiny", "/abs/org"])
 def test_a_local_path_is_no_hub_id_for_the_adapter_files_or_the_model_card(named):
-    from lmmtune.export.model_card import front_matter, how_to_load
-    from lmmtune.weights import hub_id_of
+    from lmmtune.eval.description import front_matter, how_to_load
+    from lmmtune.rundir.files import hub_id_of
 
     assert hub_id_of(named) is None
     assert "base_model" not in front_matter(named) and "PATH/TO/BASE/MODEL" in how_to_load(named)

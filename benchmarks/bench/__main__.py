@@ -28,8 +28,8 @@ from benchmarks.bench.models import llava_config, random_checkpoint
 from benchmarks.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
 from benchmarks.bench.report import environment, markdown, mfu, peak_tflops, ratios
 from benchmarks.bench.run import BenchSettings, run_recipe
-from lmmtune.model.load import torch_dtype
-from lmmtune.train.memory import GIB, ModelShape
+from lmmtune.model import torch_dtype
+from lmmtune.training.memory import GIB, ModelShape
 
 log = logging.getLogger("benchmarks.bench")
 # Per scale: micro-batch, gradient accumulation, warm-up steps, timed steps, LoRA rank.

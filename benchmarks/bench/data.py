@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from lmmtune.data.template import IGNORE_INDEX
+from lmmtune.data.prompt import IGNORE_INDEX
 
 TEXT_TOKENS = (30, 200)
 

@@ -11,8 +11,8 @@ import torch
 
 from benchmarks.bench.data import IGNORE_INDEX, SyntheticLlavaData
 from lmmtune.config import DpoConfig, ModelConfig
-from lmmtune.data.dataset import PaddingCollator
-from lmmtune.dpo.collator import PAIR
+from lmmtune.data.batches import PaddingCollator
+from lmmtune.data.pairs import PAIR
 from lmmtune.stages.dpo import LlavaDPOTrainer
 
 
@@ -59,7 +59,7 @@ class BenchDPOTrainer(LlavaDPOTrainer):
 
 def dpo_trainer(model, args, data: SyntheticLlavaData, pad_token_id: int, projector_lr, callbacks):
     """The benchmark's DPO trainer (reference: the adapter switched off, the default)."""
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     # TRL wants a processor to know the model is a VLM; batches come from the collator.
     processor = load_processor(ModelConfig(path="tiny"))

@@ -1,7 +1,7 @@
 """LLaVA-1.5-shaped configs and random-weight checkpoints that load like the real ones.
 
 A random checkpoint is written shard by shard (never the whole model in CPU memory)
-and then loaded with `lmmtune.model.load.load_model`, so the benchmark quantizes
+and then loaded with `lmmtune.model.load_model`, so the benchmark quantizes
 exactly as a training run does.
 """
 
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from lmmtune.model.tiny import default_cache_dir
+from lmmtune.demo import default_cache_dir
 
 IMAGE_TOKEN_ID = 32000
 PAD_TOKEN_ID = 32001

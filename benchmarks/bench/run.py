@@ -26,13 +26,12 @@ from benchmarks.bench.dpo import dpo_trainer
 from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config
 from benchmarks.bench.recipes import Recipe
 from lmmtune.config import DpoConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
-from lmmtune.data.dataset import PaddingCollator
+from lmmtune.data.batches import PaddingCollator
 from lmmtune.errors import LmmtuneError
-from lmmtune.model.adapters import apply_lora
-from lmmtune.model.load import load_model, resolve_attention
+from lmmtune.model import apply_lora, load_model, resolve_attention
 from lmmtune.stages.dpo import build_dpo_arguments
-from lmmtune.train.memory import GIB, MemorySetup, ModelShape, estimate_memory, fit_to_memory
-from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
+from lmmtune.training.memory import GIB, MemorySetup, ModelShape, estimate_memory, fit_to_memory
+from lmmtune.training.trainer import LlavaTrainer, build_training_arguments
 
 log = logging.getLogger(__name__)
 GROUPING_POOL = 200

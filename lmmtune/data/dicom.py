@@ -25,7 +25,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from lmmtune.data.problems import Kind, RecordInvalid
+from lmmtune.errors import Kind, RecordInvalid
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'lmmtune[dicom]' (pydicom and its JPEG/JPEG 2000 decoders)"

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lmmtune.data.dicom import check_pixels, decode_dicom, stretch_to_uint8
-from lmmtune.data.problems import Kind, RecordInvalid
+from lmmtune.errors import Kind, RecordInvalid
 
 IMAGE_MAGIC = {
     b"\x89PNG": "PNG",

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from lmmtune.config import DataColumns
-from lmmtune.data.problems import DataError, Kind, RecordInvalid, RecordProblem
-from lmmtune.data.template import IMAGE_PLACEHOLDER
+from lmmtune.data.prompt import IMAGE_PLACEHOLDER
+from lmmtune.errors import DataError, Kind, RecordInvalid, RecordProblem
 
 __all__ = ["DataError", "ImageRef", "RecordInvalid", "RecordProblem", "Sample", "record_to_sample"]
 

@@ -10,8 +10,8 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from lmmtune.data.problems import RecordProblem
 from lmmtune.data.records import Sample
+from lmmtune.errors import RecordProblem
 
 SHOWN_PER_KIND = 20
 """Records listed under each kind of problem before `... and N more` (all go to the JSONL)."""

@@ -16,19 +16,19 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lmmtune.errors import LmmtuneError
-from lmmtune.eval.evaluate import evaluate_adapter
+from lmmtune.eval.generate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.owned import (
+from lmmtune.finished_run import load_finished_run
+from lmmtune.rundir.folders import (
     OwnedFolder,
     check_claim,
     claim_folder,
     claimed_for_this_command,
     listed_when_done,
 )
-from lmmtune.rundir import RunDir
-from lmmtune.runs import load_finished_run
-from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.tracker import start_tracker
+from lmmtune.rundir.run import RunDir
+from lmmtune.tracking.mlflow_run import tracked_run
+from lmmtune.tracking.tracker import start_tracker
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmmtune.atomic import staged_directory
 from lmmtune.errors import LmmtuneError
-from lmmtune.export.chat_template import export_processor
-from lmmtune.export.gguf_tools import CONVERTER_TYPES, GgufTools, find_tools
+from lmmtune.export.gguf_tools import (
+    CONVERTER_TYPES,
+    TOKENIZER_MODEL,
+    GgufTools,
+    added_tokens,
+    find_tools,
+    provide_tokenizer_model,
+)
 from lmmtune.export.gguf_usage import LLAMA_CPP_CHAT_TEMPLATE, write_usage_files
-from lmmtune.export.gguf_vocab import TOKENIZER_MODEL, added_tokens, provide_tokenizer_model
+from lmmtune.export.processor import export_processor
 from lmmtune.export.run import (
     REPORT,
     check_target,
@@ -44,9 +49,9 @@ from lmmtune.export.run import (
     parity_failure,
     portable_path,
 )
-from lmmtune.rundir import RunDir
-from lmmtune.runs import load_finished_run
-from lmmtune.weights import require_safetensors
+from lmmtune.finished_run import load_finished_run
+from lmmtune.rundir.files import require_safetensors, staged_directory
+from lmmtune.rundir.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +140,7 @@ def run_source(cfg: DictConfig, overrides: list[str] | None) -> GgufSource:
 
 def local_base(settings: DictConfig) -> list[Path]:
     """The base model's folder on this machine (a hub id's cached snapshot), if any."""
-    from lmmtune.model.load import resolve_model_path
+    from lmmtune.model import resolve_model_path
 
     try:
         path = Path(resolve_model_path(settings.model))
@@ -254,7 +259,7 @@ def model_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[
 def convert_image_encoder(staging: Path, folder: Path, tools: GgufTools, image_processor) -> Path:
     """llama.cpp's legacy convert_image_encoder_to_gguf.py: LLaVA 1.5's mmproj in f16, with the
     image mean and std of the processor training used."""
-    command = [sys.executable, "-m", "lmmtune.export.gguf_legacy"]
+    command = [sys.executable, "-m", "lmmtune.export.gguf_tools"]
     command += [str(tools.image_encoder_converter), "-m", str(staging)]
     command += ["--clip-model-is-vision", "--llava-projector", str(staging / "llava.projector")]
     command += ["--output-dir", str(staging), "--projector-type", "mlp"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmmtune.data.template import EOS, SYSTEM_PROMPT
+from lmmtune.data.prompt import EOS, SYSTEM_PROMPT
 
 MODELFILE = "Modelfile"
 README = "README.md"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lmmtune.data.dataset import BatchBuilder
+from lmmtune.data.batches import BatchBuilder
 from lmmtune.data.records import Sample
 from lmmtune.eval.generate import to_model
-from lmmtune.runs import FinishedRun, load_merged_model
+from lmmtune.finished_run import FinishedRun, load_merged_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def merge_and_save(
 
     Returns the adapter model's logits on `batch` (taken before merging), for parity.
     """
-    from lmmtune.model.load import torch_dtype
+    from lmmtune.model import torch_dtype
 
     model = run.load_model(unquantized_dtype=dtype)
     reference = token_logits(model, batch) if batch is not None else None
@@ -105,6 +105,6 @@ def merge_and_save(
 
 def load_exported(path: Path, dtype: str):
     """The export as a user loads it (plain transformers, no lmmtune code involved), in `dtype`."""
-    from lmmtune.model.load import torch_dtype
+    from lmmtune.model import torch_dtype
 
     return load_merged_model(path, torch_dtype(dtype))

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-BASE_RECORD = "lmmtune_base.json"  # lmmtune.rundir.BASE_RECORD, read without lmmtune
+BASE_RECORD = "lmmtune_base.json"  # lmmtune.rundir.run.BASE_RECORD, read without lmmtune
 
 
 class LlavaAnswerer(PythonModel):

@@ -24,9 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lmmtune.atomic import STAGING_MARKER, remove_stale_staging, staged_directory
 from lmmtune.errors import LmmtuneError
-from lmmtune.export.chat_template import export_processor
 from lmmtune.export.merge import (
     PARITY_TOLERANCE,
     Parity,
@@ -36,12 +34,14 @@ from lmmtune.export.merge import (
     parity_batch,
     token_logits,
 )
-from lmmtune.owned import OwnedFolder, adopt, files_under, foreign_files, read_manifest
+from lmmtune.export.processor import export_processor
+from lmmtune.finished_run import FinishedRun, eval_samples, load_finished_run, source_run_id
 from lmmtune.redact import redact_value
-from lmmtune.rundir import RunDir
-from lmmtune.runs import FinishedRun, eval_samples, load_finished_run, source_run_id
-from lmmtune.track.mlflow_tracker import tracked_run
-from lmmtune.track.tracker import start_tracker
+from lmmtune.rundir.files import STAGING_MARKER, remove_stale_staging, staged_directory
+from lmmtune.rundir.folders import OwnedFolder, adopt, files_under, foreign_files, read_manifest
+from lmmtune.rundir.run import RunDir
+from lmmtune.tracking.mlflow_run import tracked_run
+from lmmtune.tracking.tracker import start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ EXPORT_KIND = "export"
 def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Export the run's adapter as configured in `cfg.export`; return the export report.
 
-    The settings were checked when the config was composed (`lmmtune.config_checks`)."""
+    The settings were checked when the config was composed (`lmmtune.validate`)."""
     export_cfg = cfg.export
     run = load_finished_run(cfg, adapter=export_cfg.adapter, overrides=overrides)
     target = (
@@ -170,7 +170,7 @@ def end_killed_exports(stale: list[dict], tracking_cfg) -> None:
         if left["note"] and tracking_cfg.backend == "mlflow":
             from mlflow.tracking import MlflowClient
 
-            from lmmtune.track.mlflow_tracker import resolve_tracking_uri
+            from lmmtune.tracking.mlflow_run import resolve_tracking_uri
 
             try:
                 client = MlflowClient(resolve_tracking_uri(tracking_cfg))

@@ -27,13 +27,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lmmtune.data.dataset import ImageLoader, TokenizedConversation
+from lmmtune.data.batches import ImageLoader, TokenizedConversation
 from lmmtune.errors import LmmtuneError, RunInterrupted
-from lmmtune.export.chat_template import check_prompt_ids, export_processor
+from lmmtune.export.processor import check_prompt_ids, export_processor
 from lmmtune.export.run import EXPORT_KIND
-from lmmtune.owned import read_manifest
-from lmmtune.rundir import RunDir
-from lmmtune.train.checkpoints import completed_checkpoints
+from lmmtune.rundir.folders import read_manifest
+from lmmtune.rundir.run import RunDir, completed_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -23,19 +23,17 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from lmmtune.config import DpoReference
-from lmmtune.data.pairs import check_rejected_lengths
+from lmmtune.data.checks import load_splits
+from lmmtune.data.pairs import PAIR, PreferenceCollator, check_rejected_lengths
 from lmmtune.data.records import Sample
-from lmmtune.data.splits import load_splits
+from lmmtune.demo import pair_data_config
 from lmmtune.distributed import on_main
-from lmmtune.dpo.collator import PAIR, PreferenceCollator
-from lmmtune.dpo.demo import pair_data_config
 from lmmtune.errors import LmmtuneError
-from lmmtune.model.adapters import PROJECTOR, apply_lora, trainable_in_fp32
-from lmmtune.model.load import resolve_model_path
-from lmmtune.rundir import base_model_file
+from lmmtune.model import PROJECTOR, apply_lora, resolve_model_path, trainable_in_fp32
+from lmmtune.rundir.files import require_adapter_weights
+from lmmtune.rundir.run import base_model_file
 from lmmtune.stages.sft import SFTRecipe, training_numbers
-from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
-from lmmtune.weights import require_adapter_weights
+from lmmtune.training.trainer import LlavaTrainer, build_training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +203,7 @@ def sft_parent(dpo_cfg) -> dict[str, str]:
     if dpo_cfg.from_base:
         return {"dpo_start": "base"}
     adapter_dir = dpo_cfg.init_adapter
-    from lmmtune.runs import source_run_id
+    from lmmtune.finished_run import source_run_id
 
     tags = {"dpo_start": "adapter", "init_adapter": str(Path(adapter_dir).resolve())}
     parent = source_run_id(Path(adapter_dir).resolve().parent)

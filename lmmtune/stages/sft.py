@@ -20,27 +20,37 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from lmmtune.atomic import write_text_atomic
-from lmmtune.data.dataset import PaddingCollator, SupervisedDataset
-from lmmtune.data.splits import load_splits
+from lmmtune.data.batches import PaddingCollator, SupervisedDataset
+from lmmtune.data.checks import load_splits
 from lmmtune.distributed import (
     barrier,
     find_unused_parameters,
     generates_here,
     is_main,
     on_main,
+    process_group,
     shards_model,
 )
 from lmmtune.errors import LmmtuneError, RunInterrupted
-from lmmtune.eval.description import describe_run
-from lmmtune.eval.evaluate import EvalResult, evaluate, summary
-from lmmtune.eval.report import save_eval_report, scalar_tags
-from lmmtune.eval.samples import SAMPLES_FILE, log_sample_images
-from lmmtune.export.model_card import write_model_card
-from lmmtune.model.adapters import apply_lora, trainable_report
-from lmmtune.model.load import load_model, load_processor, resolve_model_path
-from lmmtune.resume import check_image_digests, check_resume, save_data_digest
-from lmmtune.rundir import RecordRunFiles, job_output_dir, save_config
+from lmmtune.eval.description import describe_run, write_model_card
+from lmmtune.eval.generate import EvalResult, evaluate, summary
+from lmmtune.eval.report import SAMPLES_FILE, log_sample_images, save_eval_report, scalar_tags
+from lmmtune.model import (
+    apply_lora,
+    load_model,
+    load_processor,
+    resolve_model_path,
+    trainable_report,
+)
+from lmmtune.rundir.files import name_base_by_hub_id, write_text_atomic
+from lmmtune.rundir.resume import check_image_digests, check_resume, save_data_digest
+from lmmtune.rundir.run import (
+    RecordRunFiles,
+    job_output_dir,
+    locked_run_folder,
+    removed_if_failed_start,
+    save_config,
+)
 from lmmtune.stages.checks import (
     after_training,
     check_eval_prompts,
@@ -48,17 +58,22 @@ from lmmtune.stages.checks import (
     check_exported_processor,
     check_saving,
 )
-from lmmtune.stages.context import locked_run_folder, process_group, removed_if_failed_start
-from lmmtune.track.datasets import log_datasets
-from lmmtune.track.mlflow_tracker import TrackerCallback, flatten, tracked_run, trainer_summary
-from lmmtune.track.record import last_logged_step
-from lmmtune.track.tracker import start_tracker
-from lmmtune.train.best import KeepBestAdapter
-from lmmtune.train.guards import InterruptOutsideTraining, StopOnNonFinite, StopOnSignal
-from lmmtune.train.liger import require_liger
-from lmmtune.train.memory import fit_to_memory
-from lmmtune.train.trainer import build_trainer, build_training_arguments
-from lmmtune.weights import name_base_by_hub_id
+from lmmtune.tracking.mlflow_run import (
+    TrackerCallback,
+    flatten,
+    log_datasets,
+    tracked_run,
+    trainer_summary,
+)
+from lmmtune.tracking.tracker import last_logged_step, start_tracker
+from lmmtune.training.callbacks import (
+    InterruptOutsideTraining,
+    KeepBestAdapter,
+    StopOnNonFinite,
+    StopOnSignal,
+)
+from lmmtune.training.memory import fit_to_memory
+from lmmtune.training.trainer import build_trainer, build_training_arguments, require_liger
 
 log = logging.getLogger(__name__)
 

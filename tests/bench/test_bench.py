@@ -15,10 +15,9 @@ from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_config, 
 from benchmarks.bench.recipes import RECIPES
 from benchmarks.bench.report import markdown, mfu, peak_tflops, ratios
 from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
-from lmmtune.data.dataset import PaddingCollator
-from lmmtune.model.adapters import apply_lora
-from lmmtune.model.load import load_model
-from lmmtune.train.trainer import LlavaTrainer, build_training_arguments
+from lmmtune.data.batches import PaddingCollator
+from lmmtune.model import apply_lora, load_model
+from lmmtune.training.trainer import LlavaTrainer, build_training_arguments
 from tests.conftest import run_bench
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from lmmtune.config import ModelConfig, PeftConfig, QuantConfig, TrainConfig
-from lmmtune.model.adapters import apply_lora
-from lmmtune.model.load import load_model
+from lmmtune.model import apply_lora, load_model
 from tests.conftest import run_bench
 
 pytestmark = [
@@ -63,7 +62,7 @@ def test_4bit_load_on_cuda(tiny_model_path):
 
 
 def test_chunked_loss_matches_the_default_in_bf16_on_cuda(tiny_model_path):
-    from lmmtune.train.loss import chunked_causal_lm_loss
+    from lmmtune.training.loss import chunked_causal_lm_loss
 
     model = apply_lora(
         load_model(TINY_BF16, QuantConfig()), PeftConfig(r=8, alpha=16), True
@@ -85,8 +84,8 @@ def test_chunked_loss_matches_the_default_in_bf16_on_cuda(tiny_model_path):
 def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
     from benchmarks.bench.data import SyntheticLlavaData
     from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, random_checkpoint
-    from lmmtune.data.dataset import PaddingCollator
-    from lmmtune.train.trainer import build_trainer, build_training_arguments
+    from lmmtune.data.batches import PaddingCollator
+    from lmmtune.training.trainer import build_trainer, build_training_arguments
 
     path = random_checkpoint("tiny", torch.bfloat16, tmp_path)
     model_cfg = ModelConfig(path=str(path), dtype="bfloat16")
@@ -117,8 +116,8 @@ def test_training_steps_on_cuda_with_the_recipe_settings(tmp_path):
 def _train_losses(checkpoint, loss_impl: str, workdir) -> tuple[list[float], object]:
     from benchmarks.bench.data import SyntheticLlavaData
     from benchmarks.bench.models import IMAGE_TOKEN_ID, PAD_TOKEN_ID
-    from lmmtune.data.dataset import PaddingCollator
-    from lmmtune.train.trainer import build_trainer, build_training_arguments
+    from lmmtune.data.batches import PaddingCollator
+    from lmmtune.training.trainer import build_trainer, build_training_arguments
 
     torch.manual_seed(0)  # the same LoRA init for both losses
     model_cfg = ModelConfig(path=str(checkpoint), dtype="bfloat16")
@@ -154,7 +153,7 @@ def test_merge_parity_on_cuda(tiny_model_path, tmp_path):
         merge_and_save,
         token_logits,
     )
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     model = apply_lora(load_model(TINY_BF16, QuantConfig()), PeftConfig(r=8, alpha=16), False)
     _perturb(model)
@@ -188,7 +187,7 @@ def test_benchmark_on_cuda_reports_memory_and_mfu(tmp_path):
 def test_medical_dtypes_train_without_autocast_on_cuda(tiny_model_path, loss_impl):
     """bf16 base and compute, fp32 LoRA and projector, the loss outside any autocast (as
     transformers 5's Trainer computes it): finite gradients that agree between the losses."""
-    from lmmtune.train.loss import chunked_causal_lm_loss
+    from lmmtune.training.loss import chunked_causal_lm_loss
 
     model = apply_lora(
         load_model(TINY_BF16, QuantConfig(compute_dtype="bfloat16")),

@@ -18,7 +18,7 @@ from PIL import Image
 from lmmtune.errors import LmmtuneError
 from tests.conftest import compose_config, local_server
 from tests.data.test_images import _png_claiming, _write_dicom
-from tests.track.test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
+from tests.tracking.test_mlflow_ui import chromium, free_port  # noqa: F401  (chromium is a fixture)
 
 gradio_client = pytest.importorskip("gradio_client")
 LEAD_SCREENSHOT = Path("/tmp/lmmtune_chat_app.png")
@@ -155,8 +155,8 @@ def test_only_the_example_images_are_served(chat_server, demo_run):
 
 
 def test_every_event_waits_in_the_bounded_queue(tiny_processor):
+    from lmmtune.chat.answer import ChatModel
     from lmmtune.chat.app import build_app
-    from lmmtune.chat.model import ChatModel
     from lmmtune.config import ChatConfig
 
     chat_model = ChatModel(object(), tiny_processor, "tiny", max_length=256, max_image_pixels=10)
@@ -231,7 +231,7 @@ def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, ch
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from lmmtune.predict import predict
+    from lmmtune.commands import predict
 
     row = eval_rows(demo_run)[0]
     chromium.get(chat_server["url"])
@@ -296,7 +296,7 @@ def test_browser_session_base_and_adapted_side_by_side(chat_server, demo_run, ch
 
 
 def test_chat_without_gradio_names_the_extra(monkeypatch):
-    from lmmtune.chat.run import require_gradio
+    from lmmtune.chat.app import require_gradio
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
     with pytest.raises(LmmtuneError, match=r"pip install 'lmmtune\[chat\]'"):
@@ -304,8 +304,7 @@ def test_chat_without_gradio_names_the_extra(monkeypatch):
 
 
 def test_registered_model_is_one_merged_answer(demo_run):
-    from lmmtune.chat.generation import Answerer, Settings, conversation
-    from lmmtune.chat.model import load_chat_model
+    from lmmtune.chat.answer import Answerer, Settings, conversation, load_chat_model
     from tests.export.test_export import REGISTERED, export_once
 
     export_once(demo_run)
@@ -330,7 +329,7 @@ def test_registered_model_is_one_merged_answer(demo_run):
 
 
 def test_unknown_model_source_says_what_to_pass(tmp_path):
-    from lmmtune.chat.model import load_chat_model
+    from lmmtune.chat.answer import load_chat_model
 
     with pytest.raises(LmmtuneError, match="is not a model directory"):
         load_chat_model(compose_config([f"chat.model={tmp_path}"]), overrides=[])
@@ -339,7 +338,7 @@ def test_unknown_model_source_says_what_to_pass(tmp_path):
 
 
 def test_a_conversation_is_checked_as_training_checks_records(tiny_processor):
-    from lmmtune.chat.generation import conversation
+    from lmmtune.chat.answer import conversation
 
     tokenizer = tiny_processor.tokenizer
     sample = conversation("scan.png", [], " <image>\n Is it? ", tokenizer, 256)

@@ -23,7 +23,7 @@ def good_set(tmp_path) -> Path:
 @pytest.fixture()
 def inspect(tiny_processor, tmp_path):
     """inspect_data(DataConfig(**overrides)) with the tiny processor, in-process (no pool)."""
-    from lmmtune.data.splits import inspect_data
+    from lmmtune.data.checks import inspect_data
 
     def run(**overrides):
         overrides.setdefault("num_workers", 0)

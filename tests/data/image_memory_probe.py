@@ -149,12 +149,11 @@ def make(case: str, folder: Path) -> tuple[Path, int | None]:
 def main(case: str, folder: Path) -> None:
     from transformers import AutoProcessor
 
-    from lmmtune.data.dataset import ImageLoader
+    from lmmtune.data.batches import ImageLoader
     from lmmtune.data.images import open_image, padded_to_square
-    from lmmtune.data.problems import RecordInvalid
     from lmmtune.data.records import Sample
-    from lmmtune.errors import LmmtuneError
-    from lmmtune.model.tiny import tiny_model_dir
+    from lmmtune.demo import tiny_model_dir
+    from lmmtune.errors import LmmtuneError, RecordInvalid
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir())
     path, max_pixels = make(case, folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmmtune.data.dataset import BatchBuilder, ImageLoader, SupervisedDataset, TokenizedConversation
+from lmmtune.data.batches import BatchBuilder, ImageLoader, SupervisedDataset, TokenizedConversation
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.records import Sample
 from tests.data.helpers import save_image

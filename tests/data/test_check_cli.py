@@ -59,7 +59,7 @@ def test_check_reports_problems_and_exits_1(tmp_path):
 
 def test_check_passes_a_good_set(good_set, capsys):
     # The same function the CLI's check branch calls, in-process (a subprocess costs ~10 s).
-    from lmmtune.check import check
+    from lmmtune.commands import check
     from lmmtune.config import Config, DataConfig, ModelConfig
 
     cfg = Config(
@@ -75,7 +75,7 @@ def test_check_passes_a_good_set(good_set, capsys):
 
 
 def test_check_with_a_memory_budget_prints_the_plan_or_fails(good_set, capsys):
-    from lmmtune.check import check
+    from lmmtune.commands import check
     from lmmtune.config import Config, DataConfig, ModelConfig, TrainConfig
     from lmmtune.errors import LmmtuneError
 

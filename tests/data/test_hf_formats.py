@@ -10,12 +10,10 @@ import pytest
 from PIL import Image
 
 from lmmtune.config import DataColumns
-from lmmtune.data.dataset import PaddingCollator, SupervisedDataset, load_sample_image
-from lmmtune.data.hf import TableImage
+from lmmtune.data.batches import PaddingCollator, SupervisedDataset, load_sample_image
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
-from lmmtune.data.problems import Kind
-from lmmtune.data.readers import read_data
-from lmmtune.errors import LmmtuneError
+from lmmtune.data.readers import TableImage, read_data
+from lmmtune.errors import Kind, LmmtuneError
 from tests.data.helpers import chat, save_image
 
 datasets = pytest.importorskip("datasets")

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from lmmtune.config import DataColumns
+from lmmtune.data.checks import resolve_images
 from lmmtune.data.images import read_image_bytes
-from lmmtune.data.problems import Kind, RecordInvalid
 from lmmtune.data.readers import read_data
-from lmmtune.data.validate import resolve_images
+from lmmtune.errors import Kind, RecordInvalid
 from tests.conftest import run_cli
 from tests.data.helpers import kinds, llava, save_image, write_jsonl
 
@@ -147,8 +147,8 @@ def test_a_parquet_column_of_lists_is_invalid_not_its_string_form(tmp_path):
 
 
 def test_text_far_past_max_length_is_refused_without_tokenizing(tiny_processor):
+    from lmmtune.data.checks import check_lengths
     from lmmtune.data.records import Sample
-    from lmmtune.data.validate import check_lengths
 
     samples = [
         Sample(id="huge", turns=[("q" * 21_000_000, "a")], source="t.jsonl:1"),

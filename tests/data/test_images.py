@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lmmtune.data.images import open_image
-from lmmtune.data.problems import Kind, RecordInvalid
+from lmmtune.errors import Kind, RecordInvalid
 from tests.data.helpers import llava, save_image, write_json
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmmtune.data.dataset import TokenizedConversation, image_token_count, token_lengths
+from lmmtune.data.batches import TokenizedConversation, image_token_count, token_lengths
 from lmmtune.data.records import Sample
 from tests.llava_reference import preprocess_v1
 from tests.real_tokenizer import real_processor

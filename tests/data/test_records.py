@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmmtune.config import DataColumns
-from lmmtune.data.problems import Kind
 from lmmtune.data.readers import read_data
-from lmmtune.errors import LmmtuneError
+from lmmtune.errors import Kind, LmmtuneError
 from tests.data.helpers import chat, kinds, llava, save_image, write_json, write_jsonl
 
 COLUMNS = DataColumns()

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from lmmtune.config import DataConfig
-from lmmtune.data.dataset import TokenizedConversation
-from lmmtune.data.problems import DataError, Kind
+from lmmtune.data.batches import TokenizedConversation
+from lmmtune.data.checks import load_splits
 from lmmtune.data.report import format_report
-from lmmtune.data.splits import load_splits
+from lmmtune.errors import DataError, Kind
 from tests.data.helpers import kinds, llava, save_image, write_json
 
 

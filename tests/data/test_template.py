@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lmmtune.data.dataset import SupervisedDataset, image_token_count
+from lmmtune.data.batches import SupervisedDataset, image_token_count
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
+from lmmtune.data.prompt import IGNORE_INDEX, SYSTEM_PROMPT, render_conversation, render_prompt
 from lmmtune.data.records import Sample
-from lmmtune.data.template import IGNORE_INDEX, SYSTEM_PROMPT, render_conversation, render_prompt
 
 TURNS = [
     ("Is there a lesion?", "yes"),

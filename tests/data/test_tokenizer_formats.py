@@ -12,11 +12,11 @@ import json
 import pytest
 from transformers import AutoProcessor
 
-from lmmtune.data.dataset import TokenizedConversation, token_lengths
+from lmmtune.data.batches import TokenizedConversation, token_lengths
+from lmmtune.data.prompt import render_prompt
 from lmmtune.data.records import Sample
-from lmmtune.data.template import render_prompt
 from lmmtune.errors import LmmtuneError
-from lmmtune.export.chat_template import export_processor
+from lmmtune.export.processor import export_processor
 from tests.llava_reference import preprocess_v1
 from tests.real_tokenizer import MODEL_CONFIG, PIPELINES, real_processor, tokenizer_format_dir
 
@@ -169,7 +169,7 @@ def test_an_unknown_pipeline_is_refused_at_start_naming_it(
     normalizer, pre_tokenizer, named, tmp_path
 ):
     from lmmtune.config import ModelConfig
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     folder = tokenizer_format_dir(tmp_path / "odd", "metaspace first", False, with_config=True)
     state = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))

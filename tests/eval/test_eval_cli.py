@@ -124,7 +124,7 @@ def test_eval_refuses_to_replace_an_evaluation_and_needs_an_adapter(demo_run, ev
 
 
 def test_a_failed_eval_leaves_no_folder_that_refuses_the_corrected_one(tmp_path):
-    from lmmtune.owned import check_claim
+    from lmmtune.rundir.folders import check_claim
     from tests.test_rundir import make_run
 
     run = make_run(tmp_path / "run")

@@ -14,11 +14,10 @@ from PIL import Image
 from lmmtune.config import DataColumns, TrackingConfig
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
 from lmmtune.data.readers import read_data
-from lmmtune.eval.evaluate import EvalResult
+from lmmtune.eval.generate import EvalResult
 from lmmtune.eval.metrics import score_predictions
-from lmmtune.eval.report import save_eval_report
-from lmmtune.eval.samples import log_sample_images
-from lmmtune.track.tracker import Tracker
+from lmmtune.eval.report import log_sample_images, save_eval_report
+from lmmtune.tracking.tracker import Tracker
 
 datasets = pytest.importorskip("datasets")
 COLOURS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]

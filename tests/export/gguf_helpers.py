@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from lmmtune.demo import TINY_SPEC, default_cache_dir
 from lmmtune.export.gguf_tools import LLAMA_CPP_PYTHON, cached_llama_cpp
-from lmmtune.model.tiny import TINY_SPEC, default_cache_dir
 from tests.real_tokenizer import real_processor_dir
 
 TEXT = {

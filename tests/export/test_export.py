@@ -188,7 +188,7 @@ def test_adapter_export_reloads_with_peft_and_matches_the_merged_model(
 
     from lmmtune.export.merge import parity_batch, token_logits
     from lmmtune.export.run import run_export
-    from lmmtune.runs import eval_samples
+    from lmmtune.finished_run import eval_samples
 
     target = tmp_path / "adapter-export"
     cfg = compose_config(

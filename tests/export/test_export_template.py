@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lmmtune.data.dataset import ImageLoader, TokenizedConversation
+from lmmtune.data.batches import ImageLoader, TokenizedConversation
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
+from lmmtune.data.prompt import render_conversation
 from lmmtune.data.records import Sample
-from lmmtune.data.template import render_conversation
-from lmmtune.export.chat_template import export_processor
+from lmmtune.export.processor import export_processor
 
 
 @pytest.fixture(scope="module")

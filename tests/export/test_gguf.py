@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from lmmtune.config_checks import validate
 from lmmtune.errors import LmmtuneError
 from lmmtune.export.gguf import run_gguf_export, stage_image_encoder
+from lmmtune.export.gguf_tools import PROBES, check_same_tokens, llama_sentencepiece_model
 from lmmtune.export.gguf_usage import modelfile_text, write_usage_files
-from lmmtune.export.gguf_vocab import PROBES, check_same_tokens, llama_sentencepiece_model
-from lmmtune.owned import read_manifest
+from lmmtune.rundir.folders import read_manifest
+from lmmtune.validate import validate
 from tests.conftest import compose_config, run_cli
 from tests.real_tokenizer import real_processor, real_processor_dir
 
@@ -184,7 +184,7 @@ def test_llama_cpp_chat_template_renders_the_training_prompt():
     where training has `<image>`, a line break after it whether or not the user wrote one."""
     import jinja2
 
-    from lmmtune.data.template import render_conversation, render_prompt
+    from lmmtune.data.prompt import render_conversation, render_prompt
     from lmmtune.export.gguf_usage import LLAMA_CPP_CHAT_TEMPLATE, MEDIA_MARKER
 
     template = jinja2.Environment().from_string(LLAMA_CPP_CHAT_TEMPLATE)

@@ -304,7 +304,7 @@ def non_square_images(folder: Path) -> list[Path]:
 
     from PIL import Image, ImageDraw, ImageFilter
 
-    from lmmtune.data.demo import draw_scan
+    from lmmtune.demo import draw_scan
 
     scan = draw_scan(random.Random(3), "left").resize((640, 480), Image.BICUBIC)
     photo = Image.linear_gradient("L").resize((500, 300)).convert("RGB")
@@ -324,7 +324,7 @@ def training_features(checkpoint: Path, images: list[Path], question: str) -> di
     pixels through the pinned llama.cpp's layout."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from lmmtune.export.chat_template import export_processor
+    from lmmtune.export.processor import export_processor
 
     processor = export_processor(AutoProcessor.from_pretrained(checkpoint))
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()

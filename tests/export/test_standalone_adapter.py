@@ -34,7 +34,7 @@ def test_model_card_is_filled_not_peft_template(demo_run):
 
 
 def test_model_card_names_a_hub_base_model():
-    from lmmtune.export.model_card import front_matter, how_to_load
+    from lmmtune.eval.description import front_matter, how_to_load
 
     assert front_matter("llava-hf/llava-1.5-7b-hf")["base_model"] == "llava-hf/llava-1.5-7b-hf"
     assert '"llava-hf/llava-1.5-7b-hf"' in how_to_load("llava-hf/llava-1.5-7b-hf")

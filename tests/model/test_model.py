@@ -10,8 +10,13 @@ import torch
 
 from lmmtune.config import LLM_LINEARS, ModelConfig, PeftConfig, QuantConfig
 from lmmtune.errors import LmmtuneError
-from lmmtune.model.adapters import apply_lora, trainable_report
-from lmmtune.model.load import load_model, resolve_attention, resolve_model_path
+from lmmtune.model import (
+    apply_lora,
+    load_model,
+    resolve_attention,
+    resolve_model_path,
+    trainable_report,
+)
 
 TINY = ModelConfig(path="tiny", dtype="float32")
 QLORA = QuantConfig(mode="4bit", compute_dtype="float32")
@@ -76,7 +81,7 @@ def test_lora_wraps_only_language_model_linears(tiny_model_path, train_projector
 def test_trainable_report_counts_4bit_weights_as_logical_parameters(qlora_base):
     from transformers import LlavaForConditionalGeneration
 
-    from lmmtune.model.load import resolve_model_path
+    from lmmtune.model import resolve_model_path
 
     full = LlavaForConditionalGeneration.from_pretrained(resolve_model_path(TINY))
     assert trainable_report(qlora_base).total == sum(p.numel() for p in full.parameters())

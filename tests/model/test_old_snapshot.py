@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from lmmtune.config import ModelConfig
-from lmmtune.data.dataset import image_token_count
+from lmmtune.data.batches import image_token_count
 from tests.conftest import run_cli
 
 
@@ -27,7 +27,7 @@ def old_snapshot(tiny_model_path, tmp_path_factory):
 def test_processor_counts_the_towers_tokens(old_snapshot):
     from transformers import AutoProcessor
 
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     assert image_token_count(AutoProcessor.from_pretrained(old_snapshot)) == 15  # transformers'
     processor = load_processor(ModelConfig(path=str(old_snapshot)))

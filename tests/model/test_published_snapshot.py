@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lmmtune.data.dataset import TokenizedConversation, image_token_count
+from lmmtune.data.batches import TokenizedConversation, image_token_count
 from lmmtune.data.records import Sample
 from tests.conftest import compose_config, run_cli
 from tests.llava_reference import preprocess_v1
@@ -53,7 +53,7 @@ def test_the_snapshot_processor_gives_llavas_ids(additional, tmp_path):
     from transformers import AutoProcessor
 
     from lmmtune.config import ModelConfig
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     folder = snapshot_copy(tmp_path / "llava", additional, weights=False)
     raw = AutoProcessor.from_pretrained(folder)
@@ -74,8 +74,8 @@ def test_the_exported_processor_feeds_the_pyfunc_model_training_ids(tmp_path):
     """The processor the run's adapter/ and the exports ship, saved from the snapshot's and
     loaded as the pyfunc models load it (with and without config.json beside it)."""
     from lmmtune.config import ModelConfig
-    from lmmtune.export.chat_template import export_processor
-    from lmmtune.model.load import load_processor
+    from lmmtune.export.processor import export_processor
+    from lmmtune.model import load_processor
 
     snapshot = snapshot_copy(tmp_path / "llava", False, weights=False)
     Image.effect_noise((500, 300), 40).convert("RGB").save(tmp_path / "scan.png")
@@ -203,7 +203,7 @@ def test_the_whole_cli_runs_on_a_7b_wide_published_snapshot(tmp_path):
 def check_training_ids(snapshot, questions, plain_ids) -> None:
     """Plain transformers on the export feeds the model the ids training used."""
     from lmmtune.config import ModelConfig
-    from lmmtune.model.load import load_processor
+    from lmmtune.model import load_processor
 
     tokenize = TokenizedConversation(load_processor(ModelConfig(path=str(snapshot))), 4096)
     for question, ids in zip(questions, plain_ids, strict=True):
@@ -224,8 +224,7 @@ def pyfunc_prompt_ids(folder, questions) -> list[list[int]]:
 
 def chat_answer(run, question: dict) -> str:
     """The chat app's answer (its answerer, as the app's /answer calls it) from the export."""
-    from lmmtune.chat.generation import Answerer, Settings, conversation
-    from lmmtune.chat.model import load_chat_model
+    from lmmtune.chat.answer import Answerer, Settings, conversation, load_chat_model
 
     cfg = compose_config([f"chat.model={run / 'export-merged'}", "tracking=none"])
     chat_model = load_chat_model(cfg, overrides=[])

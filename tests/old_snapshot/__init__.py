@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lmmtune.model.tiny import default_cache_dir
+from lmmtune.demo import default_cache_dir
 from tests.real_tokenizer import real_processor_dir
 
 WRITER = Path(__file__).with_name("write_snapshot.py")

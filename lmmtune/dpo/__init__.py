@@ -1,1 +1,0 @@
-"""Preference tuning (DPO) on the QLoRA stack, through TRL's DPOTrainer."""
