@@ -35,3 +35,12 @@ def test_readme_predict_example_asks_a_demo_question_about_a_demo_image():
     question = re.search(r'predict\.question="([^"]+)"', example).group(1)
     assert question in (PRESENCE_QUESTION, SIDE_QUESTION)
     assert "predict.image=RUN/demo_data/images/" in example
+
+
+def test_readme_command_table_lists_exactly_the_registered_commands():
+    from lmmtune.cli import COMMANDS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| command | what |") :].split("\n\n")[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+    assert listed == set(COMMANDS)
