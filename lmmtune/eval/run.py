@@ -20,6 +20,7 @@ from lmmtune.eval.generate import evaluate_adapter
 from lmmtune.eval.report import save_eval_report, scalar_tags
 from lmmtune.finished_run import load_finished_run
 from lmmtune.rundir.folders import (
+    EVAL_KIND,
     OwnedFolder,
     check_claim,
     claim_folder,
@@ -31,8 +32,6 @@ from lmmtune.tracking.mlflow_run import tracked_run
 from lmmtune.tracking.tracker import start_tracker
 
 log = logging.getLogger(__name__)
-
-EVAL_KIND = "eval"
 
 
 def run_eval(cfg: DictConfig, overrides: list[str] | None = None) -> dict:

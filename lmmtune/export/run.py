@@ -38,7 +38,14 @@ from lmmtune.export.processor import export_processor
 from lmmtune.finished_run import FinishedRun, eval_samples, load_finished_run, source_run_id
 from lmmtune.redact import redact_value
 from lmmtune.rundir.files import STAGING_MARKER, remove_stale_staging, staged_directory
-from lmmtune.rundir.folders import OwnedFolder, adopt, files_under, foreign_files, read_manifest
+from lmmtune.rundir.folders import (
+    EXPORT_KIND,
+    OwnedFolder,
+    adopt,
+    files_under,
+    foreign_files,
+    read_manifest,
+)
 from lmmtune.rundir.run import RunDir
 from lmmtune.tracking.mlflow_run import tracked_run
 from lmmtune.tracking.tracker import start_tracker
@@ -46,7 +53,6 @@ from lmmtune.tracking.tracker import start_tracker
 log = logging.getLogger(__name__)
 
 REPORT = "export_report.json"
-EXPORT_KIND = "export"
 
 
 def run_export(cfg: DictConfig, overrides: list[str] | None = None) -> dict:

@@ -30,6 +30,8 @@ MANIFEST = ".lmmtune.json"
 LOCK = ".lmmtune.lock"  # a run's lock (lmmtune.rundir.run): never listed, never cleared
 LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export"}
 RUN_KIND = "run"
+EVAL_KIND = "eval"
+EXPORT_KIND = "export"
 NESTED_KINDS = ("eval", "export", "tracking")
 """Kinds of the folders a run may hold of its own (its evaluations, exports, export records)."""
 MAX_MANIFEST_BYTES = 64 * 2**20

@@ -30,8 +30,7 @@ from pathlib import Path
 from lmmtune.data.batches import ImageLoader, TokenizedConversation
 from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.export.processor import check_prompt_ids, export_processor
-from lmmtune.export.run import EXPORT_KIND
-from lmmtune.rundir.folders import read_manifest
+from lmmtune.rundir.folders import EXPORT_KIND, read_manifest
 from lmmtune.rundir.run import RunDir, completed_checkpoints
 
 log = logging.getLogger(__name__)
