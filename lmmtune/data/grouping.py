@@ -85,13 +85,15 @@ class Grouping:
         """Training samples per conversation (1.0: nothing grouped)."""
         return self.samples / max(len(self.conversations), 1)
 
-    def describe(self) -> str:
+    def describe(self, on: bool | None = None) -> str:
+        """Both ways of an epoch; `on`: whether data.group_by_image picks the grouped one."""
         turns = sum(c.turns for c in self.conversations)
         fewer = self.tokens_before / max(self.tokens_after, 1)
+        setting = "" if on is None else f" (data.group_by_image={str(on).lower()})"
         return (
-            f"per epoch: {self.samples} samples, {self.tokens_before:,} tokens one per record; "
-            f"grouped by image: {len(self.conversations)} conversations of {turns} turns, "
-            f"{self.tokens_after:,} tokens ({fewer:.2f}x fewer)"
+            f"per epoch{setting}: one sample per record: {self.samples} samples, "
+            f"{self.tokens_before:,} tokens; grouped by image: {len(self.conversations)} "
+            f"conversations of {turns} turns, {self.tokens_after:,} tokens ({fewer:.2f}x fewer)"
         )
 
 

@@ -40,6 +40,8 @@ class DataReport:
     grouping: Grouping | None = None
     """`train` grouped by image (`data.group_by_image`), whether or not training groups it;
     None for preference pairs."""
+    group_by_image: bool = False
+    """Whether training groups `train` by image (data.group_by_image)."""
     max_length: int = 0
     image_tokens: int = 0
     problems: list[RecordProblem] = field(default_factory=list)
@@ -101,7 +103,7 @@ def format_report(report: DataReport) -> str:
     )
     lines.append(f"tokens per answer: {summary(report.answer_lengths)}")
     if report.grouping is not None:
-        lines.append(report.grouping.describe())
+        lines.append(report.grouping.describe(on=report.group_by_image))
     lines += _grouped("problems (invalid records)", report.problems)
     lines += _grouped("warnings (records still used)", report.warnings)
     lines.append(f"checked in {report.seconds:.1f} s")

@@ -173,7 +173,7 @@ class SFTRecipe:
         if not self.data_cfg.group_by_image:
             return None
         grouping = self.splits.report.grouping
-        log.info("data.group_by_image: %s", grouping.describe())
+        log.info("data.group_by_image: %s", grouping.describe(on=True))
         return grouping
 
     def sample_lengths(self) -> list[int]:

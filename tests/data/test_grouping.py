@@ -191,3 +191,29 @@ def test_grouped_ids_and_labels_equal_llavas_multi_turn_on_the_real_vocabulary(l
         seen.append(len(expected[0]))
     assert max(seen) <= conversation.length
     assert conversation.length < sum(lengths) - 3 * 576  # the image and system line once
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_check_reports_an_epoch_both_ways_and_plans_memory_for_the_chosen_one(
+    grouped_set, capsys, on
+):
+    from lmmtune.commands import check
+    from lmmtune.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    data = DataConfig(train=str(grouped_set), num_workers=0, eval_fraction=0, group_by_image=on)
+    budget = TrainConfig(batch_size=1, grad_accum=8, gpu_memory_gb=8)
+    report = check(Config(data=data, model=ModelConfig(path="tiny"), train=budget))
+
+    printed = capsys.readouterr().out
+    per_record = sum(report.train_lengths)
+    grouped = sum(report.grouping.lengths)
+    assert (
+        f"per epoch (data.group_by_image={str(on).lower()}): one sample per record: 6 samples, "
+        f"{per_record:,} tokens; grouped by image: 4 conversations of 7 turns, "
+        f"{grouped:,} tokens ({per_record / grouped:.2f}x fewer)"
+    ) in printed
+    assert (per_record, grouped) == (333, 249)  # the tiny tokenizer's counts, pinned
+    # three questions on image a: its 16 image tokens and the system line once, not thrice
+    assert per_record - grouped > 2 * 16
+    longest = max(report.grouping.lengths if on else report.train_lengths)
+    assert f"(samples up to {longest} tokens;" in printed
