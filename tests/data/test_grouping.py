@@ -217,3 +217,19 @@ def test_check_reports_an_epoch_both_ways_and_plans_memory_for_the_chosen_one(
     assert per_record - grouped > 2 * 16
     longest = max(report.grouping.lengths if on else report.train_lengths)
     assert f"(samples up to {longest} tokens;" in printed
+
+
+def test_persistent_workers_build_each_epochs_order(inspect, grouped_set, tiny_processor):
+    from torch.utils.data import DataLoader
+
+    conversations = inspect(train=str(grouped_set), eval_fraction=0).grouping.conversations
+    dataset = GroupedDataset(conversations, tiny_processor, 2048, None, seed=42)
+    sampler = EpochTagged(EpochSeededRandomSampler(len(dataset), seed=42))
+    loader = DataLoader(
+        dataset, sampler=sampler, num_workers=2, persistent_workers=True, collate_fn=list
+    )
+    for epoch in range(3):
+        sampler.set_epoch(epoch)  # what the Trainer does at each epoch start
+        got = [item["input_ids"] for (item,) in loader]
+        expected = [dataset[key]["input_ids"] for key in sampler]
+        assert got == expected
