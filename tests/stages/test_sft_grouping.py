@@ -1,15 +1,19 @@
 """`python -m lmmtune recipe=demo data.group_by_image=true`: a scan's questions train as one
-conversation, DataLoader workers reshuffle its turns per epoch, the loss falls, and the
-grouping is in metrics.json and MLflow."""
+conversation, DataLoader workers reshuffle its turns per epoch, the loss falls, the
+grouping is in metrics.json and MLflow, and a run resumed in a later epoch ends with the
+weights of an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
+from tests.test_reliability import FAST, adapter_weights, start_cli, wait_for_checkpoint
 
 GROUPED_RUN = [
     "recipe=demo",
@@ -45,3 +49,37 @@ def test_a_grouped_run_trains_on_conversations(tmp_path):
     assert params["data.grouping.conversations"] == "30"
     ratio = data["train_samples"] / 30
     assert float(params["data.grouping.samples_per_conversation"]) == round(ratio, 3)
+
+
+# 30 training scans -> 30 conversations, batch 4: 8 steps an epoch; 25 steps end in the fourth.
+GROUPED_LATER_EPOCH = [
+    *FAST,
+    "data.group_by_image=true",
+    "data.num_workers=2",
+    "train.max_steps=25",
+    "train.save_steps=5",
+]
+
+
+@pytest.mark.slow  # end-to-end processes: run by CI's slow step
+def test_a_grouped_run_resumed_in_a_later_epoch_matches_an_uninterrupted_one(tmp_path):
+    reference = run_cli([*GROUPED_LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    process = start_cli([*GROUPED_LATER_EPOCH, "output_dir=crashed"], cwd=tmp_path)
+    first = wait_for_checkpoint(tmp_path / "crashed", process, min_step=15)  # in epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    assert int(first.name.split("-")[1]) > 8, "killed in the first epoch"
+
+    resumed = run_cli([*GROUPED_LATER_EPOCH, "output_dir=crashed", "train.resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and first.name in resumed.stderr
+
+    expected, got = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert straight["data"]["train_conversations"] == 30
