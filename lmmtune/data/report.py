@@ -102,10 +102,10 @@ def format_report(report: DataReport) -> str:
         f"data.max_length={report.max_length}"
     )
     lines.append(f"tokens per answer: {summary(report.answer_lengths)}")
-    if report.grouping is not None:
-        lines.append(report.grouping.describe(on=report.group_by_image))
     lines += _grouped("problems (invalid records)", report.problems)
     lines += _grouped("warnings (records still used)", report.warnings)
+    if report.grouping is not None:
+        lines.append(report.grouping.describe(on=report.group_by_image))
     lines.append(f"checked in {report.seconds:.1f} s")
     return "\n".join(lines)
 
