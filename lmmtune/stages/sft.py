@@ -116,7 +116,7 @@ class SFTRecipe:
         self.trainer = self.build_trainer()
         self.report = self.log_trainable()
         self.guard.phase = "checking that the run can finish"
-        run_dir, samples = self.folder.root, len(self.splits.train)
+        run_dir, samples = self.folder.root, len(self.lengths)  # conversations, if grouped
         exported, processor = self.exported, self.processor
         on_main(check_saving, self.model, exported, processor, self.train_cfg, samples, run_dir)
 
