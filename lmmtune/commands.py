@@ -71,7 +71,9 @@ def memory_plan(cfg: Config, report: DataReport) -> str:
     """The planner's choice for the longest sample training will see, as a report line."""
     from lmmtune.training.memory import fit_to_memory
 
-    longest = max(report.train_lengths, default=1)  # what training plans with
+    grouped = report.group_by_image and report.grouping is not None
+    lengths = report.grouping.lengths if grouped else report.train_lengths
+    longest = max(lengths, default=1)  # what training plans with
     sequences = 2 if cfg.dpo.enabled else 1  # a preference pair: chosen and rejected
     planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest, sequences)
     return (

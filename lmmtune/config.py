@@ -162,6 +162,13 @@ class DataConfig:
     """Worker processes that decode images: DataLoader workers, and the image check's pool."""
     seed: int = 0
     """Seed of the train/eval split and the demo generator."""
+    group_by_image: bool = False
+    """Train the questions of one image as one multi-turn conversation, as LLaVA 1.5 did
+    (`<image>` in the first turn, turn order reshuffled every epoch from train.seed, cut
+    to data.max_length between turns): the image's tokens are paid once, not per question.
+    Single-turn image records only, same image by content, after the train/eval split
+    (eval stays per question); the SFT stage only. On in the recipes; false: one sample
+    per record."""
 
 
 @dataclass

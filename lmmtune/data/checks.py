@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lmmtune.config import DataConfig, OnError
 from lmmtune.data.batches import image_token_count, token_lengths
+from lmmtune.data.grouping import group_by_image
 from lmmtune.data.images import inspect_image
 from lmmtune.data.pairs import check_rejected_lengths, unpaired
 from lmmtune.data.prompt import IMAGE_PLACEHOLDER
@@ -151,11 +152,23 @@ def inspect_data(
         report.eval_from = "the data.eval file"
     length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
     report.train_lengths = [length_of[s.source] for s in report.train]
+    if not pairs_only:  # preference pairs train one per record
+        group_training_set(report, processor, data_cfg)
     report.warnings += train_eval_overlap(report.train, report.eval)
     report.problems.sort(key=in_file_order)
     report.warnings.sort(key=in_file_order)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def group_training_set(report: DataReport, processor, data_cfg: DataConfig) -> None:
+    """The training split grouped by image (same content) into `report.grouping`, for `check`
+    (both ways) and training (data.group_by_image)."""
+    keys = [image_key(sample) for sample in report.train]
+    report.grouping = group_by_image(
+        report.train, report.train_lengths, keys, processor, data_cfg.max_length
+    )
+    report.group_by_image = data_cfg.group_by_image
 
 
 def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:

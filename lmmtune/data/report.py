@@ -9,9 +9,13 @@ from __future__ import annotations
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmmtune.data.records import Sample
 from lmmtune.errors import RecordProblem
+
+if TYPE_CHECKING:
+    from lmmtune.data.grouping import Grouping
 
 SHOWN_PER_KIND = 20
 """Records listed under each kind of problem before `... and N more` (all go to the JSONL)."""
@@ -33,6 +37,11 @@ class DataReport:
     """Tokens per sample of `train`, in its order: for length grouping and the memory planner."""
     answer_lengths: list[int] = field(default_factory=list)
     """Tokens per answer (every turn of every parsed sample)."""
+    grouping: Grouping | None = None
+    """`train` grouped by image (`data.group_by_image`), whether or not training groups it;
+    None for preference pairs."""
+    group_by_image: bool = False
+    """Whether training groups `train` by image (data.group_by_image)."""
     max_length: int = 0
     image_tokens: int = 0
     problems: list[RecordProblem] = field(default_factory=list)
@@ -95,6 +104,8 @@ def format_report(report: DataReport) -> str:
     lines.append(f"tokens per answer: {summary(report.answer_lengths)}")
     lines += _grouped("problems (invalid records)", report.problems)
     lines += _grouped("warnings (records still used)", report.warnings)
+    if report.grouping is not None:
+        lines.append(report.grouping.describe(on=report.group_by_image))
     lines.append(f"checked in {report.seconds:.1f} s")
     return "\n".join(lines)
 

@@ -59,6 +59,10 @@ class DPORecipe(SFTRecipe):
         splits = on_main(load_splits, data_cfg, self.folder.root, self.processor, pairs_only=True)
         return data_cfg, splits
 
+    def grouped_training_set(self) -> None:
+        """Pairs are trained one per record: data.group_by_image is SFT's."""
+        return None
+
     def sample_lengths(self) -> list[int]:
         """Tokens of each pair's longer side."""
         train = self.splits.train

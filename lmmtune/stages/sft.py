@@ -22,6 +22,7 @@ from transformers import set_seed
 
 from lmmtune.data.batches import PaddingCollator, SupervisedDataset
 from lmmtune.data.checks import load_splits
+from lmmtune.data.grouping import GroupedDataset, Grouping
 from lmmtune.distributed import (
     barrier,
     find_unused_parameters,
@@ -115,7 +116,7 @@ class SFTRecipe:
         self.trainer = self.build_trainer()
         self.report = self.log_trainable()
         self.guard.phase = "checking that the run can finish"
-        run_dir, samples = self.folder.root, len(self.splits.train)
+        run_dir, samples = self.folder.root, len(self.lengths)  # conversations, if grouped
         exported, processor = self.exported, self.processor
         on_main(check_saving, self.model, exported, processor, self.train_cfg, samples, run_dir)
 
@@ -132,6 +133,7 @@ class SFTRecipe:
         eval_samples, evaluates_after = self.splits.eval, cfg.eval.after and bool(self.splits.eval)
         on_main(check_eval_prompts, eval_samples, self.processor, self.data_cfg, evaluates_after)
         on_main(check_image_digests, self.splits, self.folder.data_digest)  # a resume: same images
+        self.grouping = self.grouped_training_set()
         self.lengths = self.sample_lengths()
         longest, per_sample = max(self.lengths, default=1), self.sequences_per_sample
         self.train_cfg = fit_to_memory(
@@ -165,8 +167,19 @@ class SFTRecipe:
         splits = on_main(load_splits, self.cfg.data, self.folder.root, self.processor)
         return self.cfg.data, splits
 
+    def grouped_training_set(self) -> Grouping | None:
+        """Stage hook: the training split as conversations per image (data.group_by_image),
+        or None (one sample per record)."""
+        if not self.data_cfg.group_by_image:
+            return None
+        grouping = self.splits.report.grouping
+        log.info("data.group_by_image: %s", grouping.describe(on=True))
+        return grouping
+
     def sample_lengths(self) -> list[int]:
         """Stage hook: tokens of each training sample (length grouping, memory planner)."""
+        if self.grouping is not None:
+            return self.grouping.lengths  # each conversation in its longest turn order
         return self.splits.report.train_lengths  # counted by the data check, images included
 
     def start_tracking(self) -> None:
@@ -198,6 +211,8 @@ class SFTRecipe:
                 "grad_accum": self.train_cfg.grad_accum,
             }
             self.tracker.log_params({f"memory_plan.{key}": n for key, n in plan.items()})
+        if self.grouping is not None:
+            self.tracker.log_params(grouping_params(self.grouping))
         self.log_datasets()
 
     def log_datasets(self) -> None:
@@ -205,11 +220,14 @@ class SFTRecipe:
 
     def data_counts(self) -> dict[str, int]:
         splits = self.splits
-        return {
+        counts = {
             "train_samples": len(splits.train),
             "eval_samples": len(splits.eval),
             "skipped_records": len(splits.problems),
         }
+        if self.grouping is not None:
+            counts["train_conversations"] = len(self.grouping.conversations)
+        return counts
 
     def build_model(self, base: torch.nn.Module) -> torch.nn.Module:
         """Stage hook: the model to train from the loaded base: the base is evaluated, then
@@ -262,6 +280,14 @@ class SFTRecipe:
             )
             for samples in (splits.train, splits.eval)
         )
+        if self.grouping is not None:  # eval loss stays per question, as eval is
+            train_set = GroupedDataset(
+                self.grouping.conversations,
+                self.processor,
+                data_cfg.max_length,
+                data_cfg.max_image_pixels,
+                cfg.train.seed,
+            )
         collator = PaddingCollator(self.processor.tokenizer.pad_token_id)
         return build_trainer(
             self.model,
@@ -386,6 +412,16 @@ class SFTRecipe:
             for artifact in (folder.config, folder.metrics, folder.adapter):
                 tracker.log_artifact(artifact)
             tracker.log_adapter_model(folder.adapter)  # the run's model, loadable as pyfunc
+
+
+def grouping_params(grouping: Grouping) -> dict:
+    """What data.group_by_image made of the training split, as MLflow params."""
+    return {
+        "data.grouping.conversations": len(grouping.conversations),
+        "data.grouping.samples_per_conversation": round(grouping.ratio, 3),
+        "data.grouping.tokens_per_epoch": grouping.tokens_after,
+        "data.grouping.tokens_per_epoch_ungrouped": grouping.tokens_before,
+    }
 
 
 def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, run_dir: Path):

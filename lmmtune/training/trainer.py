@@ -193,14 +193,23 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        # Length grouping from precomputed lengths: the default would decode every image to measure it.
-        if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
-            return EpochSeededLengthGroupedSampler(
+        """Length grouping from precomputed lengths (the default would decode every image to
+        measure it); a dataset that reorders per epoch gets each index tagged with its epoch."""
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        by_length = self.args.train_sampling_strategy == "group_by_length"
+        if by_length and self.lengths is not None:
+            sampler = EpochSeededLengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=self.lengths,
-                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                seed=seed,
             )
-        return super()._get_train_sampler(train_dataset)
+        elif getattr(self.train_dataset, "reorders_per_epoch", False):
+            sampler = EpochSeededRandomSampler(len(self.train_dataset), seed)
+        else:
+            return super()._get_train_sampler(train_dataset)
+        if getattr(self.train_dataset, "reorders_per_epoch", False):
+            return EpochTagged(sampler)
+        return sampler
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -223,6 +232,47 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class EpochSeededRandomSampler(torch.utils.data.Sampler):
+    """A random order whose epoch E comes from `seed + E` alone (see the length-grouped one)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class EpochTagged(torch.utils.data.Sampler):
+    """Yield `(epoch, index)` for each index of `sampler`: the dataset reads the epoch from
+    the index itself, so DataLoader workers (their own copies of the dataset, kept between
+    epochs when persistent) need no message. The Trainer and accelerate call `set_epoch` at
+    each epoch start, also for the epochs a resume skips; it is passed on."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
 
 
 def build_trainer(
