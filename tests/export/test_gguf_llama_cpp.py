@@ -231,6 +231,7 @@ def run_readme_example(export_dir: Path, image: str) -> str:
 
 
 @pytest.mark.slow  # minutes: demo training, three GGUF exports, llama.cpp on 128 questions each
+@pytest.mark.heavy  # and the llama-cpp-python build (~6 min on 2 cores): not in CI
 def test_llama_cpp_answers_the_gguf_export_as_transformers_answers_the_merged_one(tmp_path):
     from transformers import AutoProcessor
 
@@ -337,6 +338,7 @@ def training_features(checkpoint: Path, images: list[Path], question: str) -> di
 
 
 @pytest.mark.slow  # minutes: 7B-wide layers converted and run on a CPU
+@pytest.mark.heavy  # not in CI
 def test_at_7b_width_llama_cpp_sees_non_square_images_close_to_training(tmp_path):
     """LLaVA-1.5-7B's widths (CLIP ViT-L/14-336, 576 image tokens, 4096-wide Llama, 2 layers,
     random weights): `export.model=` a merged folder, f16, in llama.cpp."""

@@ -146,6 +146,7 @@ def cli_ok(args, cwd, timeout=1800):
     return done
 
 
+@pytest.mark.heavy  # 10-30 min on 2 CPU cores: not in CI
 def test_the_whole_cli_runs_on_a_7b_wide_published_snapshot(tmp_path):
     snapshot = snapshot_copy(tmp_path / "llava-1.5-7b-hf", additional_image_tokens=False)
     data = write_data(tmp_path)

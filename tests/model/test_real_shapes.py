@@ -17,6 +17,7 @@ ROOT = Path(__file__).parent.parent.parent
 
 
 @pytest.mark.slow  # minutes: 7B-wide layers on a CPU
+@pytest.mark.heavy  # not in CI
 def test_7b_width_runs_the_cli_end_to_end(tmp_path):
     real_processor_dir(False)  # skips here where npm cannot be reached
     out = tmp_path / "real-shapes"
