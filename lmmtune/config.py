@@ -136,9 +136,18 @@ class DataColumns:
 class DataConfig:
     train: str | None = None
     """Training data: LLaVA JSON, JSONL, CSV, parquet/arrow file or glob, a datasets
-    save_to_disk folder, an imagefolder with metadata.jsonl, or `demo` (synthetic set)."""
+    save_to_disk folder, an imagefolder with metadata.jsonl, a Hub dataset id (`org/name`,
+    downloaded into the hub cache) or its downloaded copy, or `demo` (synthetic set).
+    `data=vqa_rad|slake|pathvqa` set it to a public medical VQA set."""
+    train_split: str = "train"
+    """The split trained on where data.train is published in splits (a Hub dataset, its
+    downloaded copy, a DatasetDict folder); a source of one table is read whole."""
     eval: str | None = None
-    """Held-out data in the same formats; null splits `eval_fraction` off the training set."""
+    """Held-out data in the same formats; null: data.train's `eval_split`, else
+    `eval_fraction` split off the training set."""
+    eval_split: str | None = None
+    """The split evaluated on (e.g. test), of data.eval, or of data.train's data set when
+    data.eval is null; null: data.eval whole, or eval_fraction split off the training set."""
     image_root: str | None = None
     """Directory image paths are relative to; defaults to the data file's directory (or the
     dataset folder). Relative paths that climb out of it are refused; absolute ones are kept."""

@@ -274,8 +274,10 @@ def eval_samples(
 
 
 def _read_file(path: str, data_cfg, processor) -> tuple[list[Sample], list]:
-    """Every valid record of the file at `path`, checked as training checks its data."""
-    file_cfg = OmegaConf.merge(data_cfg, {"train": path, "eval": None, "eval_fraction": 0.0})
+    """Every valid record of the file at `path` (of a data set in splits: its
+    data.train_split), checked as training checks its data."""
+    whole = {"train": path, "eval": None, "eval_split": None, "eval_fraction": 0.0}
+    file_cfg = OmegaConf.merge(data_cfg, whole)
     report = _inspect(file_cfg, processor)
     return report.train, report.problems
 

@@ -14,10 +14,8 @@ import importlib.util
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -34,6 +32,7 @@ from lmmtune.config import Dtype, ModelConfig, PeftConfig, QuantConfig, QuantMod
 from lmmtune.data.prompt import UnknownTokenizer, chunk_tokenizer
 from lmmtune.demo import TINY_NAME, tiny_model_dir
 from lmmtune.errors import LmmtuneError
+from lmmtune.hub import cached_snapshot, download_hint, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +60,12 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
         return path
     if Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise LmmtuneError(f"model.path '{path}' is not a directory")
-    if not _hub_reachable():
-        cached = _cached_snapshot(path, model_cfg.revision)
+    if not hub_reachable():
+        cached = cached_snapshot(path, model_cfg.revision)
         if cached is None:
-            raise _not_found(path)
+            raise download_hint("model", path, "model.path")
         return cached
     return path
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=True)
-    except Exception:  # not in the local cache (the hub raises several error types)
-        return None
 
 
 def torch_dtype(name: Dtype | str) -> torch.dtype:
@@ -232,15 +211,6 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def _not_found(path: str) -> LmmtuneError:
-    return LmmtuneError(
-        f"could not load model '{path}': it is not a local directory and the Hugging Face Hub "
-        "could not be reached (offline?). Download it where there is internet, e.g.\n"
-        f"  hf download {path} --local-dir /path/to/{Path(path).name}\n"
-        f"then point lmmtune at the copy: model.path=/path/to/{Path(path).name}"
-    )
 
 
 PROJECTOR = "multi_modal_projector"

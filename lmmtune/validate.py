@@ -153,10 +153,19 @@ def dpo_start(dpo: DictConfig) -> Iterator[str]:
 
 
 def training_data(cfg: DictConfig) -> Iterator[str]:
-    if cfg.data.train is None:
+    data = cfg.data
+    if data.train is None:
         yield (
             "data.train=null: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
-            "folder) or data.train=demo"
+            "folder, a Hub dataset id), data=vqa_rad|slake|pathvqa or data.train=demo"
+        )
+    for key in ("train_split", "eval_split"):
+        if data[key] is not None and not str(data[key]).strip():
+            yield f"data.{key}='': empty; name a split (train, validation, test) or leave it out"
+    if data.eval is None and data.eval_split is not None and data.eval_split == data.train_split:
+        yield (
+            f"data.eval_split={data.eval_split} is data.train_split too: the model would be "
+            "evaluated on what it trained on; choose another split (e.g. test)"
         )
 
 

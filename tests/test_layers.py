@@ -14,6 +14,7 @@ LAYERS = {
     "errors": 0,
     "redact": 0,
     "distributed": 0,
+    "hub": 0,  # hub ids, reachability, the download hint: models (model) and data sets (data)
     "config": 1,
     "validate": 1,
     "data": 2,

@@ -34,10 +34,9 @@ from lmmtune.data.grouping import group_by_image
 from lmmtune.data.images import inspect_image
 from lmmtune.data.pairs import check_rejected_lengths, unpaired
 from lmmtune.data.prompt import IMAGE_PLACEHOLDER
-from lmmtune.data.readers import read_data
+from lmmtune.data.readers import Source, data_sources, read_data
 from lmmtune.data.records import Sample
 from lmmtune.data.report import DataReport, format_report
-from lmmtune.demo import DEMO, write_demo_dataset
 from lmmtune.errors import (
     DataError,
     Kind,
@@ -118,10 +117,10 @@ def inspect_data(
     """Read, resolve, decode, tokenize and split the data; on_error is not applied here.
     `pairs_only`: records that are no preference pair are problems (the DPO stage's data)."""
     started = time.perf_counter()
-    train_path, eval_path = data_paths(data_cfg, work_dir)
+    train_source, eval_source = data_sources(data_cfg, work_dir)
     report = DataReport(max_length=data_cfg.max_length, image_tokens=image_token_count(processor))
-    train = _read(train_path, "train", data_cfg, report)
-    evaluation = _read(eval_path, "eval", data_cfg, report) if eval_path is not None else None
+    train = _read(train_source, "train", data_cfg, report)
+    evaluation = _read(eval_source, "eval", data_cfg, report) if eval_source else None
     everything = train + (evaluation or [])
     if pairs_only:
         report.problems += unpaired(everything)
@@ -149,7 +148,8 @@ def inspect_data(
     else:
         report.train = train
         report.eval = [s for s in evaluation if s.source not in invalid]
-        report.eval_from = "the data.eval file"
+        split = eval_source.split
+        report.eval_from = f"data.eval_split={split}" if split else "the data.eval file"
     length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
     report.train_lengths = [length_of[s.source] for s in report.train]
     if not pairs_only:  # preference pairs train one per record
@@ -171,31 +171,16 @@ def group_training_set(report: DataReport, processor, data_cfg: DataConfig) -> N
     report.group_by_image = data_cfg.group_by_image
 
 
-def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:
-    """data.train and data.eval; `demo` writes the synthetic set into `work_dir` first (its
-    own eval split unless data.eval names another)."""
-    if data_cfg.train is None:
-        raise LmmtuneError(
-            "no training data: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
-            "folder) or data.train=demo"
-        )
-    if data_cfg.train == DEMO:
-        train, evaluation = write_demo_dataset(
-            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
-        )
-        return str(train), data_cfg.eval or str(evaluation)
-    return data_cfg.train, data_cfg.eval
-
-
-def _read(path: str, role: str, data_cfg: DataConfig, report: DataReport) -> list[Sample]:
-    """One file's samples, image paths resolved; its problems and warnings go to the report.
+def _read(source: Source, role: str, data_cfg: DataConfig, report: DataReport) -> list[Sample]:
+    """One file's (or split's) samples, image paths resolved; its problems and warnings go
+    to the report.
 
     Samples whose image path fails (missing, outside the root) are returned too, so that
     token lengths and duplicate ids cover every parsed record; their problem marks them.
     """
-    data = read_data(path, data_cfg.columns)
+    data = read_data(source, data_cfg.columns)
     image_root = Path(data_cfg.image_root) if data_cfg.image_root else data.image_root
-    report.files.append((role, path, data.records))
+    report.files.append((role, data.path, data.records))
     report.problems += data.problems + resolve_images(data.samples, image_root)
     report.warnings += data.warnings
     return data.samples

@@ -10,6 +10,10 @@ Formats, chosen by the path:
   `save_to_disk` folder: Hugging Face `datasets` tables.
 - a folder with `metadata.jsonl` or `metadata.csv`: the `imagefolder` layout, whose
   `file_name` column names the image next to the metadata.
+- a data set published in splits, one split of it (`data.train_split`, `data.eval_split`):
+  a Hub dataset id (`org/name`, downloaded into the hub cache), its downloaded copy (parquet
+  files in the Hub's layout, `data/train-*.parquet`) or a save_to_disk DatasetDict folder
+  (`lmmtune.data.split_sources`).
 
 A broken JSONL line or CSV row is one bad record; a file that cannot be read at all
 (not UTF-8, invalid JSON document, missing columns) stops with a file-level error.
@@ -32,13 +36,29 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmmtune.config import DataColumns
+from lmmtune.config import DataColumns, DataConfig
 from lmmtune.data.pairs import is_pair_columns, is_pair_record, pair_to_sample
 from lmmtune.data.records import Sample, image_field, problem_for, record_to_sample
+from lmmtune.data.split_sources import SplitFolder, download_dataset, split_folder, split_label
+from lmmtune.demo import DEMO, write_demo_dataset
 from lmmtune.errors import Kind, LmmtuneError, RecordInvalid, RecordProblem
+from lmmtune.hub import hub_id_of
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+DEFAULT_SPLIT = "train"
+"""data.train_split's default: a source with no splits is read whole with it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to read: a path or Hub dataset id, the split of a source that holds several, and
+    the settings that name them (in errors and in the download hint)."""
+
+    path: str
+    split: str | None = None
+    setting: str = "data.train"
+    split_setting: str = "data.train_split"
 
 
 @dataclass
@@ -57,10 +77,11 @@ class DataFile:
         return len(self.samples) + len(self.problems)
 
 
-def read_data(path: str | Path, columns: DataColumns) -> DataFile:
-    """Read every record of a data file, folder or glob; keep going past bad records."""
-    data = DataFile(str(path))
-    raw, data.image_root = _raw_records(str(path), columns, data)
+def read_data(path: str | Path | Source, columns: DataColumns) -> DataFile:
+    """Read every record of a data file, folder, glob or split; keep going past bad records."""
+    source = path if isinstance(path, Source) else Source(str(path))
+    data = DataFile(source.path)
+    raw, data.image_root = _raw_records(source, columns, data)
     for source, record in raw:
         if isinstance(record, RecordInvalid):
             data.problems.append(RecordProblem(source, None, record.reason, record.kind))
@@ -73,18 +94,47 @@ def read_data(path: str | Path, columns: DataColumns) -> DataFile:
     return data
 
 
-def _raw_records(path: str, columns: DataColumns, data: DataFile) -> tuple[Iterable, Path]:
+def data_sources(data_cfg: DataConfig, work_dir: Path) -> tuple[Source, Source | None]:
+    """data.train and the eval data, each with its split: data.eval, else data.train's
+    data.eval_split, else None (a fraction is split off). `demo` writes the synthetic set
+    into `work_dir` first (its own eval split unless data.eval names another)."""
+    if data_cfg.train is None:
+        raise LmmtuneError(
+            "no training data: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
+            "folder, a Hub dataset id) or data.train=demo"
+        )
+    eval_split = data_cfg.eval_split
+    if data_cfg.train == DEMO:
+        train, evaluation = write_demo_dataset(
+            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
+        )
+        eval_path = data_cfg.eval or str(evaluation)
+        return Source(str(train)), Source(eval_path, eval_split, "data.eval", "data.eval_split")
+    train = Source(data_cfg.train, data_cfg.train_split)
+    if data_cfg.eval is not None:
+        return train, Source(data_cfg.eval, eval_split, "data.eval", "data.eval_split")
+    if eval_split is not None:
+        return train, Source(data_cfg.train, eval_split, "data.train", "data.eval_split")
+    return train, None
+
+
+def _raw_records(source: Source, columns: DataColumns, data: DataFile) -> tuple[Iterable, Path]:
     """(source, record) pairs and the default image root, by the path's format."""
+    path = source.path
     if glob.has_magic(path):
         files = [Path(p) for p in sorted(glob.glob(path))]
         if not files:
             raise LmmtuneError(f"no files match {path}")
+        _one_table(source)
         return _table(files, path, columns, data), Path(path).parent
     location = Path(path)
+    if not location.exists() and hub_id_of(path):
+        location = download_dataset(path, source.setting)
     if not location.exists():
         raise LmmtuneError(f"data file not found: {location}")
     if location.is_dir():
-        return _folder(location, columns, data), location
+        return _folder(location, source, columns, data), location
+    _one_table(source)
     suffix = location.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         return _table([location], path, columns, data), location.parent
@@ -100,19 +150,42 @@ def _raw_records(path: str, columns: DataColumns, data: DataFile) -> tuple[Itera
     )
 
 
-def _folder(folder: Path, columns: DataColumns, data: DataFile) -> Iterable:
-    for name in IMAGEFOLDER_METADATA:
-        metadata = folder / name
-        if metadata.exists():
-            return imagefolder_records(metadata, columns, data)
-    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+def _folder(folder: Path, source: Source, columns: DataColumns, data: DataFile) -> Iterable:
+    """A folder by its layout: an imagefolder, one table (save_to_disk, parquet/arrow files),
+    or a data set in splits (a DatasetDict, parquet/arrow files in the Hub's layout)."""
+    metadata = next((folder / n for n in IMAGEFOLDER_METADATA if (folder / n).exists()), None)
+    if metadata is not None:
+        _one_table(source)
+        return imagefolder_records(metadata, columns, data)
+    if (folder / "state.json").exists() or any(
+        p.suffix in TABLE_SUFFIXES for p in folder.iterdir()
+    ):
+        _one_table(source)
         return _table([folder], str(folder), columns, data)
-    if any(p.suffix in TABLE_SUFFIXES for p in folder.iterdir()):
-        return _table([folder], str(folder), columns, data)
+    splits = split_folder(folder)
+    if splits is not None:
+        return _split(splits, source, columns, data)
     raise LmmtuneError(
         f"{folder}: a folder, but not a datasets save_to_disk folder (no state.json), "
-        "not an imagefolder (no metadata.jsonl/metadata.csv) and no parquet/arrow files"
+        "not an imagefolder (no metadata.jsonl/metadata.csv), no parquet/arrow files and no "
+        "splits of them (a DatasetDict, or the Hub's data/train-*.parquet)"
     )
+
+
+def _one_table(source: Source) -> None:
+    """A source with no splits is read whole: a split other than the default is refused."""
+    if source.split not in (None, DEFAULT_SPLIT):
+        raise LmmtuneError(
+            f"{source.split_setting}={source.split}: {source.path} holds one table, not splits"
+        )
+
+
+def _split(splits: SplitFolder, source: Source, columns: DataColumns, data: DataFile) -> Iterable:
+    """One split of a source that holds several; its records named `PATH:SPLIT[row]`."""
+    table = splits.load(source.path, source.split, source.split_setting)
+    data.path = name = split_label(source.path, source.split)
+    _check_columns(table.column_names, name, columns, data)
+    return table_records(table, name, columns)
 
 
 def _table(paths: list[Path], name: str, columns: DataColumns, data: DataFile) -> Iterable:

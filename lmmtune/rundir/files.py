@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lmmtune.errors import LmmtuneError
+from lmmtune.hub import hub_id_of
 
 STAGING_MARKER = ".lmmtune-staging"
 _STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
@@ -148,16 +149,6 @@ def require_adapter_weights(folder: Path, option: str) -> None:
         raise LmmtuneError(
             f"{option}={folder}: {ADAPTER_WEIGHTS} is damaged ({reason}); train or copy it again"
         ) from None
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_id_of(configured: str | None) -> str | None:
-    """`model.path` when it is a hub id (`org/name`, not a local folder), else None."""
-    if not configured or not HUB_ID.match(configured) or Path(configured).expanduser().exists():
-        return None
-    return configured
 
 
 def name_base_by_hub_id(model, configured: str | None) -> None:

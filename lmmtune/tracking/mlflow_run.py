@@ -33,6 +33,8 @@ from transformers import TrainerCallback
 from lmmtune.config import TrackingConfig
 from lmmtune.data.checks import DIGEST
 from lmmtune.data.records import Sample
+from lmmtune.data.split_sources import split_of
+from lmmtune.hub import hub_id_of
 from lmmtune.redact import redact_value
 
 log = logging.getLogger(__name__)
@@ -282,22 +284,32 @@ def samples_digest(samples: list[Sample]) -> str:
 
 
 def dataset_input(name: str, source: str, digest: str):
-    """An MLflow dataset of metadata only, its source the data file or folder."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    """An MLflow dataset of metadata only, its source the data file or folder, or the Hub
+    dataset (id and split) it was downloaded from."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import ColSpec, Schema
 
-    location = Path(source)
-    uri = str(location.resolve()) if location.exists() else source
     schema = Schema(
         [ColSpec("string", "id"), ColSpec("string", "image", required=False)]
         + [ColSpec("string", "question"), ColSpec("string", "answer")]
     )
+    return MetaDataset(dataset_source(source), name=name, digest=digest, schema=schema)
+
+
+def dataset_source(source: str):
+    """A Hub id (`org/name:split`) as MLflow's Hugging Face source, a path as a local one."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    path, split = split_of(source)
+    if hub_id_of(path):
+        return HuggingFaceDatasetSource(path=path, split=split)
+    location = Path(path)
+    uri = str(location.resolve()) if location.exists() else path
     with warnings.catch_warnings():
         # A local path matches the "local" source registered twice by MLflow: it says so.
         warnings.filterwarnings("ignore", message="The specified dataset source can be")
-        source_object = resolve_dataset_source(uri)
-    return MetaDataset(source_object, name=name, digest=digest, schema=schema)
+        return resolve_dataset_source(uri)
 
 
 def log_datasets(tracker, splits) -> None:

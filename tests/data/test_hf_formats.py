@@ -12,7 +12,7 @@ from PIL import Image
 from lmmtune.config import DataColumns
 from lmmtune.data.batches import PaddingCollator, SupervisedDataset, load_sample_image
 from lmmtune.data.images import DEFAULT_MAX_PIXELS
-from lmmtune.data.readers import TableImage, read_data
+from lmmtune.data.readers import Source, TableImage, read_data
 from lmmtune.errors import Kind, LmmtuneError
 from tests.data.helpers import chat, save_image
 
@@ -186,15 +186,18 @@ def test_bad_image_bytes_in_a_table_are_named_by_row(tmp_path, inspect):
     assert report.problems[0].reason.startswith("not an image file: x.png")
 
 
-def test_dataset_dict_folder_names_its_splits(tmp_path):
-    datasets.DatasetDict({"train": _table(_images()), "test": _table(_images())}).save_to_disk(
-        tmp_path / "dd"
-    )
+def test_dataset_dict_folder_reads_the_chosen_split_and_names_the_others(tmp_path):
+    datasets.DatasetDict(
+        {"train": _table(_images()), "test": _table(_images()[:2], id=["t0", "t1"])}
+    ).save_to_disk(tmp_path / "dd")
+    test = read_data(Source(str(tmp_path / "dd"), "test", "data.eval", "data.eval_split"), COLUMNS)
+    assert [s.id for s in test.samples] == ["t0", "t1"] and test.path == f"{tmp_path / 'dd'}:test"
+    assert _colours(test.samples) == COLOURS[:2]
     with pytest.raises(LmmtuneError) as error:
         read_data(tmp_path / "dd", COLUMNS)
     assert str(error.value) == (
-        f"{tmp_path / 'dd'} holds a DatasetDict with splits test, train: point data.train "
-        f"(and data.eval) at one split's folder, e.g. {tmp_path / 'dd' / 'test'}"
+        f"{tmp_path / 'dd'} holds several splits (splits: test, train): choose one with "
+        "data.train_split=NAME"
     )
 
 
