@@ -79,7 +79,13 @@ class SplitFolder:
             )
         if self.builder is None:
             return datasets.load_from_disk(str(self.folder / split))
-        self.builder.download_and_prepare()  # local files: converted once into the cache
+        try:
+            self.builder.download_and_prepare()  # local files: converted once into the cache
+        except datasets.exceptions.NonMatchingSplitsSizesError:
+            raise LmmtuneError(
+                f"{label}: its files do not hold the rows its dataset card (README.md) lists "
+                "per split: the copy is incomplete or changed; download it again"
+            ) from None
         return self.builder.as_dataset(split=split)
 
 

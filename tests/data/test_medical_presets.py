@@ -80,7 +80,9 @@ def write_replica(root: Path, splits: tuple[str, ...], train_shards: int) -> Pat
             )
             (root / "data").mkdir(parents=True, exist_ok=True)
             table.to_parquet(root / "data" / f"{split}-{shard:05d}-of-{shards:05d}.parquet")
-        card_splits.append({"name": split, "num_examples": len(rows)})
+        card_splits.append(
+            {"name": split, "num_bytes": 1000 * len(rows), "num_examples": len(rows)}
+        )
     info = {
         "features": [{"name": "image", "dtype": "image"}]
         + [{"name": n, "dtype": "string"} for n in ("question", "answer")],
@@ -174,6 +176,18 @@ def test_split_errors_name_the_setting_and_the_splits(tmp_path):
         )
     assert str(one_table.value) == (
         f"data.eval_split=test: {tmp_path / 'train.jsonl'} holds one table, not splits"
+    )
+
+
+def test_a_copy_that_differs_from_its_card_is_refused_in_one_line(tmp_path):
+    replica = write_replica(tmp_path / "vqa-rad", ("train", "test"), 1)
+    card = (replica / "README.md").read_text()
+    (replica / "README.md").write_text(card.replace('"num_examples": 12', '"num_examples": 1793'))
+    with pytest.raises(LmmtuneError) as error:
+        read_data(Source(str(replica), "train"), _columns())
+    assert str(error.value) == (
+        f"{replica}: its files do not hold the rows its dataset card (README.md) lists per "
+        "split: the copy is incomplete or changed; download it again"
     )
 
 
