@@ -174,10 +174,17 @@ def _folder(folder: Path, source: Source, columns: DataColumns, data: DataFile) 
 
 def _one_table(source: Source) -> None:
     """A source with no splits is read whole: a split other than the default is refused."""
-    if source.split not in (None, DEFAULT_SPLIT):
-        raise LmmtuneError(
-            f"{source.split_setting}={source.split}: {source.path} holds one table, not splits"
-        )
+    if source.split in (None, DEFAULT_SPLIT):
+        return
+    whole = (
+        "data.eval_split=null evaluates on data.eval whole, or on data.eval_fraction of data.train"
+        if source.split_setting == "data.eval_split"
+        else f"it is read whole with {source.split_setting}={DEFAULT_SPLIT}"
+    )
+    raise LmmtuneError(
+        f"{source.split_setting}={source.split}: {source.path} holds one table, not splits "
+        f"({whole})"
+    )
 
 
 def _split(splits: SplitFolder, source: Source, columns: DataColumns, data: DataFile) -> Iterable:

@@ -175,7 +175,8 @@ def test_split_errors_name_the_setting_and_the_splits(tmp_path):
             _columns(),
         )
     assert str(one_table.value) == (
-        f"data.eval_split=test: {tmp_path / 'train.jsonl'} holds one table, not splits"
+        f"data.eval_split=test: {tmp_path / 'train.jsonl'} holds one table, not splits "
+        "(data.eval_split=null evaluates on data.eval whole, or on data.eval_fraction of data.train)"
     )
 
 
