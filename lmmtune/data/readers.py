@@ -128,7 +128,7 @@ def _raw_records(source: Source, columns: DataColumns, data: DataFile) -> tuple[
         _one_table(source)
         return _table(files, path, columns, data), Path(path).parent
     location = Path(path)
-    if not location.exists() and hub_id_of(path):
+    if not location.exists() and is_hub_dataset_id(path):
         location = download_dataset(path, source.setting)
     if not location.exists():
         raise LmmtuneError(f"data file not found: {location}")
@@ -147,6 +147,18 @@ def _raw_records(source: Source, columns: DataColumns, data: DataFile) -> tuple[
     raise LmmtuneError(
         f"{location}: unknown data format '{suffix}': use .json, .jsonl, .csv, .parquet, "
         ".arrow, a datasets save_to_disk folder or an imagefolder with metadata.jsonl"
+    )
+
+
+def is_hub_dataset_id(path: str) -> bool:
+    """`org/name` with no local file of that name and no data file suffix (a mistyped
+    `data/train.json` is a missing file, not a Hub dataset)."""
+    suffix = Path(path).suffix.lower()
+    return hub_id_of(path) is not None and suffix not in (
+        *TABLE_SUFFIXES,
+        ".csv",
+        ".json",
+        ".jsonl",
     )
 
 

@@ -8,8 +8,9 @@ downloaded copy is a folder in the Hub's layout (`data/train-00000-of-00001.parq
 writes, so a dataset read by its id and one read from a copy are read alike.
 
 Which files form which split is decided by `datasets` (its data-files patterns, or the
-`configs` of the dataset card), and the chosen split is read with `datasets.load_dataset`:
-converted once into the datasets cache and memory-mapped, never all in RAM.
+`configs` of the dataset card), and the chosen split is read by its dataset builder, as
+`datasets.load_dataset` reads it: converted once into the datasets cache and memory-mapped,
+never all in RAM.
 """
 
 from __future__ import annotations

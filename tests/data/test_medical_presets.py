@@ -180,6 +180,12 @@ def test_split_errors_name_the_setting_and_the_splits(tmp_path):
     )
 
 
+def test_a_missing_data_file_is_not_taken_for_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LmmtuneError, match=r"^data file not found: data/train.json$"):
+        read_data("data/train.json", _columns())
+
+
 def test_a_copy_that_differs_from_its_card_is_refused_in_one_line(tmp_path):
     replica = write_replica(tmp_path / "vqa-rad", ("train", "test"), 1)
     card = (replica / "README.md").read_text()
