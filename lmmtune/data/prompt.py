@@ -78,6 +78,23 @@ def render_prompt(question: str, has_image: bool, image_tokens: str, history=())
     return rendered.text[: rendered.answer_spans[-1][0]]
 
 
+PLAIN_SEP = "\n"
+"""What ends a caption in LLaVA's `plain` template (conv_llava_plain's separator)."""
+
+
+def render_plain(caption: str) -> str:
+    """LLaVA's `plain` template (stage 1, `preprocess_plain`): the image, the caption, a
+    newline; no system line, no question, no `</s>`."""
+    return f"{IMAGE_PLACEHOLDER}{caption}{PLAIN_SEP}"
+
+
+def plain_labels(ids: list[int], image_id: int) -> list[int]:
+    """`preprocess_plain`'s mask: BOS and the image -100, every token after them labelled
+    (the caption, and the newline that teaches the model where it ends)."""
+    start = ids.index(image_id) + 1
+    return [IGNORE_INDEX] * start + ids[start:]
+
+
 def label_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """True for tokens whose characters overlap an answer span."""
     mask = []

@@ -34,7 +34,13 @@ from pathlib import Path
 
 from lmmtune.config import DataColumns
 from lmmtune.data.pairs import is_pair_columns, is_pair_record, pair_to_sample
-from lmmtune.data.records import Sample, image_field, problem_for, record_to_sample
+from lmmtune.data.records import (
+    Sample,
+    caption_field,
+    image_field,
+    problem_for,
+    record_to_sample,
+)
 from lmmtune.errors import Kind, LmmtuneError, RecordInvalid, RecordProblem
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -256,14 +262,17 @@ def imagefolder_records(
 
 
 def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile) -> None:
-    """Flat tables need the question and answer columns; no image column means text-only."""
+    """Flat tables need the question and answer columns, or a caption column (image + caption
+    sets); no image column means text-only."""
     names = [n for n in names if n is not None]
-    if "conversations" not in names and "messages" not in names and not is_pair_columns(names):
+    shaped = "conversations" in names or "messages" in names or is_pair_columns(names)
+    captions = caption_field(names, columns) is not None and columns.question not in names
+    if not shaped and not captions:
         for key, name in (("question", columns.question), ("answer", columns.answer)):
             if name not in names:
                 raise LmmtuneError(
                     f"{where}: no '{name}' column (columns: {', '.join(names)}); "
-                    f"name it with data.columns.{key}=COLUMN"
+                    f"name it with data.columns.{key}=COLUMN (captions: data.columns.caption)"
                 )
     if image_field(names, columns) is None:
         data.warnings.append(
