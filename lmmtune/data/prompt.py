@@ -1,4 +1,4 @@
-"""The prompt: the Vicuna v1 template LLaVA 1.5 was trained with, its label mask, and its token ids whatever the tokenizer file's format.
+"""The prompt: the Vicuna v1 template LLaVA 1.5 was trained with, its label mask, and its token ids whatever the tokenizer file's format; and stage 1's `plain` template.
 
 The Vicuna v1 conversation template LLaVA 1.5 was trained with, and its label mask.
 
@@ -8,6 +8,9 @@ Only the answers and their `</s>` carry labels; BOS, the system line, every
 `USER: ... ASSISTANT:` span and all image positions are -100. Labels are found by
 character spans over the rendered text and the tokenizer's offset mapping, so the
 mask is exact for any fast tokenizer, whatever it does with spaces.
+
+Stage 1 (`data.template=plain`, LLaVA's `preprocess_plain`) renders `<image>caption\\n`
+alone: BOS and the image are -100, the caption and its newline labelled, no `</s>`.
 
 Token ids as LLaVA 1.5's own preprocessing gives them, whatever the tokenizer file says.
 
