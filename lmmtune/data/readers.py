@@ -272,7 +272,7 @@ def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile
             if name not in names:
                 raise LmmtuneError(
                     f"{where}: no '{name}' column (columns: {', '.join(names)}); "
-                    f"name it with data.columns.{key}=COLUMN (captions: data.columns.caption)"
+                    f"name it with data.columns.{key}=COLUMN"
                 )
     if image_field(names, columns) is None:
         data.warnings.append(
