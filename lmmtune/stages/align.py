@@ -22,6 +22,7 @@ from lmmtune.data.batches import SupervisedDataset
 from lmmtune.distributed import is_main, on_main
 from lmmtune.errors import LmmtuneError
 from lmmtune.rundir.files import write_text_atomic
+from lmmtune.rundir.run import PROJECTOR_FILE
 from lmmtune.stages.checks import SCRATCH, after_training, check_space_for_checkpoints, folder_bytes
 from lmmtune.stages.sft import SFTRecipe
 from lmmtune.training.projector import (
@@ -123,7 +124,7 @@ def check_projector_saving(model, train_cfg, samples: int, run_dir) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         save_projector(model, scratch, "dry run")
-        keys = read_projector_keys(scratch / "projector.safetensors")
+        keys = read_projector_keys(scratch / PROJECTOR_FILE)
         projector_bytes = folder_bytes(scratch)
     except OSError as exc:
         raise LmmtuneError(

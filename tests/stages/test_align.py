@@ -28,6 +28,10 @@ def test_the_align_recipes_take_llavas_stage_1_settings():
     assert (train.weight_decay, train.epochs, cfg.data.max_length) == (0.0, 1, 2048)
     assert cfg.quant.mode == "4bit" and cfg.peft.projector_lr is None
     validate(compose_config(["recipe=demo_align"]))
+    from lmmtune.eval.description import run_description  # the MLflow run's description
+
+    described = run_description(cfg, cfg.train, {}, None)
+    assert "projector alignment (stage 1)" in described and "none: the projector" in described
 
 
 @pytest.mark.parametrize(
