@@ -75,7 +75,9 @@ def memory_plan(cfg: Config, report: DataReport) -> str:
     lengths = report.grouping.lengths if grouped else report.train_lengths
     longest = max(lengths, default=1)  # what training plans with
     sequences = 2 if cfg.dpo.enabled else 1  # a preference pair: chosen and rejected
-    planned = fit_to_memory(cfg.train, cfg.model, cfg.quant, cfg.peft, longest, sequences)
+    planned = fit_to_memory(
+        cfg.train, cfg.model, cfg.quant, cfg.peft, longest, sequences, cfg.stage
+    )
     return (
         f"memory: fits train.gpu_memory_gb={cfg.train.gpu_memory_gb:g} at micro-batch "
         f"{planned.batch_size} x grad_accum {planned.grad_accum} (samples up to {longest} "

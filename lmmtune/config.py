@@ -58,6 +58,8 @@ TrackingBackend = choices("TrackingBackend", "mlflow none")
 ExportFormat = choices("ExportFormat", "merged adapter gguf")
 GgufType = choices("GgufType", "f16 q8_0 q4_k_m")
 DpoReference = choices("DpoReference", "adapter_off initial")
+Template = choices("Template", "vicuna_v1 plain")
+Stage = choices("Stage", "sft align")
 DpoLoss = choices(
     "DpoLoss",
     "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
@@ -130,6 +132,9 @@ class DataColumns:
     """Optional record id, shown in problems; the record's place (file:line) when absent."""
     question_type: str = "question_type"
     """Optional question type (e.g. closed/open), counted in the report and used by eval."""
+    caption: str = "caption"
+    """Caption column of image + caption files and tables (stage 1); a `text` column is
+    taken when this one is absent."""
 
 
 @dataclass
@@ -178,6 +183,12 @@ class DataConfig:
     Single-turn image records only, same image by content, after the train/eval split
     (eval stays per question); the SFT stage only. On in the recipes; false: one sample
     per record."""
+    template: Template = Template.vicuna_v1
+    """How a sample becomes tokens: vicuna_v1 (LLaVA 1.5's chat prompt, labels on the
+    answers) or plain (stage 1: `<image>caption\\n`, labels on the caption and newline)."""
+    pad_to_square: bool = True
+    """Pad images to a square in the mean colour before the processor's resize (LLaVA 1.5's
+    stage 2); false: the processor's own resize and centre crop (LLaVA's stage 1)."""
 
 
 @dataclass
@@ -369,6 +380,9 @@ class DpoConfig:
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
+    stage: Stage = Stage.sft
+    """sft: instruction tuning with LoRA (dpo.enabled: the preference stage on top); align:
+    LLaVA's stage 1, the projector alone trained on captions (RUN/projector/)."""
     output_dir: str = "outputs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
     """Run directory: resolved config, adapter, checkpoints, metrics (default: a new one per run)."""
     overwrite: bool = False

@@ -16,6 +16,9 @@ real LLaVA-format dataset on disk, so the demo goes through the same loader as
 user data.
 
 The demo's preference pairs: the demo scans and questions, the right answer chosen, a wrong one rejected.
+
+The demo's captions (stage 1, `data.train=demo_captions`): the same scans, each described in
+one sentence ("a scan with a lesion on the left"), in LLaVA's pretrain JSON shape.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ TINY_SPEC = {
 
 DEMO = "demo"
 """`data.train=demo`: the built-in demo set instead of a file."""
+DEMO_CAPTIONS = "demo_captions"
+"""`data.train=demo_captions`: the demo scans with a caption each (stage 1)."""
 
 
 def default_cache_dir() -> Path:
@@ -283,3 +288,42 @@ def pair_data_config(data_cfg, work_dir: Path):
         return data_cfg
     train, evaluation = write_demo_pairs(work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed)
     return OmegaConf.merge(data_cfg, {"train": str(train), "eval": str(evaluation)})
+
+
+CAPTIONS = {
+    None: "a normal scan with no lesion",
+    "left": "a scan with a lesion on the left",
+    "right": "a scan with a lesion on the right",
+}
+CAPTION_PROMPT = "Describe the image concisely."
+"""The human turn of the demo's caption records (LLaVA's pretrain JSON has such a prompt; its
+`plain` template drops it)."""
+
+
+def write_demo_captions(target: Path, size: int, seed: int) -> tuple[Path, Path]:
+    """The demo scans (the same images and split as `write_demo_dataset`) with one caption
+    each, as LLaVA's pretrain JSON; return the train and eval files."""
+    files = write_demo_dataset(target, size, seed)
+    captions = []
+    for path in files:
+        records = json.loads(path.read_text())
+        answers = {r["id"][:4]: r["conversations"][1]["value"] for r in records}  # side wins
+        caption_file = path.with_name(f"captions_{path.name}")
+        captions.append(caption_file)
+        caption_file.write_text(
+            json.dumps([caption_record(key, answer) for key, answer in answers.items()], indent=1)
+        )
+    return captions[0], captions[1]
+
+
+def caption_record(key: str, answer: str) -> dict:
+    """One scan's caption record from its last demo answer (no / yes / left / right)."""
+    side = answer if answer in ("left", "right") else None
+    return {
+        "id": key,
+        "image": f"images/scan_{key}.png",
+        "conversations": [
+            {"from": "human", "value": f"{CAPTION_PROMPT}\n<image>"},
+            {"from": "gpt", "value": CAPTIONS[side]},
+        ],
+    }

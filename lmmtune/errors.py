@@ -54,6 +54,7 @@ class Kind:
     TOO_DEEP = "nested too deeply"
     MULTIPLE_IMAGES = "more than one image"
     TOO_LONG = "longer than data.max_length"
+    NOT_A_CAPTION = "not an image caption"
     # Images: errors.
     PATH_ESCAPES_ROOT = "image path escapes data.image_root"
     MISSING_IMAGE = "missing image file"

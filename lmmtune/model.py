@@ -276,9 +276,15 @@ def match_dtypes_at_trained_modules(model: torch.nn.Module) -> None:
     """
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and name.endswith((PROJECTOR, LM_HEAD)):
-            module.register_forward_pre_hook(_cast_input_to_weights)
-            if name.endswith(PROJECTOR):
-                module.register_forward_hook(_cast_output_to_input)
+            compute_in_own_dtype(module, cast_back=name.endswith(PROJECTOR))
+
+
+def compute_in_own_dtype(module: torch.nn.Module, cast_back: bool) -> None:
+    """Cast `module`'s inputs to its trained weights' dtype; with `cast_back`, its output back
+    to the input's dtype (the projector's output enters the language model)."""
+    module.register_forward_pre_hook(_cast_input_to_weights)
+    if cast_back:
+        module.register_forward_hook(_cast_output_to_input)
 
 
 def _cast_input_to_weights(module: torch.nn.Module, args: tuple) -> tuple:

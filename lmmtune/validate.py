@@ -79,6 +79,7 @@ def validate(cfg: DictConfig, command: str = "train") -> None:
     if not problems:  # the checks below read values, which must resolve first
         problems += out_of_range(cfg)
         problems += cross_field(cfg)
+        problems += stage_settings(cfg)
         problems += training_data(cfg) if command in ("train", "check") else []
         problems += trainer_names(cfg) if command in ("train", "check") else []
         problems += dpo_start(cfg.dpo) if command == "train" else []
@@ -132,6 +133,30 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs tracking on and export.log_model=true"
     if export.model is not None and export.format != "gguf":
         yield "export.model (a merged export to convert) needs export.format=gguf"
+
+
+def stage_settings(cfg: DictConfig) -> Iterator[str]:
+    """Stage 1 (`stage=align`) trains the projector on captions in the plain template; the
+    plain template is stage 1's alone."""
+    align, plain = cfg.stage == "align", cfg.data.template == "plain"
+    if plain and not align:
+        yield (
+            "data.template=plain is stage 1's (captions, no question): it needs stage=align "
+            "(recipe=demo_align or medical_align); instruction tuning uses vicuna_v1"
+        )
+    if not align:
+        return
+    if cfg.dpo.enabled:
+        yield "stage=align and dpo.enabled=true exclude each other: choose one stage"
+    if cfg.peft.train_lm_head:
+        yield "stage=align trains the projector alone: set peft.train_lm_head=false"
+    if cfg.peft.projector_lr is not None:
+        yield (
+            f"peft.projector_lr={cfg.peft.projector_lr}: stage=align trains the projector alone, "
+            "at train.learning_rate; set peft.projector_lr=null"
+        )
+    if cfg.data.group_by_image:
+        yield "stage=align trains one caption per image: set data.group_by_image=false"
 
 
 def dpo_start(dpo: DictConfig) -> Iterator[str]:

@@ -77,3 +77,21 @@ def _expand_image(ids, labels, image_id: int, image_tokens: int):
             out_ids.append(token)
             out_labels.append(label)
     return out_ids, out_labels
+
+
+PLAIN_SEP = "\n"
+"""conv_llava_plain's separator: what LLaVA's stage 1 puts after each caption."""
+
+
+def preprocess_plain(question: str, caption: str, tokenize, image_id: int, image_tokens: int):
+    """(input_ids, labels) of LLaVA's stage 1 (`preprocess_plain`, llava/train/train.py): the
+    human turn replaced by `<image>` alone, `<image>` + caption + sep tokenized as
+    `tokenizer_image_token` does, the first `len(tokenizer_image_token('<image>'))` labels
+    (BOS and the image) masked; the image index expanded as LLaVA's model does it."""
+    assert "<image>" in question  # LLaVA asserts it too
+    human = "<image>"
+    ids = tokenizer_image_token(human + caption + PLAIN_SEP, tokenize)
+    labels = list(ids)
+    masked = len(tokenizer_image_token(human, tokenize))
+    labels[:masked] = [IGNORE_INDEX] * masked
+    return _expand_image(ids, labels, image_id, image_tokens)

@@ -30,7 +30,8 @@ class Recipe:
     attn: str = "auto"
     """As `model.attn_implementation`: auto is flash_attention_2 on a GPU with flash-attn, else sdpa."""
     objective: str = "sft"
-    """sft, or dpo: a DPO step (TRL's DPOTrainer) on pairs of the same samples."""
+    """sft; dpo: a DPO step (TRL's DPOTrainer) on pairs of the same samples; align: stage 1,
+    the projector alone trained (no LoRA), on the same samples."""
 
 
 LMMTUNE = Recipe("lmmtune", "(a) lmmtune recipe")
@@ -51,6 +52,9 @@ RECIPES = {
         USUAL,
         replace(LMMTUNE, key="lora", label="(c) LoRA, unquantized base", quant="none"),
         replace(LMMTUNE, key="dpo", label="(d) DPO step, recipe (a), pairs", objective="dpo"),
+        replace(
+            LMMTUNE, key="align", label="(e) stage 1: projector only, no LoRA", objective="align"
+        ),
         replace(LMMTUNE, key="a-default-loss", label="(a) + default loss", loss_impl="default"),
         replace(LMMTUNE, key="a-liger-loss", label="(a) + Liger fused loss", loss_impl="liger"),
         replace(

@@ -31,6 +31,7 @@ from lmmtune.errors import LmmtuneError
 from lmmtune.model import apply_lora, load_model, resolve_attention
 from lmmtune.stages.dpo import build_dpo_arguments
 from lmmtune.training.memory import GIB, MemorySetup, ModelShape, estimate_memory, fit_to_memory
+from lmmtune.training.projector import ProjectorTraining
 from lmmtune.training.trainer import LlavaTrainer, build_training_arguments
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,16 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
         settings.seed,
     )
     train_cfg, plan_note = _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data)
-    model = apply_lora(load_model(model_cfg, quant_cfg), peft_cfg, train_cfg.gradient_checkpointing)
+    model = _model(recipe, model_cfg, quant_cfg, peft_cfg, train_cfg.gradient_checkpointing)
     timer = StepTimer(cuda)
-    trainer = _trainer(recipe, settings, model, train_cfg, peft_cfg.projector_lr, data, timer)
+    projector_lr = None if recipe.objective == "align" else peft_cfg.projector_lr
+    trainer = _trainer(recipe, settings, model, train_cfg, projector_lr, data, timer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     output = trainer.train()
     measured = _throughput(trainer, timer, settings.warmup, train_cfg)
     measured |= _memory() if cuda else {"peak_allocated_gib": _cpu_peak_gib(trainer, data)}
-    setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg)
+    setup = MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg, _stage(recipe))
     shape = ModelShape.from_config(config)
     pairs = recipe.objective == "dpo"
     sequences = train_cfg.batch_size * (2 if pairs else 1)  # a pair: chosen and rejected
@@ -183,6 +185,19 @@ def _train_and_measure(recipe: Recipe, settings: BenchSettings, checkpoint: Path
     measured["plan"] = plan_note
     del trainer, model
     return measured
+
+
+def _stage(recipe: Recipe) -> str:
+    """The `stage` setting the recipe measures (what the memory planner models)."""
+    return "align" if recipe.objective == "align" else "sft"
+
+
+def _model(recipe: Recipe, model_cfg, quant_cfg, peft_cfg, checkpointing: bool):
+    """The loaded base with LoRA, or (stage 1) with its projector alone trainable."""
+    base = load_model(model_cfg, quant_cfg)
+    if recipe.objective == "align":
+        return ProjectorTraining(base)
+    return apply_lora(base, peft_cfg, checkpointing)
 
 
 def _trainer(recipe: Recipe, settings: BenchSettings, model, train_cfg, projector_lr, data, timer):
@@ -222,7 +237,7 @@ def _plan(recipe, train_cfg, model_cfg, quant_cfg, peft_cfg, data) -> tuple[Trai
     try:
         sequences = 2 if recipe.objective == "dpo" else 1
         planned = fit_to_memory(
-            train_cfg, model_cfg, quant_cfg, peft_cfg, max(data.lengths), sequences
+            train_cfg, model_cfg, quant_cfg, peft_cfg, max(data.lengths), sequences, _stage(recipe)
         )
         return planned, "fits"
     except LmmtuneError as exc:

@@ -9,13 +9,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lmmtune.config import Template
 from lmmtune.data.images import fit_square_budget, open_image, pad_colour, square_padding_processor
 from lmmtune.data.prompt import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     chunk_tokenizer,
     label_mask,
+    plain_labels,
     render_conversation,
+    render_plain,
     render_prompt,
 )
 from lmmtune.data.records import Sample
@@ -32,18 +35,43 @@ def image_token_count(processor) -> int:
     return count
 
 
-class TokenizedConversation:
-    """Tokenize a sample as LLaVA 1.5 did (see `lmmtune.data.prompt`) and mark the labelled tokens."""
+def rendered_text(sample: Sample, template: Template, eos: str) -> str:
+    """The sample as text in `template` (`<image>` not yet expanded): the Vicuna v1 chat, or
+    `plain`'s image + caption (the answer of its one turn) + newline."""
+    if template == Template.plain:
+        return render_plain(sample.turns[0][1])
+    return render_conversation(sample.turns, sample.image is not None, IMAGE_PLACEHOLDER, eos).text
 
-    def __init__(self, processor, max_length: int):
+
+class TokenizedConversation:
+    """Tokenize a sample as LLaVA did (see `lmmtune.data.prompt`) and mark the labelled tokens:
+    `data.template` vicuna_v1 (LLaVA 1.5's instruction tuning) or plain (its stage 1)."""
+
+    def __init__(self, processor, max_length: int, template: Template = Template.vicuna_v1):
         self.tokenizer = processor.tokenizer
         self.chunks = chunk_tokenizer(self.tokenizer)
         self.image_id = self.chunks.special_ids[IMAGE_PLACEHOLDER]
         self.image_tokens = image_token_count(processor)
         self.eos = self.tokenizer.eos_token or "</s>"
         self.max_length = max_length
+        self.template = template
 
     def __call__(self, sample: Sample) -> tuple[list[int], list[int]]:
+        if self.template == Template.plain:
+            input_ids = self.chunks.encode(render_plain(sample.turns[0][1]))[0]
+            labels = plain_labels(input_ids, self.image_id)
+        else:
+            input_ids, labels = self._vicuna(sample)
+        input_ids, labels = self._expand_image(input_ids, labels)
+        if len(input_ids) > self.max_length:
+            raise LmmtuneError(
+                f"{sample.source}: {len(input_ids)} tokens (image tokens included) exceed "
+                f"data.max_length={self.max_length}; samples are never truncated"
+            )
+        return input_ids, labels
+
+    def _vicuna(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Ids of the Vicuna v1 conversation; labels on the answers and their `</s>`."""
         rendered = render_conversation(
             sample.turns, sample.image is not None, IMAGE_PLACEHOLDER, self.eos
         )
@@ -52,12 +80,6 @@ class TokenizedConversation:
         labels = [
             token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)
         ]
-        input_ids, labels = self._expand_image(input_ids, labels)
-        if len(input_ids) > self.max_length:
-            raise LmmtuneError(
-                f"{sample.source}: {len(input_ids)} tokens (image tokens included) exceed "
-                f"data.max_length={self.max_length}; samples are never truncated"
-            )
         return input_ids, labels
 
     def prompt_ids(self, sample: Sample) -> list[int]:
@@ -79,7 +101,10 @@ class TokenizedConversation:
 
 
 def token_lengths(
-    samples: list[Sample], processor, batch_size: int = 512
+    samples: list[Sample],
+    processor,
+    batch_size: int = 512,
+    template: Template = Template.vicuna_v1,
 ) -> tuple[list[int], list[int]]:
     """Tokens per sample (image tokens included) and per answer, without expanding images.
 
@@ -95,10 +120,7 @@ def token_lengths(
     answers: list[int] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        texts = [
-            render_conversation(s.turns, s.image is not None, IMAGE_PLACEHOLDER, eos).text
-            for s in chunk
-        ]
+        texts = [rendered_text(s, template, eos) for s in chunk]
         lengths += [
             count + (extra if s.image is not None else 0)
             for count, s in zip(chunks.count(texts), chunk, strict=True)
@@ -122,26 +144,39 @@ def load_sample_image(sample: Sample, max_pixels: int | None) -> Image.Image:
 class ImageLoader:
     """Open a sample's image (a resolved path or in-data bytes), pad it to a square, preprocess it."""
 
-    def __init__(self, processor, max_pixels: int | None):
+    def __init__(self, processor, max_pixels: int | None, pad_to_square: bool = True):
         """`max_pixels` is `data.max_image_pixels`: passed by every caller, so that no step
-        opens images under another limit than the one `check` used."""
-        self.image_processor = square_padding_processor(processor.image_processor)
+        opens images under another limit than the one `check` used. `pad_to_square=False`
+        (`data.pad_to_square`, LLaVA's stage 1): the processor's resize and centre crop."""
+        self.image_processor = square_padding_processor(processor.image_processor, pad_to_square)
         self.fill = pad_colour(self.image_processor)
         self.max_pixels = max_pixels
+        self.pad_to_square = pad_to_square
 
     def __call__(self, sample: Sample) -> torch.Tensor:
-        image = fit_square_budget(load_sample_image(sample, self.max_pixels), self.fill)
+        image = load_sample_image(sample, self.max_pixels)
+        if self.pad_to_square:
+            image = fit_square_budget(image, self.fill)
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
 class BatchBuilder:
     """Samples -> model inputs, built one way for training, eval, export parity, chat and DPO:
     the tokens as LLaVA 1.5 rendered them (Vicuna v1 prompt, earlier turns, image tokens
-    expanded) and the image padded to a square."""
+    expanded; or stage 1's plain caption) and the image padded to a square (or, stage 1,
+    resized and centre-cropped)."""
 
-    def __init__(self, processor, max_length: int, max_image_pixels: int | None):
-        self.tokenize = TokenizedConversation(processor, max_length)
-        self.load_image = ImageLoader(processor, max_image_pixels)
+    def __init__(
+        self,
+        processor,
+        max_length: int,
+        max_image_pixels: int | None,
+        template: Template = Template.vicuna_v1,
+        pad_to_square: bool = True,
+    ):
+        """`template` and `pad_to_square`: `data.template` and `data.pad_to_square`."""
+        self.tokenize = TokenizedConversation(processor, max_length, template)
+        self.load_image = ImageLoader(processor, max_image_pixels, pad_to_square)
         self.pad_token_id = processor.tokenizer.pad_token_id
 
     def item(self, sample: Sample, prompt: bool = False, pixel_values=None) -> dict:
@@ -173,9 +208,11 @@ class SupervisedDataset(Dataset):
         processor,
         max_length: int,
         max_image_pixels: int | None,
+        template: Template = Template.vicuna_v1,
+        pad_to_square: bool = True,
     ):
         self.samples = samples
-        self.build = BatchBuilder(processor, max_length, max_image_pixels)
+        self.build = BatchBuilder(processor, max_length, max_image_pixels, template, pad_to_square)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -28,8 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmmtune.config import DataConfig, OnError
+from lmmtune.config import DataConfig, OnError, Template
 from lmmtune.data.batches import image_token_count, token_lengths
+from lmmtune.data.captions import caption_problems
 from lmmtune.data.grouping import group_by_image
 from lmmtune.data.images import inspect_image
 from lmmtune.data.pairs import check_rejected_lengths, unpaired
@@ -124,12 +125,15 @@ def inspect_data(
     everything = train + (evaluation or [])
     if pairs_only:
         report.problems += unpaired(everything)
+    plain = data_cfg.template == Template.plain
+    if plain:  # stage 1: one image, one caption
+        report.problems += caption_problems(everything)
     if data_cfg.verify_images:
         unresolved = {p.source for p in report.problems}
         resolved = [s for s in everything if s.source not in unresolved]
         report.problems += check_images(resolved, data_cfg.max_image_pixels, data_cfg.num_workers)
     too_long, report.token_lengths, report.answer_lengths = check_lengths(
-        everything, processor, data_cfg.max_length
+        everything, processor, data_cfg.max_length, data_cfg.template
     )
     report.problems += too_long
     report.problems += special_token_text(everything, processor.tokenizer)
@@ -152,7 +156,7 @@ def inspect_data(
         report.eval_from = f"data.eval_split={split}" if split else "the data.eval file"
     length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
     report.train_lengths = [length_of[s.source] for s in report.train]
-    if not pairs_only:  # preference pairs train one per record
+    if not pairs_only and not plain:  # pairs and captions train one per record
         group_training_set(report, processor, data_cfg)
     report.warnings += train_eval_overlap(report.train, report.eval)
     report.problems.sort(key=in_file_order)
@@ -303,7 +307,7 @@ def inspect_job(job: tuple) -> tuple[int, str | None, str | None, str | None]:
 
 
 def check_lengths(
-    samples: list[Sample], processor, max_length: int
+    samples: list[Sample], processor, max_length: int, template: Template = Template.vicuna_v1
 ) -> tuple[list[RecordProblem], list[int], list[int]]:
     """Samples longer than `max_length` tokens (image tokens included) are problems: never truncated.
 
@@ -313,7 +317,9 @@ def check_lengths(
     limit = max_length * CHARS_PER_TOKEN_BOUND
     chars = [sum(len(q) + len(a) for q, a in s.turns) for s in samples]
     kept = [s for s, n in zip(samples, chars, strict=True) if n <= limit]
-    kept_lengths, answers = token_lengths(kept, processor)  # answers: per answer, for stats
+    kept_lengths, answers = token_lengths(
+        kept, processor, template=template
+    )  # answers: per answer, for stats
     measured = dict(zip(map(id, kept), kept_lengths, strict=True))
     lengths = [measured.get(id(s), max_length + 1) for s in samples]
     problems = [

@@ -227,7 +227,7 @@ SQUARE_PAD_SETTINGS = (
 )
 
 
-def square_padding_processor(image_processor):
+def square_padding_processor(image_processor, pad: bool = True):
     """The processor's settings in transformers' `LlavaImageProcessorPil(do_pad=True)`.
 
     It pads to a square in LLaVA 1.5's `expand2square` colour, `int(mean * 255)` (CLIP's
@@ -239,7 +239,7 @@ def square_padding_processor(image_processor):
 
     settings = image_processor.to_dict()
     kept = {key: settings[key] for key in SQUARE_PAD_SETTINGS if key in settings}
-    return LlavaImageProcessorPil(**kept, do_pad=True)
+    return LlavaImageProcessorPil(**kept, do_pad=pad)
 
 
 def pad_colour(image_processor) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""The prompt: the Vicuna v1 template LLaVA 1.5 was trained with, its label mask, and its token ids whatever the tokenizer file's format.
+"""The prompt: the Vicuna v1 template LLaVA 1.5 was trained with, its label mask, and its token ids whatever the tokenizer file's format; and stage 1's `plain` template.
 
 The Vicuna v1 conversation template LLaVA 1.5 was trained with, and its label mask.
 
@@ -8,6 +8,9 @@ Only the answers and their `</s>` carry labels; BOS, the system line, every
 `USER: ... ASSISTANT:` span and all image positions are -100. Labels are found by
 character spans over the rendered text and the tokenizer's offset mapping, so the
 mask is exact for any fast tokenizer, whatever it does with spaces.
+
+Stage 1 (`data.template=plain`, LLaVA's `preprocess_plain`) renders `<image>caption\\n`
+alone: BOS and the image are -100, the caption and its newline labelled, no `</s>`.
 
 Token ids as LLaVA 1.5's own preprocessing gives them, whatever the tokenizer file says.
 
@@ -76,6 +79,23 @@ def render_prompt(question: str, has_image: bool, image_tokens: str, history=())
     """The generation prompt: earlier turns, then the question and `ASSISTANT:`."""
     rendered = render_conversation([*history, (question, "")], has_image, image_tokens)
     return rendered.text[: rendered.answer_spans[-1][0]]
+
+
+PLAIN_SEP = "\n"
+"""What ends a caption in LLaVA's `plain` template (conv_llava_plain's separator)."""
+
+
+def render_plain(caption: str) -> str:
+    """LLaVA's `plain` template (stage 1, `preprocess_plain`): the image, the caption, a
+    newline; no system line, no question, no `</s>`."""
+    return f"{IMAGE_PLACEHOLDER}{caption}{PLAIN_SEP}"
+
+
+def plain_labels(ids: list[int], image_id: int) -> list[int]:
+    """`preprocess_plain`'s mask: BOS and the image -100, every token after them labelled
+    (the caption, and the newline that teaches the model where it ends)."""
+    start = ids.index(image_id) + 1
+    return [IGNORE_INDEX] * start + ids[start:]
 
 
 def label_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

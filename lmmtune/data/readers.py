@@ -38,9 +38,15 @@ from pathlib import Path
 
 from lmmtune.config import DataColumns, DataConfig
 from lmmtune.data.pairs import is_pair_columns, is_pair_record, pair_to_sample
-from lmmtune.data.records import Sample, image_field, problem_for, record_to_sample
+from lmmtune.data.records import (
+    Sample,
+    caption_field,
+    image_field,
+    problem_for,
+    record_to_sample,
+)
 from lmmtune.data.split_sources import SplitFolder, download_dataset, split_folder, split_label
-from lmmtune.demo import DEMO, write_demo_dataset
+from lmmtune.demo import DEMO, DEMO_CAPTIONS, write_demo_captions, write_demo_dataset
 from lmmtune.errors import Kind, LmmtuneError, RecordInvalid, RecordProblem
 from lmmtune.hub import hub_id_of
 
@@ -101,13 +107,12 @@ def data_sources(data_cfg: DataConfig, work_dir: Path) -> tuple[Source, Source |
     if data_cfg.train is None:
         raise LmmtuneError(
             "no training data: set data.train=PATH (LLaVA JSON, JSONL, CSV, parquet, a datasets "
-            "folder, a Hub dataset id) or data.train=demo"
+            "folder, a Hub dataset id), data.train=demo or data.train=demo_captions"
         )
     eval_split = data_cfg.eval_split
-    if data_cfg.train == DEMO:
-        train, evaluation = write_demo_dataset(
-            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
-        )
+    demo = {DEMO: write_demo_dataset, DEMO_CAPTIONS: write_demo_captions}.get(data_cfg.train)
+    if demo is not None:
+        train, evaluation = demo(work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed)
         eval_path = data_cfg.eval or str(evaluation)
         return Source(str(train)), Source(eval_path, eval_split, "data.eval", "data.eval_split")
     train = Source(data_cfg.train, data_cfg.train_split)
@@ -348,9 +353,12 @@ def imagefolder_records(
 
 
 def _check_columns(names: list, where: str, columns: DataColumns, data: DataFile) -> None:
-    """Flat tables need the question and answer columns; no image column means text-only."""
+    """Flat tables need the question and answer columns, or a caption column (image + caption
+    sets); no image column means text-only."""
     names = [n for n in names if n is not None]
-    if "conversations" not in names and "messages" not in names and not is_pair_columns(names):
+    shaped = "conversations" in names or "messages" in names or is_pair_columns(names)
+    captions = caption_field(names, columns) is not None and columns.question not in names
+    if not shaped and not captions:
         for key, name in (("question", columns.question), ("answer", columns.answer)):
             if name not in names:
                 raise LmmtuneError(

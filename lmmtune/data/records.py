@@ -10,6 +10,8 @@ Three record shapes are accepted, whatever file they come from:
   content may also be a plain string. The image comes from `data.columns.image`
   when the record has it, else from `images`.
 - Flat: one question and one answer per record, in the columns `data.columns` names.
+- Caption (stage 1): an image and its caption (`data.columns.caption`, else `text`), read
+  as one turn with an empty question and the caption as the answer.
 
 LLaVA 1.5 was trained with exactly one image per sample, so a record with more than
 one image is refused (`more than one image`) instead of silently dropping images.
@@ -30,6 +32,13 @@ HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 CHAT_IMAGES = "images"
 """Where chat-shaped records keep their images, unless `data.columns.image` is there."""
+TEXT_COLUMN = "text"
+"""The caption column of `datasets` image-text tables, when `data.columns.caption` is absent."""
+
+
+def caption_field(names, columns: DataColumns) -> str | None:
+    """The field holding an image's caption: `data.columns.caption`, else `text`, or None."""
+    return next((name for name in (columns.caption, TEXT_COLUMN) if name in names), None)
 
 
 def image_field(names, columns: DataColumns) -> str | None:
@@ -82,11 +91,13 @@ def record_to_sample(record, source: str, columns: DataColumns) -> Sample:
     elif columns.question in record or columns.answer in record:
         turns, placeholders = flat_turns(record, columns, image is not None)
         mismatch = placeholders > images  # flat records may leave the placeholder out
+    elif caption_field(record, columns) is not None:
+        turns, mismatch = caption_turns(record, caption_field(record, columns), image), False
     else:
         raise RecordInvalid(
             Kind.NO_CONVERSATIONS,
-            f"no 'conversations' or 'messages' list and no '{columns.question}'/"
-            f"'{columns.answer}' fields",
+            f"no 'conversations' or 'messages' list, no '{columns.question}'/"
+            f"'{columns.answer}' fields and no '{columns.caption}' caption",
         )
     if mismatch:
         raise RecordInvalid(
@@ -195,6 +206,16 @@ def flat_turns(
     where = (f"'{columns.question}'", f"'{columns.answer}'")
     turn = _turn(question, answer, where, image_first=has_image)
     return [turn], question.count(IMAGE_PLACEHOLDER)
+
+
+def caption_turns(record: dict, column: str, image) -> list[tuple[str, str]]:
+    """The one turn of an image + caption record: no question, the caption as the answer."""
+    if image is None:
+        raise RecordInvalid(Kind.NOT_A_CAPTION, f"a '{column}' caption without an image")
+    caption = _text(record.get(column), f"'{column}'")
+    if IMAGE_PLACEHOLDER in caption:
+        raise RecordInvalid(Kind.PLACEHOLDER_MISMATCH, f"'<image>' in the caption '{column}'")
+    return [_turn("", caption, ("", f"caption '{column}'"), image_first=True)]
 
 
 def _turn(question: str, answer: str, where: tuple[str, str], image_first: bool) -> tuple[str, str]:

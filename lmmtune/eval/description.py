@@ -42,15 +42,18 @@ def describe_run(tracker, cfg, train_cfg, metrics: dict, report) -> None:
 def run_description(cfg, train_cfg, metrics: dict, report) -> str:
     """Markdown: a headline, then one bullet each for model, data, parameters, settings, results."""
     counts = metrics.get("data", {})
+    align = getattr(cfg, "stage", "sft") == "align"  # stage 1: the projector alone, no LoRA
+    what = "projector alignment (stage 1)" if align else "QLoRA fine-tune"
     lines = [
-        f"**{cfg.name}**: QLoRA fine-tune of `{cfg.model.path}` on {_train_data(cfg.data)}",
+        f"**{cfg.name}**: {what} of `{cfg.model.path}` on {_train_data(cfg.data)}",
         "",
         f"- **Base model**: `{cfg.model.path}`, quantization {_quant(cfg.quant)}",
         f"- **Data**: {_data(cfg.data, counts)}",
     ]
     if report is not None:
         lines.append(f"- **Trainable**: {str(report).removeprefix('trainable parameters: ')}")
-    lines += [f"- **LoRA**: {_lora(cfg.peft)}", f"- **Training**: {_training(train_cfg)}"]
+    lora = "none: the projector alone trains" if align else _lora(cfg.peft)
+    lines += [f"- **LoRA**: {lora}", f"- **Training**: {_training(train_cfg)}"]
     losses = metrics.get("train", {}).get("loss_history") or []
     if losses:
         steps = metrics["train"].get("steps")

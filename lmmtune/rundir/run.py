@@ -53,6 +53,15 @@ BASE_RECORD = "lmmtune_base.json"
 """In an adapter folder: the resolved base directory it was trained on (`{"base_model": ...}`)."""
 
 
+PROJECTOR_DIR = "projector"
+"""In a stage-1 run (`stage=align`): the aligned projector, what `model.projector=RUN` loads."""
+PROJECTOR_FILE = "projector.safetensors"
+"""The projector's weights in PROJECTOR_DIR: llava-hf keys `multi_modal_projector.linear_1.weight`,
+`.linear_1.bias`, `.linear_2.weight`, `.linear_2.bias`, in fp32."""
+PROJECTOR_CARD = "README.md"
+"""The projector's card in PROJECTOR_DIR: base model, caption data, steps, loss, how to use it."""
+
+
 def base_model_file(adapter_dir: Path | str) -> Path:
     """The base record of an adapter folder, inside a run or copied anywhere."""
     return Path(adapter_dir) / BASE_RECORD
@@ -70,6 +79,8 @@ class RunDir:
     tracking_record = property(lambda self: self.root / "tracking_record.jsonl")
     tracking_import = property(lambda self: self.root / "tracking_import.json")  # `import` state
     adapter = property(lambda self: self.root / "adapter")
+    projector_dir = property(lambda self: self.root / PROJECTOR_DIR)  # stage 1's result
+    projector_file = property(lambda self: self.projector_dir / PROJECTOR_FILE)
     base_model_file = property(lambda self: base_model_file(self.adapter))
     checkpoints = property(lambda self: self.root / "checkpoints")
     best = property(lambda self: self.root / "best")  # train.keep_best

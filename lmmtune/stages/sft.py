@@ -116,6 +116,11 @@ class SFTRecipe:
         self.trainer = self.build_trainer()
         self.report = self.log_trainable()
         self.guard.phase = "checking that the run can finish"
+        self.check_can_finish()
+
+    def check_can_finish(self) -> None:
+        """Stage hook, rank 0 before the first step: a dry run of saving the result, and the
+        disk space for checkpoints."""
         run_dir, samples = self.folder.root, len(self.lengths)  # conversations, if grouped
         exported, processor = self.exported, self.processor
         on_main(check_saving, self.model, exported, processor, self.train_cfg, samples, run_dir)
@@ -137,7 +142,7 @@ class SFTRecipe:
         self.lengths = self.sample_lengths()
         longest, per_sample = max(self.lengths, default=1), self.sequences_per_sample
         self.train_cfg = fit_to_memory(
-            cfg.train, cfg.model, cfg.quant, cfg.peft, longest, per_sample
+            cfg.train, cfg.model, cfg.quant, cfg.peft, longest, per_sample, cfg.stage
         )
 
     def open_run_folder(self) -> None:
@@ -276,8 +281,13 @@ class SFTRecipe:
         )
         train_set, eval_set = (
             SupervisedDataset(
-                samples, self.processor, data_cfg.max_length, data_cfg.max_image_pixels
-            )
+                samples,
+                self.processor,
+                data_cfg.max_length,
+                data_cfg.max_image_pixels,
+                data_cfg.template,
+                data_cfg.pad_to_square,
+            )  # fmt: skip
             for samples in (splits.train, splits.eval)
         )
         if self.grouping is not None:  # eval loss stays per question, as eval is

@@ -119,6 +119,8 @@ class MemorySetup:
     loss_impl: str
     loss_chunk_size: int
     attn_implementation: str
+    lora: bool = True
+    """LoRA on the language model (stage 1, `stage=align`: none, the projector alone trains)."""
 
     @classmethod
     def defaults(cls) -> MemorySetup:
@@ -128,8 +130,12 @@ class MemorySetup:
         return cls.from_configs(ModelConfig(), QuantConfig(), PeftConfig(), TrainConfig())
 
     @classmethod
-    def from_configs(cls, model_cfg, quant_cfg, peft_cfg, train_cfg) -> MemorySetup:
+    def from_configs(
+        cls, model_cfg, quant_cfg, peft_cfg, train_cfg, stage: str = "sft"
+    ) -> MemorySetup:
+        """`stage=align`: no LoRA, the projector trained, no head (what `AlignRecipe` trains)."""
         weight_bytes = 4 if model_cfg.dtype == "float32" else 2
+        align = stage == "align"
         return cls(
             quant=quant_cfg.mode,
             double_quant=quant_cfg.double_quant,
@@ -138,13 +144,14 @@ class MemorySetup:
             lora_r=peft_cfg.r,
             lora_targets=tuple(peft_cfg.target_modules),
             lora_dropout=peft_cfg.dropout,
-            train_projector=peft_cfg.train_projector,
-            train_lm_head=peft_cfg.train_lm_head,
+            train_projector=align or peft_cfg.train_projector,
+            train_lm_head=not align and peft_cfg.train_lm_head,
             optim=train_cfg.optim,
             gradient_checkpointing=train_cfg.gradient_checkpointing,
             loss_impl=train_cfg.loss_impl,
             loss_chunk_size=train_cfg.loss_chunk_size,
             attn_implementation=model_cfg.attn_implementation,
+            lora=not align,
         )
 
 
@@ -206,7 +213,7 @@ def _weight_bytes(shape: ModelShape, setup: MemorySetup) -> float:
 
 def _trainable_bytes(shape: ModelShape, setup: MemorySetup) -> float:
     """fp32 weights (apply_lora upcasts them), fp32 gradients and optimizer states."""
-    params = shape.lora_params(setup.lora_r, list(setup.lora_targets))
+    params = shape.lora_params(setup.lora_r, list(setup.lora_targets)) if setup.lora else 0
     if setup.train_lm_head:
         params += shape.vocab * shape.hidden
     per_param = 4 + optimizer_state_bytes(setup.optim)  # gradient + states
@@ -223,7 +230,7 @@ def layer_activation_bytes(shape: ModelShape, setup: MemorySetup) -> float:
     """
     h, i, a = shape.hidden, shape.intermediate, setup.act_bytes
     saved = (12 * h + 4 * i) * a + 4 * h * 4
-    if setup.lora_dropout > 0:
+    if setup.lora and setup.lora_dropout > 0:
         inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h}
         inputs |= {"gate_proj": h, "up_proj": h, "down_proj": i}
         saved += sum(inputs[t] for t in setup.lora_targets if t in inputs) * (a + 1)
@@ -318,7 +325,8 @@ def _does_not_fit(shape: ModelShape, setup: MemorySetup, budget_gib: float, seq_
         levers.append("train.loss_impl=chunked")
     if setup.train_lm_head:
         levers.append("peft.train_lm_head=false")
-    levers.append(f"peft.r (now {setup.lora_r}; LoRA state {estimate.trainable / GIB:.1f} GiB)")
+    if setup.lora:
+        levers.append(f"peft.r (now {setup.lora_r}; LoRA state {estimate.trainable / GIB:.1f} GiB)")
     levers.append(f"data.max_length (the longest sample has {seq_len} tokens)")
     levers.append("a smaller model")
     return (
@@ -330,9 +338,16 @@ def _does_not_fit(shape: ModelShape, setup: MemorySetup, budget_gib: float, seq_
 
 
 def fit_to_memory(
-    train_cfg, model_cfg, quant_cfg, peft_cfg, seq_len: int, sequences_per_sample: int = 1
+    train_cfg,
+    model_cfg,
+    quant_cfg,
+    peft_cfg,
+    seq_len: int,
+    sequences_per_sample: int = 1,
+    stage: str = "sft",
 ):
-    """`train_cfg` with batch_size and grad_accum planned for `train.gpu_memory_gb`.
+    """`train_cfg` with batch_size and grad_accum planned for `train.gpu_memory_gb` (`stage`:
+    the `stage` setting; align trains the projector alone).
 
     Returns `train_cfg` itself when no budget is set; else a copy (the same type, a
     dataclass or an OmegaConf node). Reads only the model's config, not its weights.
@@ -348,7 +363,7 @@ def fit_to_memory(
     )
     plan = plan_batch(
         ModelShape.from_config(config),
-        MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg),
+        MemorySetup.from_configs(model_cfg, quant_cfg, peft_cfg, train_cfg, stage),
         train_cfg.gpu_memory_gb,
         train_cfg.batch_size * train_cfg.grad_accum,
         seq_len,

@@ -18,9 +18,9 @@ def _conversation(*messages):
 
 BAD_RECORDS = {
     "no conversations": (
-        {"id": "bad", "image": "a.png", "caption": "x"},
+        {"id": "bad", "image": "a.png", "label": "x"},  # (a caption column is a caption record)
         Kind.NO_CONVERSATIONS,
-        "no 'conversations' or 'messages' list and no 'question'/'answer' fields",
+        "no 'conversations' or 'messages' list, no 'question'/'answer' fields and no 'caption'",
     ),
     "empty conversations": ({"id": "bad", "conversations": []}, Kind.NO_CONVERSATIONS, "empty"),
     "empty answer": (

@@ -174,3 +174,31 @@ def test_cli_plans_the_batch_or_fails_before_loading_the_model(tmp_path):
     assert too_small.returncode != 0
     assert "does not fit train.gpu_memory_gb=0.5" in too_small.stderr
     assert "Traceback" not in too_small.stderr
+
+
+def test_stage_1_trains_the_projector_alone():
+    """stage=align: no LoRA, the projector's ~21M fp32 weights with their gradients and
+    optimizer state; the 7B fits a smaller card at a larger micro-batch than QLoRA does."""
+    align = MemorySetup.from_configs(
+        ModelConfig(), QuantConfig(), PeftConfig(), TrainConfig(optim="adamw_torch"), "align"
+    )
+    assert (align.lora, align.train_projector, align.train_lm_head) == (False, True, False)
+    projector = LLAVA_7B.projector_params()
+    estimate = estimate_memory(LLAVA_7B, align, 1, SEQ)
+    # projector weights (fp32) count with the weights; gradient 4 + AdamW states 8 bytes each
+    assert estimate.trainable == projector * (4 + 8)
+    assert 0.2 * GIB < estimate.trainable < 0.3 * GIB
+    qlora = estimate_memory(LLAVA_7B, RECIPE, 1, SEQ)
+    assert qlora.trainable > 10 * estimate.trainable
+    assert estimate.activations < qlora.activations  # no LoRA dropout copies
+    planned = plan_batch(LLAVA_7B, align, 12, 32, SEQ)
+    assert planned.micro_batch > plan_batch(LLAVA_7B, RECIPE, 12, 32, SEQ).micro_batch
+
+
+def test_stage_1_failure_does_not_name_lora():
+    align = MemorySetup.from_configs(
+        ModelConfig(), QuantConfig(), PeftConfig(), TrainConfig(), "align"
+    )
+    with pytest.raises(LmmtuneError) as failure:
+        plan_batch(LLAVA_7B, align, 2, 32, SEQ)
+    assert "peft.r" not in str(failure.value) and "data.max_length" in str(failure.value)
