@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -169,6 +170,9 @@ class DataConfig:
     Single-turn image records only, same image by content, after the train/eval split
     (eval stays per question); the SFT stage only. On in the recipes; false: one sample
     per record."""
+    captions: str | None = None
+    """Stage 1's caption data in a two-stage run (`two_stage.enabled`, recipe=*_two_stage),
+    in any data.train format; stage 2 reads data.train."""
 
 
 @dataclass
@@ -357,6 +361,20 @@ class DpoConfig:
 
 
 @dataclass
+class TwoStageConfig:
+    """Both stages of LLaVA training in one run (recipe=*_two_stage): stage 1 aligns the
+    projector on data.captions in OUTPUT_DIR/align, then stage 2, the rest of this config,
+    instruction-tunes on data.train in OUTPUT_DIR/instruct (docs/two_stage.md)."""
+
+    enabled: bool = False
+    """Run stage 1, then stage 2, in one run folder (one parent MLflow run, a child each)."""
+    align: dict[str, Any] = field(default_factory=dict)
+    """Stage 1's settings where they differ from stage 2's, as nested keys
+    (`two_stage.align.train.learning_rate=1e-3`; `+two_stage.align.KEY=V` adds a key the
+    recipe does not set); every other setting is stage 2's."""
+
+
+@dataclass
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
@@ -375,6 +393,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
 
 
 def recipe_files() -> dict[str, Path]:

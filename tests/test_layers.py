@@ -16,6 +16,7 @@ LAYERS = {
     "distributed": 0,
     "config": 1,
     "validate": 1,
+    "stage_configs": 1,  # the configs of a two-stage run's stages
     "data": 2,
     "demo": 2,  # the demo set (data) and the tiny model (model builds on it)
     "model": 3,
