@@ -76,20 +76,23 @@ def stage_configs(cfg: DictConfig, out: str | None = None) -> StageConfigs:
     if problems:
         raise LmmtuneError("\n  ".join(problems))
     out = out if out is not None else str(cfg.output_dir)
-    align = _one_stage(cfg, f"{out}/{ALIGN}")
+    align = _one_stage(cfg, out, ALIGN)
     align.data.train, align.data.eval, align.data.image_root = cfg.data.captions, None, None
     try:
         align = OmegaConf.merge(align, cfg.two_stage.align)
     except OmegaConfBaseException as exc:
         key = f"two_stage.align.{exc.full_key}" if exc.full_key else "two_stage.align"
         raise LmmtuneError(f"{key}: {_first_line(exc)}") from None
-    return StageConfigs(align=align, instruct=_one_stage(cfg, f"{out}/{INSTRUCT}"))
+    return StageConfigs(align=align, instruct=_one_stage(cfg, out, INSTRUCT))
 
 
-def _one_stage(cfg: DictConfig, output_dir: str) -> DictConfig:
-    """A copy of `cfg` as a one-stage config running in `output_dir`."""
+def _one_stage(cfg: DictConfig, out: str, name: str) -> DictConfig:
+    """A copy of `cfg` as a one-stage config running in OUT/NAME, its MLflow run named
+    after its stage (after tracking.run_name too, if set)."""
     stage = copy.deepcopy(cfg)
-    stage.output_dir = output_dir
+    stage.output_dir = f"{out}/{name}"
+    run_name = cfg.tracking.run_name
+    stage.tracking.run_name = f"{run_name} {name}" if run_name else name
     stage.data.captions = None
     stage.two_stage.enabled = False
     stage.two_stage.align = {}
