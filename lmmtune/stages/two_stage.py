@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from lmmtune.commands import memory_plan
 from lmmtune.data.checks import load_splits
 from lmmtune.distributed import is_main
-from lmmtune.errors import LmmtuneError
+from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.model import load_processor
 from lmmtune.rundir.resume import check_resume
 from lmmtune.rundir.run import RunDir, command_inputs, job_output_dir, save_config
@@ -104,6 +104,8 @@ class TwoStageRun:
         try:
             with children_of(parent_run_id, tags):
                 instruct_metrics = self.run_stage(instruct, out)
+        except RunInterrupted:  # its message says how to resume
+            raise
         except LmmtuneError:
             log.warning(
                 "stage 1 (%s) is finished and kept in %s; once stage 2 is fixed, the same "

@@ -108,6 +108,16 @@ def test_check_reports_both_stages_and_names_the_one_that_fails(tmp_path, capsys
     assert len(reports["align"].train) == 2 and reports["instruct"].train
 
 
+def test_bad_stage_2_data_refuses_the_run_before_stage_1_trains(tmp_path):
+    vqa = write_captions(tmp_path / "vqa", missing_image=True)  # one image missing
+    args = [*TWO_STAGE, f"data.train={vqa}", "data.eval_fraction=0", "tracking=none"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 invalid record(s)" in result.stderr and "gone.png" in result.stderr
+    assert "checking stage 2's data" in result.stderr and "stage 1 of 2" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing left that would refuse the fixed command
+
+
 def two_stage_run(out, with_user_file=False):
     """A two-stage folder as a run leaves it: its own files, and both stages' runs."""
     with two_stage_folder(out, overwrite=False, resume=None) as folder:
