@@ -6,11 +6,13 @@ with train.resume=auto."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import lmmtune
 from lmmtune.commands import check
 from lmmtune.config import TrackingConfig
 from lmmtune.errors import LmmtuneError
@@ -108,14 +110,16 @@ def test_check_reports_both_stages_and_names_the_one_that_fails(tmp_path, capsys
     assert len(reports["align"].train) == 2 and reports["instruct"].train
 
 
-def test_bad_stage_2_data_refuses_the_run_before_stage_1_trains(tmp_path):
+def test_bad_stage_2_data_refuses_the_run_before_stage_1_trains(tmp_path, caplog):
     vqa = write_captions(tmp_path / "vqa", missing_image=True)  # one image missing
-    args = [*TWO_STAGE, f"data.train={vqa}", "data.eval_fraction=0", "tracking=none"]
-    result = run_cli(args, cwd=tmp_path)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "1 invalid record(s)" in result.stderr and "gone.png" in result.stderr
-    assert "checking stage 2's data" in result.stderr and "stage 1 of 2" not in result.stderr
-    assert not (tmp_path / "out").exists()  # nothing left that would refuse the fixed command
+    out = tmp_path / "out"
+    args = [*TWO_STAGE, f"output_dir={out}", f"data.train={vqa}", "data.eval_fraction=0"]
+    caplog.set_level(logging.INFO)
+    with pytest.raises(LmmtuneError, match=r"1 invalid record\(s\)") as refused:
+        lmmtune.finetune(compose_config([*args, "tracking=none"]))
+    assert "gone.png" in str(refused.value) + caplog.text
+    assert "checking stage 2's data" in caplog.text and "stage 1 of 2" not in caplog.text
+    assert not out.exists()  # nothing left that would refuse the fixed command
 
 
 def two_stage_run(out, with_user_file=False):
@@ -160,7 +164,8 @@ def test_a_fresh_folder_that_failed_before_either_stage_is_removed(tmp_path):
     assert not out.exists()
 
 
-def test_the_parent_run_is_reopened_on_a_resume_and_its_stages_are_children(tmp_path):
+def test_the_parent_run_is_reopened_on_a_resume_and_its_stages_are_children(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     out = tmp_path / "out"
     out.mkdir()
