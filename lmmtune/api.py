@@ -44,12 +44,14 @@ def _run(command: str, cfg: DictConfig):
 
 
 def finetune(cfg: DictConfig) -> dict:
-    """Fine-tune as configured; the metrics also written to OUTPUT_DIR/metrics.json."""
+    """Fine-tune as configured; the metrics also written to OUTPUT_DIR/metrics.json (a
+    two-stage config: each stage's, by stage name, in OUTPUT_DIR/STAGE/metrics.json)."""
     return _run("train", cfg)
 
 
 def check_data(cfg: DictConfig):
-    """Check the data (and the memory plan); the data report."""
+    """Check the data (and the memory plan); the data report (a two-stage config: each
+    stage's, by stage name)."""
     return _run("check", cfg)
 
 

@@ -156,13 +156,13 @@ COMMANDS: dict[str, Command] = {
             "lmmtune.stages:train",
             ("name", "output_dir", "overwrite", "model", "quant", "peft", "data", "train")
             + ("tracking", "eval.before", "eval.after", "eval.max_new_tokens", "eval.batch_size")
-            + ("eval.table_images",),
+            + ("eval.table_images", "two_stage"),
         ),
         Command(
             "check",
             "validate the data set and print a report, without loading a model",
             "lmmtune.commands:check",
-            ("model.path", "data", "train.gpu_memory_gb"),
+            ("model.path", "data", "train.gpu_memory_gb", "two_stage"),
         ),
         Command(
             "eval",

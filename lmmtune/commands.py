@@ -42,9 +42,12 @@ from lmmtune.rundir.files import write_text_atomic
 from lmmtune.rundir.folders import owning_folder
 
 
-def check(cfg: Config) -> DataReport:
+def check(cfg: Config) -> DataReport | dict[str, DataReport]:
     """Check the data set (and the memory plan), print the report, raise LmmtuneError
-    if any record is invalid or the recipe cannot fit `train.gpu_memory_gb`."""
+    if any record is invalid or the recipe cannot fit `train.gpu_memory_gb`. A two-stage
+    config: both stages' data, each report under its stage's title (by stage name)."""
+    if cfg.two_stage.enabled:
+        return check_two_stage(cfg)
     from lmmtune.model import load_processor
 
     processor = load_processor(cfg.model)
@@ -65,6 +68,22 @@ def check(cfg: Config) -> DataReport:
     if cfg.train.gpu_memory_gb is not None:
         print(memory_plan(cfg, report), flush=True)
     return report
+
+
+def check_two_stage(cfg: Config) -> dict[str, DataReport]:
+    """`check` of each stage of a two-stage config, both reported before either refuses."""
+    from lmmtune.stage_configs import each_stage, stage_configs
+
+    reports, refusals = {}, []
+    for name, title, stage_cfg in each_stage(stage_configs(cfg)):
+        print(f"== {title}: data.train={stage_cfg.data.train}", flush=True)
+        try:
+            reports[name] = check(stage_cfg)
+        except LmmtuneError as exc:
+            refusals.append(f"{title}: {exc}")
+    if refusals:
+        raise LmmtuneError("\n".join(refusals))
+    return reports
 
 
 def memory_plan(cfg: Config, report: DataReport) -> str:

@@ -12,9 +12,11 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+
+from lmmtune.yaml_config import load_yaml_config
 
 
 def _shipped(folder: str) -> Path:
@@ -189,6 +191,9 @@ class DataConfig:
     pad_to_square: bool = True
     """Pad images to a square in the mean colour before the processor's resize (LLaVA 1.5's
     stage 2); false: the processor's own resize and centre crop (LLaVA's stage 1)."""
+    captions: str | None = None
+    """Stage 1's caption data in a two-stage run (`two_stage.enabled`, recipe=*_two_stage),
+    in any data.train format; stage 2 reads data.train."""
 
 
 @dataclass
@@ -377,6 +382,20 @@ class DpoConfig:
 
 
 @dataclass
+class TwoStageConfig:
+    """Both stages of LLaVA training in one run (recipe=*_two_stage): stage 1 aligns the
+    projector on data.captions in OUTPUT_DIR/align, then stage 2, the rest of this config,
+    instruction-tunes on data.train in OUTPUT_DIR/instruct (docs/two_stage.md)."""
+
+    enabled: bool = False
+    """Run stage 1, then stage 2, in one run folder (one parent MLflow run, a child each)."""
+    align: dict[str, Any] = field(default_factory=dict)
+    """Stage 1's settings where they differ from stage 2's, as nested keys
+    (`two_stage.align.train.learning_rate=1e-3`; `+two_stage.align.KEY=V` adds a key the
+    recipe does not set); every other setting is stage 2's."""
+
+
+@dataclass
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
@@ -398,6 +417,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
 
 
 def recipe_files() -> dict[str, Path]:
@@ -416,68 +436,6 @@ def register_recipe(path: Path, name: str | None = None) -> str:
         group="recipe", name=name, node=load_yaml_config(path, "recipe file"), package="_global_"
     )
     return name
-
-
-MAX_YAML_VALUES = 100_000
-"""Values a YAML config may hold once its aliases are expanded (recipes hold about 50)."""
-PLAIN_YAML_TAGS = {
-    f"tag:yaml.org,2002:{kind}"
-    for kind in ("str", "int", "float", "bool", "null", "map", "seq", "merge", "timestamp")
-}
-"""The tags plain YAML data resolves to; an explicit other tag (`!!python/...`) is refused."""
-
-
-def load_yaml_config(path: Path, what: str = "config file"):
-    """A YAML file as OmegaConf loads it, after checking it is plain data: no tags of
-    other types and no aliases expanding past MAX_YAML_VALUES (a "billion laughs" of
-    700 bytes expands to 10**9 values and OmegaConf would build them all). Refused in
-    one line naming the file."""
-    import yaml
-
-    from lmmtune.errors import LmmtuneError
-
-    try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-        if root is not None:
-            _expanded_values(root, {}, set(), f"{what} {path}")
-        return OmegaConf.load(path)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise LmmtuneError(f"{what} {path}{line}: not valid YAML ({reason})") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LmmtuneError(f"{what} {path} cannot be read: {exc}") from None
-
-
-def _expanded_values(node, sizes: dict, open_nodes: set, where: str) -> int:
-    """How many values `node` holds with aliases expanded; LmmtuneError past the bound."""
-    from lmmtune.errors import LmmtuneError
-
-    if id(node) in sizes:
-        return sizes[id(node)]
-    line = node.start_mark.line + 1
-    if node.tag not in PLAIN_YAML_TAGS:
-        raise LmmtuneError(
-            f"{where}, line {line}: the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
-            "is refused (configs are plain data: text, numbers, lists and mappings)"
-        )
-    if id(node) in open_nodes:
-        raise LmmtuneError(f"{where}, line {line}: an alias refers to itself; refused")
-    open_nodes.add(id(node))
-    children = node.value if isinstance(node.value, list) else []
-    items = [
-        part for child in children for part in (child if isinstance(child, tuple) else [child])
-    ]
-    size = 1 + sum(_expanded_values(item, sizes, open_nodes, where) for item in items)
-    open_nodes.discard(id(node))
-    if size > MAX_YAML_VALUES:
-        raise LmmtuneError(
-            f"{where}, line {line}: its aliases expand to more than {MAX_YAML_VALUES:,} values "
-            '(a "billion laughs"); refused'
-        )
-    sizes[id(node)] = size
-    return size
 
 
 def recipe_files_to_names(overrides: list[str]) -> list[str]:

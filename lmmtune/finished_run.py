@@ -199,7 +199,7 @@ def run_settings(
 
 def _apply_run_config(settings: DictConfig, cfg: DictConfig, saved_file: Path, keys: list[str]):
     """The saved run sections over `settings`, then the command line's keys over those."""
-    from lmmtune.config import load_yaml_config
+    from lmmtune.yaml_config import load_yaml_config
 
     saved = load_yaml_config(saved_file, "the run's config")
     try:

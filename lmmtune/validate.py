@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmmtune.errors import LmmtuneError
+from lmmtune.stage_configs import ALIGN, align_problems, stage_configs
 
 NAME_MAX = 255
 """Longest file name (bytes) on the usual Linux, macOS and Windows file systems."""
@@ -74,7 +75,17 @@ RULES: tuple[Rule, ...] = (
 
 
 def validate(cfg: DictConfig, command: str = "train") -> None:
-    """Raise LmmtuneError listing every setting of `cfg` that cannot work, one line each."""
+    """Raise LmmtuneError listing every setting of `cfg` that cannot work, one line each
+    (a two-stage config: both stages' settings)."""
+    problems = config_problems(cfg, command)
+    if not problems and command in ("train", "check"):
+        problems += two_stage_problems(cfg, command)
+    if problems:
+        raise LmmtuneError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def config_problems(cfg: DictConfig, command: str) -> list[str]:
+    """Every setting of one config that cannot work for `command`."""
     problems = list(unresolved(cfg))
     if not problems:  # the checks below read values, which must resolve first
         problems += out_of_range(cfg)
@@ -84,8 +95,36 @@ def validate(cfg: DictConfig, command: str = "train") -> None:
         problems += trainer_names(cfg) if command in ("train", "check") else []
         problems += dpo_start(cfg.dpo) if command == "train" else []
         problems += output_dir_problems(cfg.output_dir, writes=command == "train")
+    return problems
+
+
+def two_stage_problems(cfg: DictConfig, command: str) -> list[str]:
+    """A two-stage run (two_stage.enabled) refuses at start for either stage's settings:
+    stage 2's are the config's own (checked above), stage 1's are derived here and checked
+    alike, each problem named with its stage."""
+    if not cfg.two_stage.enabled:
+        return []
+    if cfg.data.captions is None:
+        return [
+            "data.captions=null: a two-stage run trains stage 1 on captions; set "
+            "data.captions=PATH (data.train is stage 2's instruction data)"
+        ]
+    if cfg.dpo.enabled:
+        return ["dpo.enabled=true: stage 2 of a two-stage run is instruction tuning; run DPO "
+                "afterwards from OUTPUT_DIR/instruct/adapter"]  # fmt: skip
+    if cfg.stage == "align":
+        return ["stage=align: stage 2 of a two-stage run is instruction tuning; stage 1's "
+                "settings go in two_stage.align (recipe=*_two_stage sets them)"]  # fmt: skip
+    if cfg.train.resume not in (None, "auto"):
+        return [f"train.resume={cfg.train.resume}: a two-stage run resumes with train.resume=auto"]
+    problems = align_problems(cfg)
     if problems:
-        raise LmmtuneError("invalid settings:\n  " + "\n  ".join(problems))
+        return problems
+    try:
+        align = stage_configs(cfg).align
+    except LmmtuneError as exc:
+        return [str(exc)]
+    return [f"stage 1 ({ALIGN}): {problem}" for problem in config_problems(align, command)]
 
 
 def unresolved(cfg: DictConfig) -> Iterator[str]:
@@ -133,6 +172,8 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs tracking on and export.log_model=true"
     if export.model is not None and export.format != "gguf":
         yield "export.model (a merged export to convert) needs export.format=gguf"
+    if cfg.data.captions is not None and not cfg.two_stage.enabled:
+        yield "data.captions is stage 1's data of a two-stage run: it needs two_stage.enabled=true"
 
 
 def stage_settings(cfg: DictConfig) -> Iterator[str]:

@@ -17,6 +17,8 @@ LAYERS = {
     "hub": 0,  # hub ids, reachability, the download hint: models (model) and data sets (data)
     "config": 1,
     "validate": 1,
+    "stage_configs": 1,  # the configs of a two-stage run's stages
+    "yaml_config": 1,  # config files read as plain data
     "data": 2,
     "demo": 2,  # the demo set (data) and the tiny model (model builds on it)
     "model": 3,

@@ -62,6 +62,20 @@ def wait_for_checkpoint(
     raise TimeoutError("no checkpoint appeared")
 
 
+def kill_9_at_checkpoint(
+    args: list[str], cwd: Path, run_dir: Path, min_step: int
+) -> tuple[Path, str]:
+    """Start `python -m lmmtune ARGS` and kill -9 it once `run_dir` (a run, or a stage of a
+    two-stage run) holds a finished checkpoint of `min_step` or later, before the run
+    finished; that checkpoint and the process's log."""
+    process = start_cli(args, cwd=cwd)
+    checkpoint = wait_for_checkpoint(run_dir, process, min_step=min_step)
+    process.send_signal(signal.SIGKILL)
+    _, log = process.communicate()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before the kill"
+    return checkpoint, log
+
+
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
@@ -75,11 +89,8 @@ def test_resume_after_kill_9_in_a_later_epoch_matches_an_uninterrupted_run(tmp_p
     reference = run_cli([*LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    process = start_cli([*LATER_EPOCH, "output_dir=crashed"], cwd=tmp_path)
-    first = wait_for_checkpoint(tmp_path / "crashed", process, min_step=15)  # mid epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    crashed = [*LATER_EPOCH, "output_dir=crashed"]
+    first, _ = kill_9_at_checkpoint(crashed, tmp_path, tmp_path / "crashed", 15)  # mid epoch 2
     assert int(first.name.split("-")[1]) > 10, "killed in the first epoch"
     run_id = json.loads((tmp_path / "crashed" / "tracking.json").read_text())["run_id"]
 

@@ -229,10 +229,10 @@ def description(run: FinishedRun, cfg: DictConfig) -> str:
 def model_name(settings: DictConfig, run_dir: Path | None, adapter_dir: Path) -> str:
     """The base model as the run's config names it (a hub id, `tiny`, a folder's name), not
     the local folder it resolved to (a cache path in someone's home directory)."""
-    from lmmtune.config import load_yaml_config
     from lmmtune.finished_run import trained_base
     from lmmtune.rundir.files import hub_id_of
     from lmmtune.rundir.run import RunDir
+    from lmmtune.yaml_config import load_yaml_config
 
     named = str(settings.model.path)
     config = RunDir(run_dir).config if run_dir is not None else None

@@ -28,7 +28,12 @@ from lmmtune.rundir.files import write_text_atomic
 
 MANIFEST = ".lmmtune.json"
 LOCK = ".lmmtune.lock"  # a run's lock (lmmtune.rundir.run): never listed, never cleared
-LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export"}
+LABELS = {
+    "run": "a run",
+    "eval": "an evaluation",
+    "export": "an export",
+    "two_stage": "a two-stage run",
+}
 RUN_KIND = "run"
 EVAL_KIND = "eval"
 EXPORT_KIND = "export"

@@ -18,11 +18,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmmtune.config import load_yaml_config
 from lmmtune.data.checks import DIGEST
 from lmmtune.errors import LmmtuneError
 from lmmtune.redact import redact
 from lmmtune.rundir.files import write_text_atomic
+from lmmtune.yaml_config import load_yaml_config
 
 log = logging.getLogger(__name__)
 

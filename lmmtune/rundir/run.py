@@ -252,14 +252,17 @@ def job_output_dir(output_dir: str) -> str:
     """The run directory of this process.
 
     In a Hydra multirun every job gets its own, Hydra's job directory SWEEP_DIR/JOB_NUM
-    (output_dir itself is the sweep's and the same for every job). Under torchrun every
-    rank takes rank 0's: the default's timestamp can differ by a second between ranks.
+    (output_dir itself is the sweep's and the same for every job); a folder inside it (a
+    stage of a two-stage job) is kept. Under torchrun every rank takes rank 0's: the
+    default's timestamp can differ by a second between ranks.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().runtime.output_dir
+        job_dir = HydraConfig.get().runtime.output_dir
+        inside = Path(job_dir).absolute() in Path(output_dir).absolute().parents
+        return output_dir if inside else job_dir
     return distributed.agree_on_output_dir(output_dir)
 
 

@@ -90,6 +90,9 @@ class SFTRecipe:
         self.metrics: dict = {}
         self.resources = contextlib.ExitStack()
         """What setup() opens; run() closes it (the cleanup), last first."""
+        self.resume_dir: Path | None = None
+        """The folder `train.resume=auto` continues this run in, if not its own (a stage of
+        a two-stage run: that run's); what an interrupted run's message names."""
 
     def run(self) -> dict:
         """The whole stage; returns its metrics (complete on rank 0, to training elsewhere)."""
@@ -156,7 +159,8 @@ class SFTRecipe:
         enter(removed_if_failed_start(run_dir))
         self.preflight()
         self.folder, self.resume_from = enter(locked_run_folder(cfg))
-        hint = f"Resume with the same command plus: output_dir={run_dir} train.resume=auto"
+        resume_dir = self.resume_dir or run_dir
+        hint = f"Resume with the same command plus: output_dir={resume_dir} train.resume=auto"
         self.guard = enter(InterruptOutsideTraining(hint))
         if cfg.train.resume is not None:
             on_main(check_resume, cfg, self.folder.config, self.folder.data_digest)
@@ -344,7 +348,8 @@ class SFTRecipe:
 
     def train(self) -> None:
         """The training loop and its numbers; it ends with the adapter saved."""
-        result = run_training(self.trainer, self.stop, self.resume_from, self.folder.root)
+        resume_dir = self.resume_dir or self.folder.root
+        result = run_training(self.trainer, self.stop, self.resume_from, resume_dir)
         self.record_training(result)
         name_base_by_hub_id(self.model, self.cfg.model.path)  # no local cache path in files
         self.save_adapter()
@@ -434,8 +439,9 @@ def grouping_params(grouping: Grouping) -> dict:
     }
 
 
-def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, run_dir: Path):
-    """`trainer.train()` with clean stops: a signal saves and exits, an OOM says what to lower."""
+def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, resume_dir: Path):
+    """`trainer.train()` with clean stops: a signal saves and exits (naming `resume_dir`, the
+    folder to resume in), an OOM says what to lower."""
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -447,7 +453,7 @@ def run_training(trainer, stop: StopOnSignal, resume_from: Path | None, run_dir:
         name = signal.Signals(stop.received).name
         raise RunInterrupted(
             f"{name}: stopped after step {trainer.state.global_step} and saved a checkpoint. "
-            f"Resume with the same command plus: output_dir={run_dir} train.resume=auto",
+            f"Resume with the same command plus: output_dir={resume_dir} train.resume=auto",
             stop.received,
         )
     return result

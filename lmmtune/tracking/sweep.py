@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lmmtune.redact import redact, redact_value
+from lmmtune.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ class SweepCallback(Callback):
     """Open the sweep's parent MLflow run before the first job and close it after the last."""
 
     def __init__(self) -> None:
-        self.client = None
-        self.run_id: str | None = None
+        self.parent: ParentRun | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from lmmtune import distributed
@@ -84,47 +84,29 @@ class SweepCallback(Callback):
         self._close("FINISHED")
 
     def _open_parent(self, config: DictConfig) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from lmmtune.tracking.mlflow_run import (
-            quiet_mlflow_urls,
-            resolve_tracking_uri,
-            training_experiment,
-        )
-
-        quiet_mlflow_urls()
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = [redact_value(o) for o in config.hydra.overrides.task]
         keys = swept_keys(overrides)
-        self.client = MlflowClient(resolve_tracking_uri(config.tracking))
-        experiment = redact_value(config.tracking.experiment or config.name)
-        uri = resolve_tracking_uri(config.tracking)
-        experiment_id = training_experiment(self.client, experiment, uri).experiment_id
-        run = self.client.create_run(
-            experiment_id,
+        self.parent = open_parent_run(
+            config.tracking,
+            config.name,
             run_name=f"sweep {' '.join(o for o in overrides if o.split('=')[0] in keys)}",
-            tags=redact(
-                {
-                    "recipe": config.name,
-                    "lmmtune.sweep_dir": str(sweep_dir.resolve()),
-                    "mlflow.note.content": sweep_description(config.name, overrides, keys),
-                }
-            ),
+            tags={
+                "recipe": config.name,
+                "lmmtune.sweep_dir": str(sweep_dir.resolve()),
+                "mlflow.note.content": sweep_description(config.name, overrides, keys),
+            },
         )
-        self.run_id = run.info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / MARKER).write_text(json.dumps({"run_id": self.run_id, "swept": keys}))
+        marker = {"run_id": self.parent.run_id, "swept": keys}
+        (sweep_dir / MARKER).write_text(json.dumps(marker))
         atexit.register(self._close, "FAILED")  # a job that fails ends the process
-        log.info("sweep over %s: parent MLflow run %s", ", ".join(keys), self.run_id)
+        log.info("sweep over %s: parent MLflow run %s", ", ".join(keys), self.parent.run_id)
 
     def _close(self, status: str) -> None:
-        if self.client is None or self.run_id is None:
-            return
-        try:
-            self.client.set_terminated(self.run_id, status)
-        except Exception as exc:  # noqa: BLE001 - see on_multirun_start
-            log.warning("could not end the sweep's parent MLflow run: %s", exc)
-        self.run_id = None
+        if self.parent is not None:
+            self.parent.end(status)
+        self.parent = None
 
 
 def mask_multirun_file(config: DictConfig) -> None:

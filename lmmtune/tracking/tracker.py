@@ -44,6 +44,7 @@ from lmmtune.tracking.mlflow_run import (
     start_mlflow_run,
     thumbnails,
 )
+from lmmtune.tracking.parent import current_children
 from lmmtune.tracking.sweep import sweep_job
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ def start_tracker(
 
     `doing` names the command in the warning. `resume` (training): continue the MLflow run
     that `folder`'s tracking.json names. A job of a Hydra multirun becomes a child of its
-    sweep's run, named after its swept values. `only_if_needed`: write the record only
+    sweep's run, named after its swept values; a stage of a two-stage run, a child of that
+    run's (`lmmtune.tracking.parent.children_of`), with its tags. `only_if_needed`: write the record only
     once MLflow misses a call (see `LocalRecord`). `required_for` (registering a model):
     MLflow must answer at the start, or the command stops before any work. With
     `tracking.backend=none`, and under torchrun / accelerate launch off rank 0, the tracker
@@ -273,19 +275,18 @@ def start_tracker(
     record = LocalRecord(folder, only_if_needed)
     # Listed before they are written: a kill cannot leave them for the next command to read.
     add_to_manifest(folder, [record.path, record.state_file])
-    job = sweep_job()
+    job, stage = sweep_job(), current_children()
     run_name = tracking_cfg.run_name or (job.run_name if job else run_name)
     experiment = tracking_cfg.experiment or experiment
     tracker = Tracker(record, doing, run_id=record.state().get("run_id") if resume else None)
+    parent = stage.parent_run_id if stage else job.parent_run_id if job else None
     tracker.start_run(
-        tracking_cfg,
-        experiment,
-        run_name,
-        parent_run_id=job.parent_run_id if job else None,
-        required_for=required_for,
+        tracking_cfg, experiment, run_name, parent_run_id=parent, required_for=required_for
     )
     state = {"run_id": tracker.run_id, "experiment": experiment, "run_name": run_name}
     record.write_state(redact(state))
+    if stage is not None and stage.tags:
+        tracker.set_tags(stage.tags)  # a stage of a two-stage run: its stage, stage 1's run
     return tracker
 
 

@@ -6,14 +6,13 @@ weights of an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
-from tests.test_reliability import FAST, adapter_weights, start_cli, wait_for_checkpoint
+from tests.test_reliability import FAST, adapter_weights, kill_9_at_checkpoint
 
 GROUPED_RUN = [
     "recipe=demo",
@@ -66,11 +65,8 @@ def test_a_grouped_run_resumed_in_a_later_epoch_matches_an_uninterrupted_one(tmp
     reference = run_cli([*GROUPED_LATER_EPOCH, "output_dir=straight"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    process = start_cli([*GROUPED_LATER_EPOCH, "output_dir=crashed"], cwd=tmp_path)
-    first = wait_for_checkpoint(tmp_path / "crashed", process, min_step=15)  # in epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "crashed" / "metrics.json").exists(), "the run finished before the kill"
+    crashed = [*GROUPED_LATER_EPOCH, "output_dir=crashed"]
+    first, _ = kill_9_at_checkpoint(crashed, tmp_path, tmp_path / "crashed", 15)  # in epoch 2
     assert int(first.name.split("-")[1]) > 8, "killed in the first epoch"
 
     resumed = run_cli([*GROUPED_LATER_EPOCH, "output_dir=crashed", "train.resume=auto"], tmp_path)
