@@ -35,8 +35,9 @@ def test_one_config_gives_stage_1_its_differences_and_stage_2_the_rest():
 
     align, instruct = stages.align, stages.instruct
     assert (align.output_dir, instruct.output_dir) == ("out/align", "out/instruct")
-    assert align.data.train == "demo" and align.data.group_by_image is False
-    assert align.train.learning_rate == 5e-3 and align.train.epochs == 1
+    assert align.data.train == "demo_captions" and align.data.group_by_image is False
+    assert (align.stage, align.data.template, instruct.stage) == ("align", "plain", "sft")
+    assert align.train.learning_rate == 5e-3 and align.train.epochs == 4  # demo_align's
     assert instruct.train.learning_rate == 2e-3 and instruct.train.epochs == 8  # recipe=demo's
     assert (align.tracking.run_name, instruct.tracking.run_name) == ("align", "instruct")
     for stage in (align, instruct):  # plain one-stage configs: they validate and run as such
@@ -52,10 +53,11 @@ def test_one_config_gives_stage_1_its_differences_and_stage_2_the_rest():
         ("+two_stage.align.output_dir=elsewhere", "two_stage.align.output_dir: not a stage-1"),
         ("+two_stage.align.model.path=other", "two_stage.align.model.path: not a stage-1"),
         ("+two_stage.align.quant.mode=3bit", "two_stage.align.quant.mode: Invalid value"),
-        ("+two_stage.align.train.optim=adamw_torh", "stage 1 (align): train.optim=adamw_torh"),
+        ("two_stage.align.train.optim=adamw_torh", "stage 1 (align): train.optim=adamw_torh"),
         ("data.captions=null", "data.captions=null: a two-stage run"),
         ("train.resume=out/checkpoints/checkpoint-3", "resumes with train.resume=auto"),
         ("dpo.from_base=true dpo.enabled=true", "dpo.enabled=true: stage 2 of a two-stage"),
+        ("stage=align", "stage=align: stage 2 of a two-stage run"),
     ],
 )
 def test_a_setting_either_stage_cannot_run_with_is_refused_at_composition(override, named):
