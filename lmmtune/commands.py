@@ -131,6 +131,7 @@ def predict(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict]:
         predict_cfg.batch_size,
         data_cfg.max_image_pixels,
         "predict",
+        share_image_prefix=predict_cfg.share_image_prefix,
     )
     rows = [
         {"id": s.id, "image": s.image, "question": s.turns[-1][0], "answer": a}

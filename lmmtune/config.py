@@ -261,6 +261,11 @@ class EvalConfig:
     """Longest generated answer (greedy decoding)."""
     batch_size: int = 8
     """Samples generated together (left padding)."""
+    share_image_prefix: bool = True
+    """Answer the questions about one image together (same content, as the train/eval split
+    decides it): the system prompt and the image's tokens run once per image and their KV
+    cache is copied to each question. Same greedy answers as one prompt per question;
+    false: one prompt per question (eval during training and `eval`)."""
     adapter: str | None = None
     """`eval` only: the adapter directory; null reads OUTPUT_DIR/adapter."""
     data: str | None = None
@@ -325,6 +330,9 @@ class PredictConfig:
     """The adapter directory (without `model`); null reads OUTPUT_DIR/adapter."""
     max_new_tokens: int = 64
     batch_size: int = 8
+    share_image_prefix: bool = True
+    """Answer the questions of `input` about one image together, the image's prompt prefix
+    run once (as `eval.share_image_prefix`); false: one prompt per question."""
 
 
 @dataclass

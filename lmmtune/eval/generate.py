@@ -1,24 +1,25 @@
 """Evaluate a model: batched greedy answers to held-out questions, scored.
 
-Batched greedy answers to each sample's last question (left padding).
-
-The batch is `BatchBuilder`'s: the prompt training used (Vicuna v1, image tokens
-expanded) and images padded to a square the same way.
-
-Evaluate a model on held-out samples: generate answers greedily, score them.
+Each sample's last question is answered greedily, `batch_size` prompts at a time (left
+padding). The batch is `BatchBuilder`'s: the prompt training used (Vicuna v1, image
+tokens expanded) and images padded to a square the same way. Questions about one image
+start from its prompt prefix, run once (`lmmtune.eval.image_prefix`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from lmmtune.config import EvalConfig
 from lmmtune.data.batches import BatchBuilder
 from lmmtune.data.records import Sample
+from lmmtune.eval.image_prefix import ImagePrefixes, plan_answers
 from lmmtune.eval.metrics import SampleScore, score_predictions
 
 
@@ -48,29 +49,75 @@ def generate_answers(
     batch_size: int,
     max_image_pixels: int | None,
     desc: str = "generating",
+    share_image_prefix: bool = True,
 ) -> list[str]:
-    """Each sample's greedy answer to its last question, `batch_size` prompts at a time."""
+    """Each sample's greedy answer to its last question, in input order, `batch_size`
+    prompts at a time; with `share_image_prefix`, the questions about one image together
+    (`lmmtune.eval.image_prefix`)."""
     build = BatchBuilder(processor, max_length=10**9, max_image_pixels=max_image_pixels)
     tokenizer = processor.tokenizer
     was_training = model.training
     model.eval()
-    answers: list[str] = []
-    bars = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=None)
-    for start in bars:  # disable=None: a bar on a terminal, none in a file or pipe
-        batch = to_model(model, build.batch(samples[start : start + batch_size], prompt=True))
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers.extend(
-            text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        )
+    answers = [""] * len(samples)
+    # disable=None: a bar on a terminal, none in a file or pipe
+    with tqdm(total=len(samples), desc=desc, leave=False, disable=None) as bar:
+        for indices, batch, cache in answer_batches(
+            model, build, samples, batch_size, share_image_prefix
+        ):
+            output = model.generate(
+                **batch,
+                **({} if cache is None else {"cache": cache, "use_cache": True}),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for index, text in zip(indices, texts, strict=True):
+                answers[index] = text.strip()
+            bar.update(len(indices))
     model.train(was_training)
     return answers
+
+
+def answer_batches(
+    model, build: BatchBuilder, samples: list[Sample], batch_size: int, share_image_prefix: bool
+) -> Iterator[tuple[list[int], dict, DynamicCache | None]]:
+    """(sample indices, their batch on the model's device, the cache it continues or None)
+    for every sample: per question in input order, then the questions about each image."""
+    plan = plan_answers(samples, share_image_prefix)
+    for start in range(0, len(plan.per_question), batch_size):
+        indices = plan.per_question[start : start + batch_size]
+        yield (
+            indices,
+            to_model(model, build.batch([samples[i] for i in indices], prompt=True)),
+            None,
+        )
+    if plan.per_image:
+        yield from per_image_batches(
+            model, ImagePrefixes(build, samples, plan.per_image), batch_size
+        )
+
+
+def per_image_batches(
+    model, prefixes: ImagePrefixes, batch_size: int
+) -> Iterator[tuple[list[int], dict, DynamicCache | None]]:
+    """The questions image by image, `batch_size` at a time; each image's prefix runs once
+    (the first batch that asks about it), the images new to a batch together."""
+    order, build = prefixes.order, prefixes.build
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        if prefixes.length is None:  # nothing to share: whole prompts
+            samples = [prefixes.samples[i] for i in indices]
+            yield indices, to_model(model, build.batch(samples, prompt=True)), None
+            continue
+        if new := prefixes.missing(indices):
+            prefill = to_model(model, prefixes.prefix_batch(new))
+            prefixes.keep(new, model(**prefill, use_cache=True, logits_to_keep=1).cache)
+        batch = to_model(model, prefixes.continuation_batch(indices))
+        yield indices, batch, prefixes.cache_for(indices)
+        prefixes.forget_before(indices[-1])
 
 
 log = logging.getLogger(__name__)
@@ -100,6 +147,7 @@ def evaluate(
         eval_cfg.batch_size,
         max_image_pixels,
         desc=desc,
+        share_image_prefix=eval_cfg.share_image_prefix,
     )
     metrics, scores = score_predictions(
         predictions, references(samples), [s.question_type for s in samples]

@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = (
     "eval.output",
     "eval.overwrite",
     "eval.table_images",
+    "eval.share_image_prefix",
     "export.",
     "predict.",
 )
