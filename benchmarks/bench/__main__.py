@@ -3,6 +3,7 @@
     python -m benchmarks.bench                              # CPU: tiny scale, ratios only
     python -m benchmarks.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
     python -m benchmarks.bench --scale 13b --gpu-memory-gb 22 --configs all
+    python -m benchmarks.bench --grouping                   # per-image grouping (CPU)
 
 On a GPU every configuration runs in its own process, so that one's cached or
 paged memory cannot inflate the next one's peak. The report is rewritten after
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench import grouping
 from benchmarks.bench.models import llava_config, random_checkpoint
 from benchmarks.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
 from benchmarks.bench.report import environment, markdown, mfu, peak_tflops, ratios
@@ -46,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     gpu = torch.cuda.is_available()
+    parser.add_argument(
+        "--grouping",
+        action="store_true",
+        help="the per-image grouping benchmark instead (its options: --grouping --help)",
+    )
     parser.add_argument("--scale", choices=list(SCALE_DEFAULTS), default="7b" if gpu else "tiny")
     parser.add_argument(
         "--configs",
@@ -156,6 +163,9 @@ def _without(argv: list[str], *options: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    if "--grouping" in argv:  # its own options: benchmarks/bench/grouping.py
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        return grouping.main(grouping.parse_args(argv))
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
