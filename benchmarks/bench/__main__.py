@@ -34,6 +34,7 @@ from lmmtune.model import torch_dtype
 from lmmtune.training.memory import GIB, ModelShape
 
 log = logging.getLogger("benchmarks.bench")
+EPILOG = "--grouping: the per-image grouping benchmark instead (its options: --grouping -h)"
 # Per scale: micro-batch, gradient accumulation, warm-up steps, timed steps, LoRA rank.
 SCALE_DEFAULTS = {
     "tiny": (2, 1, 1, 2, 16),
@@ -45,14 +46,9 @@ SCALE_DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0], epilog=EPILOG
     )
     gpu = torch.cuda.is_available()
-    parser.add_argument(
-        "--grouping",
-        action="store_true",
-        help="the per-image grouping benchmark instead (its options: --grouping --help)",
-    )
     parser.add_argument("--scale", choices=list(SCALE_DEFAULTS), default="7b" if gpu else "tiny")
     parser.add_argument(
         "--configs",
