@@ -119,7 +119,10 @@ def bench_checkpoint(
     model.save_pretrained(tmp)
     for file in processor_dir.iterdir():
         shutil.copy(file, tmp / file.name)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)  # atomic: a half-written model is never picked up
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -185,7 +188,7 @@ def run_arm(settings: GroupingSettings, arm: str, seed: int, files, model: Path,
         "epoch_tokens": recipe.counter.tokens // settings.epochs,
         "epoch_seconds": sum(wall) / settings.epochs,
         "epoch_cpu_seconds": sum(cpu) / settings.epochs if cpu else None,
-        "final_loss": metrics["train"]["loss_history"][-1],
+        "final_loss": (metrics["train"]["loss_history"] or [None])[-1],
         "accuracy": after.get("accuracy"),
         "open_recall": after.get("open_recall"),
         "exact_match": after.get("exact_match"),
@@ -304,6 +307,8 @@ def main(args) -> dict:
         epochs=args.epochs,
         seeds=tuple(args.seeds),
         vision_layers=args.vision_layers,
+        arms=args.arms,
+        evaluate=args.eval,
     )
     with tempfile.TemporaryDirectory(prefix="lmmtune-bench-grouping-") as tmp:
         report = run_benchmark(settings, Path(tmp))
@@ -332,8 +337,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--vision-layers", type=int, default=defaults.vision_layers, help="CLIP-L/336 depth"
     )
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated from {ARMS}")
+    parser.add_argument(
+        "--eval", action=argparse.BooleanOptionalAction, default=True, help="held-out accuracy"
+    )
     parser.add_argument("--out", type=Path, help="JSON results (a .md table is written next to it)")
     args = parser.parse_args(argv)
+    args.arms = tuple(args.arms.split(","))
+    if unknown := set(args.arms) - set(ARMS):
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out = args.out or Path("outputs") / "bench" / f"grouping-{stamp}.json"
     args.command = "python -m benchmarks.bench " + shlex.join(argv)
