@@ -3,6 +3,7 @@
     python -m benchmarks.bench                              # CPU: tiny scale, ratios only
     python -m benchmarks.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
     python -m benchmarks.bench --scale 13b --gpu-memory-gb 22 --configs all
+    python -m benchmarks.bench --grouping                   # per-image grouping (CPU)
 
 On a GPU every configuration runs in its own process, so that one's cached or
 paged memory cannot inflate the next one's peak. The report is rewritten after
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench import grouping
 from benchmarks.bench.models import llava_config, random_checkpoint
 from benchmarks.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
 from benchmarks.bench.report import environment, markdown, mfu, peak_tflops, ratios
@@ -32,6 +34,7 @@ from lmmtune.model import torch_dtype
 from lmmtune.training.memory import GIB, ModelShape
 
 log = logging.getLogger("benchmarks.bench")
+EPILOG = "--grouping: the per-image grouping benchmark instead (its options: --grouping -h)"
 # Per scale: micro-batch, gradient accumulation, warm-up steps, timed steps, LoRA rank.
 SCALE_DEFAULTS = {
     "tiny": (2, 1, 1, 2, 16),
@@ -43,7 +46,7 @@ SCALE_DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0], epilog=EPILOG
     )
     gpu = torch.cuda.is_available()
     parser.add_argument("--scale", choices=list(SCALE_DEFAULTS), default="7b" if gpu else "tiny")
@@ -156,6 +159,9 @@ def _without(argv: list[str], *options: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    if "--grouping" in argv:  # its own options: benchmarks/bench/grouping.py
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        return grouping.main(grouping.parse_args(argv))
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
