@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from benchmarks.bench.eval_sharing import measure_eval_sharing
 from benchmarks.bench.models import CLIP_L_336, PAD_TOKEN_ID, VOCAB
 from benchmarks.bench.report import environment
 from benchmarks.bench.run import StepTimer
@@ -226,11 +227,20 @@ def run_benchmark(settings: GroupingSettings, workdir: Path, model: Path | None 
         "data_check": check,
         "rows": rows,
         "arms": {arm: summarize([r for r in rows if r["arm"] == arm]) for arm in settings.arms},
-        # HOOK (issue 24 item 3): the eval speed-up of sharing the image prefix. When
-        # benchmarks/bench/eval_sharing.py is merged, set this to
-        # measure_eval_sharing(model, processor, samples) on a grouped run's trained model.
-        "eval_sharing": None,
+        "eval_sharing": eval_sharing(workdir / f"grouped-{settings.seeds[0]}", settings),
     }
+
+
+def eval_sharing(run_dir: Path, settings: GroupingSettings) -> dict | None:
+    """The eval speed-up of sharing each image's prefix (eval.share_image_prefix), on the
+    held-out questions with the grouped arm's trained model; None without that arm."""
+    if "grouped" not in settings.arms or not settings.evaluate:
+        return None
+    from lmmtune.finished_run import load_finished_run
+
+    run = load_finished_run(run_dir)
+    model, processor = run.load_model(), run.processor
+    return measure_eval_sharing(model, processor, run.eval_samples())
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -278,6 +288,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     shown = ", ".join(f"{key} {value:.2f}x" for key, value in report["ratios"].items())
     lines += ["", f"per-question / grouped: {shown}"]
+    sharing = report.get("eval_sharing")
+    if sharing:
+        lines.append(
+            f"eval with the image prefix shared: {sharing['per_question_s']:.1f} s -> "
+            f"{sharing['shared_s']:.1f} s ({sharing['ratio']:.2f}x), answers equal: "
+            f"{sharing['answers_equal']}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,10 @@ def test_one_config_gives_stage_1_its_differences_and_stage_2_the_rest():
         ("data.captions=null", "data.captions=null: a two-stage run"),
         ("train.resume=out/checkpoints/checkpoint-3", "resumes with train.resume=auto"),
         ("dpo.from_base=true dpo.enabled=true", "dpo.enabled=true: stage 2 of a two-stage"),
-        ("stage=align peft.train_lm_head=false peft.projector_lr=null", "stage=align: stage 2 of a two-stage"),
+        (
+            "stage=align peft.train_lm_head=false peft.projector_lr=null",
+            "stage=align: stage 2 of a two-stage",
+        ),
     ],
 )
 def test_a_setting_either_stage_cannot_run_with_is_refused_at_composition(override, named):
