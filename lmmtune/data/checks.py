@@ -317,9 +317,8 @@ def check_lengths(
     limit = max_length * CHARS_PER_TOKEN_BOUND
     chars = [sum(len(q) + len(a) for q, a in s.turns) for s in samples]
     kept = [s for s, n in zip(samples, chars, strict=True) if n <= limit]
-    kept_lengths, answers = token_lengths(
-        kept, processor, template=template
-    )  # answers: per answer, for stats
+    # answers: per answer, for stats
+    kept_lengths, answers = token_lengths(kept, processor, template=template)
     measured = dict(zip(map(id, kept), kept_lengths, strict=True))
     lengths = [measured.get(id(s), max_length + 1) for s in samples]
     problems = [
