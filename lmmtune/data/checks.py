@@ -181,7 +181,7 @@ def data_paths(data_cfg: DataConfig, work_dir: Path) -> tuple[str, str | None]:
         )
     if data_cfg.train == DEMO:
         train, evaluation = write_demo_dataset(
-            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed
+            work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed, task=str(data_cfg.demo_task)
         )
         return str(train), data_cfg.eval or str(evaluation)
     return data_cfg.train, data_cfg.eval

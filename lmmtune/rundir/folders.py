@@ -28,10 +28,11 @@ from lmmtune.rundir.files import write_text_atomic
 
 MANIFEST = ".lmmtune.json"
 LOCK = ".lmmtune.lock"  # a run's lock (lmmtune.rundir.run): never listed, never cleared
-LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export"}
+LABELS = {"run": "a run", "eval": "an evaluation", "export": "an export", "merge": "a merge"}
 RUN_KIND = "run"
 EVAL_KIND = "eval"
 EXPORT_KIND = "export"
+MERGE_KIND = "merge"  # `merge`'s output: a combined adapter with its run settings
 NESTED_KINDS = ("eval", "export", "tracking")
 """Kinds of the folders a run may hold of its own (its evaluations, exports, export records)."""
 MAX_MANIFEST_BYTES = 64 * 2**20
