@@ -22,6 +22,8 @@ from lmmtune.validate import validate
 from tests.conftest import compose_config, run_cli
 
 RANK, ALPHA = 4, 8
+MERGED_GAIN = 0.2
+"""Held-out accuracy the ties merge of the two brief demo runs gains over the base, at least."""
 
 
 def make_run(folder, seed: int, rank: int = RANK):
@@ -192,3 +194,18 @@ def test_incompatible_adapters_are_refused_one_line_each_before_loading(runs, tm
     assert f"{runs[0]} was trained on" in lines[0] and "/models/other" in lines[0]
     assert "different target modules" in lines[1] and "needs adapters of one rank" in lines[2]
     assert "lmmtune.model: loaded" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_demo_domains_trained_merged_with_ties_and_evaluated_on_both(tmp_path):
+    """The bench's table, briefly trained: each adapter learns its domain; the ties merge of
+    the two is evaluated on both (docs/peft_methods.md has the full-length numbers)."""
+    from benchmarks.merge_domains import DOMAINS, domain_table, train
+
+    quick = ["data.demo_size=96", "train.epochs=6", "eval.before=false", "eval.after=false"]
+    runs = {task: train(tmp_path, task, quick) for task in DOMAINS}
+    table = domain_table(tmp_path, runs, combinations=("ties",))
+    base, merged = table["base (no adapter)"], table["merged, ties"]
+    for domain in DOMAINS:
+        assert table[f"adapter `{domain}`"][domain] >= base[domain] + 0.3, table
+        assert merged[domain] >= base[domain] + MERGED_GAIN, table

@@ -1,0 +1,114 @@
+"""Two demo domains, an adapter for each, combined by `merge`: held-out accuracy of the base,
+of each single adapter and of each combination, on both domains.
+
+    python -m benchmarks.merge_domains --workdir merge_bench
+    python -m benchmarks.merge_domains --workdir merge_bench --run-side RUN --run-vertical RUN
+
+Domain `side` is the demo (is there a lesion, which side); `vertical` the same kind of scans
+with other questions (is the scan normal, top or bottom). Each domain's adapter is trained
+with `recipe=demo` (`--train` adds overrides), unless given; each adapter is evaluated on
+each domain's held-out split with `eval eval.data=...`. Prints a Markdown table and writes
+it as JSON to WORKDIR/merge_domains.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DOMAINS = ("side", "vertical")
+COMBINATIONS = ("linear", "ties", "dare_ties")
+
+
+def train(workdir: Path, task: str, overrides: list[str]) -> Path:
+    """A demo run of `task` in WORKDIR/task (tracking off)."""
+    run = workdir / task
+    lmmtune(["recipe=demo", f"data.demo_task={task}", f"output_dir={run}", *overrides], workdir)
+    return run
+
+
+def merge(workdir: Path, runs: dict[str, Path], combination: str, density: float) -> Path:
+    out = workdir / f"merged-{combination}"
+    adapters = f"adapters=[{runs['side']},{runs['vertical']}]"
+    settings = [f"merge.combination={combination}", f"merge.density={density}"]
+    lmmtune(["merge", adapters, *settings, f"output_dir={out}", "overwrite=true"], workdir)
+    return out
+
+
+def accuracy(workdir: Path, run: Path, data: Path, name: str, before: bool) -> dict:
+    """Held-out accuracy of `run`'s adapter (and of the base, when `before`) on `data`."""
+    out = workdir / "evals" / name
+    lmmtune(
+        ["eval", f"output_dir={run}", f"eval.data={data}", f"eval.output={out}"]
+        + [f"eval.before={str(before).lower()}", "eval.overwrite=true"],
+        workdir,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = {"adapter": metrics["eval_after"]["accuracy"]}
+    if before:
+        result["base"] = metrics["eval_before"]["accuracy"]
+    return result
+
+
+def lmmtune(args: list[str], workdir: Path) -> None:
+    """`python -m lmmtune ARGS` in `workdir`, tracking off; its error output if it fails."""
+    command = [sys.executable, "-m", "lmmtune", *args, "tracking.backend=none"]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
+
+
+def domain_table(
+    workdir: Path,
+    runs: dict[str, Path],
+    combinations=COMBINATIONS,
+    density: float = 0.5,
+) -> dict[str, dict[str, float]]:
+    """{row: {domain: accuracy}}: the base, each single adapter, each combination."""
+    models = {f"adapter `{task}`": runs[task] for task in DOMAINS}
+    for combination in combinations:
+        models[f"merged, {combination}"] = merge(workdir, runs, combination, density)
+    table: dict[str, dict[str, float]] = {"base (no adapter)": {}}
+    for domain in DOMAINS:
+        data = runs[domain] / "demo_data" / "eval.json"
+        for index, (row, run) in enumerate(models.items()):
+            result = accuracy(workdir, run, data, f"{domain}-{index}", before=index == 0)
+            table.setdefault(row, {})[domain] = result["adapter"]
+            if "base" in result:
+                table["base (no adapter)"][domain] = result["base"]
+    return table
+
+
+def markdown(table: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | " + " | ".join(DOMAINS) + " |", "|---|" + "---:|" * len(DOMAINS)]
+    for row, scores in table.items():
+        lines.append(f"| {row} | " + " | ".join(f"{scores[d]:.3f}" for d in DOMAINS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--run-side", type=Path, help="a finished demo run (data.demo_task=side)")
+    parser.add_argument(
+        "--run-vertical", type=Path, help="a finished run of data.demo_task=vertical"
+    )
+    parser.add_argument("--train", nargs="*", default=[], help="overrides for the two demo runs")
+    parser.add_argument("--density", type=float, default=0.5)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    given = {"side": args.run_side, "vertical": args.run_vertical}
+    runs = {
+        task: (path.resolve() if path else train(args.workdir.resolve(), task, args.train))
+        for task, path in given.items()
+    }
+    table = domain_table(args.workdir.resolve(), runs, density=args.density)
+    (args.workdir / "merge_domains.json").write_text(json.dumps(table, indent=2))
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
