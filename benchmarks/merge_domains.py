@@ -7,7 +7,7 @@ of each single adapter and of each combination, on both domains.
 Domain `side` is the demo (is there a lesion, which side); `vertical` the same kind of scans
 with other questions (is the scan normal, top or bottom). Each domain's adapter is trained
 with `recipe=demo` (`--train` adds overrides), unless given; each adapter is evaluated on
-each domain's held-out split with `eval eval.data=...`. Prints a Markdown table and writes
+each domain's held-out split as `eval eval.data=...` does, all in this one process. Prints a Markdown table and writes
 it as JSON to WORKDIR/merge_domains.json.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 DOMAINS = ("side", "vertical")
@@ -24,41 +22,47 @@ COMBINATIONS = ("linear", "ties", "dare_ties")
 
 
 def train(workdir: Path, task: str, overrides: list[str]) -> Path:
-    """A demo run of `task` in WORKDIR/task (tracking off)."""
+    """A demo run of `task` in WORKDIR/task."""
+    from lmmtune.api import finetune
+
     run = workdir / task
-    lmmtune(["recipe=demo", f"data.demo_task={task}", f"output_dir={run}", *overrides], workdir)
+    finetune(config(["recipe=demo", f"data.demo_task={task}", f"output_dir={run}", *overrides]))
     return run
 
 
 def merge(workdir: Path, runs: dict[str, Path], combination: str, density: float) -> Path:
+    from lmmtune.api import merge_adapters
+
     out = workdir / f"merged-{combination}"
     adapters = f"adapters=[{runs['side']},{runs['vertical']}]"
     settings = [f"merge.combination={combination}", f"merge.density={density}"]
-    lmmtune(["merge", adapters, *settings, f"output_dir={out}", "overwrite=true"], workdir)
+    merge_adapters(config([adapters, *settings, f"output_dir={out}", "overwrite=true"]))
     return out
 
 
 def accuracy(workdir: Path, run: Path, data: Path, name: str, before: bool) -> dict:
     """Held-out accuracy of `run`'s adapter (and of the base, when `before`) on `data`."""
+    from lmmtune.eval.run import run_eval
+    from lmmtune.validate import validate
+
     out = workdir / "evals" / name
-    lmmtune(
-        ["eval", f"output_dir={run}", f"eval.data={data}", f"eval.output={out}"]
-        + [f"eval.before={str(before).lower()}", "eval.overwrite=true"],
-        workdir,
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
+    overrides = [f"output_dir={run}", f"eval.data={data}", f"eval.output={out}"]
+    overrides += [f"eval.before={str(before).lower()}", "eval.overwrite=true"]
+    cfg = config(overrides)
+    validate(cfg, "eval")
+    metrics = run_eval(cfg, overrides)  # the run's settings, these overrides over them
     result = {"adapter": metrics["eval_after"]["accuracy"]}
     if before:
         result["base"] = metrics["eval_before"]["accuracy"]
     return result
 
 
-def lmmtune(args: list[str], workdir: Path) -> None:
-    """`python -m lmmtune ARGS` in `workdir`, tracking off; its error output if it fails."""
-    command = [sys.executable, "-m", "lmmtune", *args, "tracking.backend=none"]
-    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
+def config(overrides: list[str]):
+    """The composed config of `python -m lmmtune OVERRIDES`, tracking off (run in this
+    process: the libraries are imported once for all the runs and evaluations)."""
+    from lmmtune.api import compose_config
+
+    return compose_config([*overrides, "tracking.backend=none"])
 
 
 def domain_table(

@@ -179,7 +179,9 @@ def test_settings_that_cannot_merge_are_refused_at_composition(overrides, messag
     assert message in str(refused.value)
 
 
-def test_incompatible_adapters_are_refused_one_line_each_before_loading(runs, tmp_path):
+def test_incompatible_adapters_are_refused_one_line_each_before_loading(runs, tmp_path, caplog):
+    from lmmtune.api import merge_adapters
+
     other_base = shutil.copytree(runs[1], tmp_path / "other_base")
     (other_base / "adapter" / "lmmtune_base.json").write_text('{"base_model": "/models/other"}')
     other_rank = shutil.copytree(runs[1], tmp_path / "other_rank")
@@ -187,13 +189,17 @@ def test_incompatible_adapters_are_refused_one_line_each_before_loading(runs, tm
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "r": 8, "target_modules": ".*q_proj"}))
     adapters = f"adapters=[{runs[0]},{other_base},{other_rank}]"
-    result = run_cli(["merge", adapters, "merge.combination=ties", "output_dir=out"], tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = result.stderr.split("cannot merge these adapters:")[1].strip().splitlines()
-    assert len(lines) == 3, result.stderr
+    out = tmp_path / "out"
+    cfg = compose_config([adapters, "merge.combination=ties", f"output_dir={out}"])
+    caplog.set_level("INFO", logger="lmmtune.model")
+    with pytest.raises(LmmtuneError) as refused:
+        merge_adapters(cfg)
+    lines = str(refused.value).split("cannot merge these adapters:")[1].strip().splitlines()
+    assert len(lines) == 3, refused.value
     assert f"{runs[0]} was trained on" in lines[0] and "/models/other" in lines[0]
     assert "different target modules" in lines[1] and "needs adapters of one rank" in lines[2]
-    assert "lmmtune.model: loaded" not in result.stderr and not (tmp_path / "out").exists()
+    loads = [r for r in caplog.records if r.name == "lmmtune.model"]
+    assert not loads and not out.exists()  # no model loaded, nothing written
 
 
 @pytest.mark.slow
