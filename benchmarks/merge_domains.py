@@ -40,21 +40,18 @@ def merge(workdir: Path, runs: dict[str, Path], combination: str, density: float
     return out
 
 
-def accuracy(workdir: Path, run: Path, data: Path, name: str, before: bool) -> dict:
-    """Held-out accuracy of `run`'s adapter (and of the base, when `before`) on `data`."""
+def accuracy(workdir: Path, run: Path, data: Path, name: str) -> float:
+    """Held-out accuracy of `run`'s adapter on `data`."""
     from lmmtune.eval.run import run_eval
     from lmmtune.validate import validate
 
     out = workdir / "evals" / name
     overrides = [f"output_dir={run}", f"eval.data={data}", f"eval.output={out}"]
-    overrides += [f"eval.before={str(before).lower()}", "eval.overwrite=true"]
+    overrides += ["eval.before=false", "eval.overwrite=true"]
     cfg = config(overrides)
     validate(cfg, "eval")
     metrics = run_eval(cfg, overrides)  # the run's settings, these overrides over them
-    result = {"adapter": metrics["eval_after"]["accuracy"]}
-    if before:
-        result["base"] = metrics["eval_before"]["accuracy"]
-    return result
+    return metrics["eval_after"]["accuracy"]
 
 
 def config(overrides: list[str]):
@@ -71,18 +68,21 @@ def domain_table(
     combinations=COMBINATIONS,
     density: float = 0.5,
 ) -> dict[str, dict[str, float]]:
-    """{row: {domain: accuracy}}: the base, each single adapter, each combination."""
+    """{row: {domain: accuracy}}: the base, each single adapter, each combination. A run's
+    own domain takes the accuracies its training measured on that same held-out split."""
     models = {f"adapter `{task}`": runs[task] for task in DOMAINS}
     for combination in combinations:
         models[f"merged, {combination}"] = merge(workdir, runs, combination, density)
-    table: dict[str, dict[str, float]] = {"base (no adapter)": {}}
+    table: dict[str, dict[str, float]] = {"base (no adapter)": {}, **{row: {} for row in models}}
     for domain in DOMAINS:
         data = runs[domain] / "demo_data" / "eval.json"
-        for index, (row, run) in enumerate(models.items()):
-            result = accuracy(workdir, run, data, f"{domain}-{index}", before=index == 0)
-            table.setdefault(row, {})[domain] = result["adapter"]
-            if "base" in result:
-                table["base (no adapter)"][domain] = result["base"]
+        trained = json.loads((runs[domain] / "metrics.json").read_text())
+        table["base (no adapter)"][domain] = trained["eval_before"]["accuracy"]
+        table[f"adapter `{domain}`"][domain] = trained["eval_after"]["accuracy"]
+        for row, run in models.items():
+            if domain not in table[row]:
+                name = f"{domain}-{row.split()[-1].strip('`')}"
+                table[row][domain] = accuracy(workdir, run, data, name)
     return table
 
 

@@ -208,7 +208,7 @@ def test_two_demo_domains_trained_merged_with_ties_and_evaluated_on_both(tmp_pat
     the two is evaluated on both (docs/peft_methods.md has the full-length numbers)."""
     from benchmarks.merge_domains import DOMAINS, domain_table, train
 
-    quick = ["data.demo_size=96", "train.epochs=6", "eval.before=false", "eval.after=false"]
+    quick = ["data.demo_size=96", "train.epochs=6"]
     runs = {task: train(tmp_path, task, quick) for task in DOMAINS}
     table = domain_table(tmp_path, runs, combinations=("ties",))
     base, merged = table["base (no adapter)"], table["merged, ties"]
