@@ -98,8 +98,8 @@ class FinishedRun:
 
     def data_settings(self) -> DictConfig:
         """The run's data section with `data.train=demo` replaced by the demo files it wrote
-        (RUN/demo_data), so that the settings stand without the run folder beside them."""
-        return demo_files(self.settings.data, self.run_dir)
+        (RUN/demo_data, absolute), so that the settings stand without the run folder beside them."""
+        return demo_files(self.settings.data, self.run_dir.resolve() if self.run_dir else None)
 
     def eval_samples(self, data: str | None = None) -> list[Sample]:
         """`data` (a file, all its records), else the run's own eval split, as training had it."""
