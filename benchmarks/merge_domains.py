@@ -30,12 +30,15 @@ def train(workdir: Path, task: str, overrides: list[str]) -> Path:
     return run
 
 
-def merge(workdir: Path, runs: dict[str, Path], combination: str, density: float) -> Path:
+def merge(
+    workdir: Path, runs: dict[str, Path], combination: str, density: float, weights: list[float]
+) -> Path:
     from lmmtune.api import merge_adapters
 
     out = workdir / f"merged-{combination}"
     adapters = f"adapters=[{runs['side']},{runs['vertical']}]"
     settings = [f"merge.combination={combination}", f"merge.density={density}"]
+    settings.append(f"weights=[{','.join(map(str, weights))}]")
     merge_adapters(config([adapters, *settings, f"output_dir={out}", "overwrite=true"]))
     return out
 
@@ -67,12 +70,13 @@ def domain_table(
     runs: dict[str, Path],
     combinations=COMBINATIONS,
     density: float = 0.5,
+    weights: tuple[float, float] = (0.5, 0.5),
 ) -> dict[str, dict[str, float]]:
     """{row: {domain: accuracy}}: the base, each single adapter, each combination. A run's
     own domain takes the accuracies its training measured on that same held-out split."""
     models = {f"adapter `{task}`": runs[task] for task in DOMAINS}
     for combination in combinations:
-        models[f"merged, {combination}"] = merge(workdir, runs, combination, density)
+        models[f"merged, {combination}"] = merge(workdir, runs, combination, density, list(weights))
     table: dict[str, dict[str, float]] = {"base (no adapter)": {}, **{row: {} for row in models}}
     for domain in DOMAINS:
         data = runs[domain] / "demo_data" / "eval.json"
@@ -102,6 +106,7 @@ def main() -> None:
     )
     parser.add_argument("--train", nargs="*", default=[], help="overrides for the two demo runs")
     parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--weights", type=float, nargs=2, default=[0.5, 0.5])
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     given = {"side": args.run_side, "vertical": args.run_vertical}
@@ -109,7 +114,9 @@ def main() -> None:
         task: (path.resolve() if path else train(args.workdir.resolve(), task, args.train))
         for task, path in given.items()
     }
-    table = domain_table(args.workdir.resolve(), runs, density=args.density)
+    table = domain_table(
+        args.workdir.resolve(), runs, density=args.density, weights=tuple(args.weights)
+    )
     (args.workdir / "merge_domains.json").write_text(json.dumps(table, indent=2))
     print(markdown(table))
 
