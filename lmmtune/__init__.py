@@ -20,6 +20,7 @@ __all__ = [
     "evaluate",
     "export_model",
     "finetune",
+    "merge_adapters",
     "predict_answers",
 ]
 

@@ -68,3 +68,9 @@ def export_model(cfg: DictConfig) -> dict:
 def predict_answers(cfg: DictConfig) -> list[dict]:
     """Answer `predict.question` or the questions of `predict.input`; the answers."""
     return _run("predict", cfg)
+
+
+def merge_adapters(cfg: DictConfig) -> dict:
+    """`python -m lmmtune merge`: combine `cfg.adapters` into one adapter in cfg.output_dir;
+    the merge record."""
+    return _run("merge", cfg)

@@ -189,6 +189,12 @@ COMMANDS: dict[str, Command] = {
             ("output_dir", "chat", "data.max_length"),
         ),
         Command(
+            "merge",
+            "combine adapters of one base (adapters=[RUN_A,RUN_B]) into one adapter",
+            "lmmtune.combine:run_merge",
+            ("adapters", "weights", "merge", "output_dir", "overwrite", "tracking"),
+        ),
+        Command(
             "import",
             "import a folder's local tracking record into MLflow: import FOLDER [--tracking-uri URI]",
             "lmmtune.tracking.importing:main",

@@ -55,6 +55,7 @@ AttnImplementation = choices(
 QuantMode = choices("QuantMode", "4bit 8bit none")
 QuantType = choices("QuantType", "nf4 fp4")
 OnError = choices("OnError", "fail skip")
+DemoTask = choices("DemoTask", "side vertical")
 LossImpl = choices("LossImpl", "chunked default liger")
 TrackingBackend = choices("TrackingBackend", "mlflow none")
 ExportFormat = choices("ExportFormat", "merged adapter gguf")
@@ -62,6 +63,13 @@ GgufType = choices("GgufType", "f16 q8_0 q4_k_m")
 DpoReference = choices("DpoReference", "adapter_off initial")
 Template = choices("Template", "vicuna_v1 plain")
 Stage = choices("Stage", "sft align")
+MergeCombination = choices(
+    "MergeCombination", "linear cat svd ties ties_svd dare_linear dare_ties magnitude_prune"
+)
+"""peft's `add_weighted_adapter` combination types that `merge` offers."""
+SAME_RANK_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""Combinations peft computes on the LoRA matrices themselves: every adapter needs the same rank."""
+PROJECTOR_AVERAGE = "average"
 DpoLoss = choices(
     "DpoLoss",
     "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
@@ -174,6 +182,10 @@ class DataConfig:
     """Column names of flat JSONL/CSV files and datasets tables."""
     demo_size: int = 320
     """Number of images the synthetic demo set generates (train + eval)."""
+    demo_task: DemoTask = DemoTask.side
+    """The demo's question family: side (is there a lesion: yes/no; which side: left/right) or
+    vertical, a second domain on the same kind of scans (is the scan normal: normal/abnormal;
+    is the lesion at the top or the bottom: top/bottom)."""
     num_workers: int = 2
     """Worker processes that decode images: DataLoader workers, and the image check's pool."""
     seed: int = 0
@@ -404,6 +416,27 @@ class TwoStageConfig:
 
 
 @dataclass
+class MergeConfig:
+    """`python -m lmmtune merge adapters=[RUN_A,RUN_B]`: how the adapters are combined."""
+
+    combination: MergeCombination = MergeCombination.linear
+    """peft's combination of the LoRA matrices: linear (weighted sum of each matrix), cat
+    (side by side: the exact weighted sum of the updates, rank = sum of ranks), svd (that sum
+    cut back to the largest rank by SVD), ties, ties_svd, dare_linear, dare_ties,
+    magnitude_prune (prune to merge.density, then combine). All but cat and the svd kinds
+    need adapters of one rank."""
+    density: float = 0.5
+    """Share of each update's entries kept by ties, ties_svd, dare_* and magnitude_prune
+    (ignored by linear, cat and svd)."""
+    projector: str = PROJECTOR_AVERAGE
+    """The modules trained in full (the projector, and the output head if trained), which
+    peft cannot combine: `average` (weighted by `weights`, divided by their sum) or one of
+    `adapters` to take them from that adapter as they are."""
+    seed: int = 0
+    """Seed of the random pruning of dare_linear and dare_ties."""
+
+
+@dataclass
 class Config:
     name: str = "custom"
     """Recipe name: MLflow experiment and default run directory."""
@@ -426,6 +459,12 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    adapters: list[str] = field(default_factory=list)
+    """`merge` only: the adapters to combine, each a run folder or an adapter folder, of one
+    base model."""
+    weights: list[float] | None = None
+    """`merge` only: one weight per adapter; null weighs each 1/len(adapters)."""
 
 
 def recipe_files() -> dict[str, Path]:

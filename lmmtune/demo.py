@@ -11,7 +11,10 @@ The built-in demo set: synthetic "scans" with or without a bright lesion.
 
 Each image is a dark, noisy frame with a grey body outline; half carry a bright
 round lesion on the left or the right. Questions are closed: "Is there a lesion?"
-(yes/no) and "Which side is the lesion on?" (left/right). Files are written as a
+(yes/no) and "Which side is the lesion on?" (left/right). A second domain
+(`data.demo_task=vertical`) draws the lesion at the top or the bottom and asks other
+questions of the same scans: "Is the scan normal?" (normal/abnormal) and "Is the lesion
+at the top or the bottom?" (top/bottom). Files are written as a
 real LLaVA-format dataset on disk, so the demo goes through the same loader as
 user data.
 
@@ -193,10 +196,19 @@ def build_tiny_llava(target: Path) -> Path:
 
 PRESENCE_QUESTION = "Is there a lesion in this scan?"
 SIDE_QUESTION = "Which side is the lesion on?"
+NORMAL_QUESTION = "Is the scan normal?"
+HEIGHT_QUESTION = "Is the lesion at the top or the bottom?"
+DEMO_TASKS = {
+    "side": (("left", "right"), PRESENCE_QUESTION, SIDE_QUESTION),
+    "vertical": (("top", "bottom"), NORMAL_QUESTION, HEIGHT_QUESTION),
+}
+"""`data.demo_task`: where lesions lie, the question about a lesion's presence, the question
+about where it lies. The presence answers are yes/no (side) or abnormal/normal (vertical)."""
 
 
 def draw_scan(rng: random.Random, side: str | None, size=(64, 48)) -> Image.Image:
-    """One scan drawn entirely from `rng`, so that `data.seed` alone fixes the data set.
+    """One scan drawn entirely from `rng`, so that `data.seed` alone fixes the data set;
+    `side`: None (no lesion), left, right, top or bottom.
 
     The noise comes from `rng` rather than `Image.effect_noise`, whose C-level generator
     ignores the seed and changes with whatever drew noise earlier in the process.
@@ -207,33 +219,37 @@ def draw_scan(rng: random.Random, side: str | None, size=(64, 48)) -> Image.Imag
     image = noise.point(lambda value: 24 + value // 16).convert("RGB")
     draw = ImageDraw.Draw(image)
     draw.ellipse((4, 4, width - 4, height - 4), outline=(90, 90, 90), width=2)
-    if side is not None:
+    if side in ("left", "right"):
         radius = rng.randint(5, 8)
         x_low, x_high = (8, width // 2 - 12) if side == "left" else (width // 2 + 12, width - 8)
         x, y = rng.randint(x_low, x_high), rng.randint(12, height - 12)
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(240, 240, 230))
+    elif side in ("top", "bottom"):  # x away from the edges the processor's centre crop cuts
+        radius = rng.randint(5, 7)
+        y_low, y_high = (10, 16) if side == "top" else (height - 16, height - 10)
+        x, y = rng.randint(16, width - 16), rng.randint(y_low, y_high)
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(240, 240, 230))
     return image.filter(ImageFilter.GaussianBlur(0.6))
 
 
 def write_demo_dataset(
-    target: Path, size: int, seed: int, eval_share: float = 0.25
+    target: Path, size: int, seed: int, eval_share: float = 0.25, task: str = "side"
 ) -> tuple[Path, Path]:
-    """Write `size` scans and their questions; return the train and eval JSON files."""
+    """Write `size` scans and their questions of `task` (DEMO_TASKS); return the train and
+    eval JSON files."""
     rng = random.Random(seed)
     images_dir = target / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    places, presence_question, place_question = DEMO_TASKS[task]
     records = []
     for index in range(size):
-        side = rng.choice([None, "left", "right"])
+        side = rng.choice([None, *places])
         name = f"scan_{index:04d}.png"
         draw_scan(rng, side).save(images_dir / name)
-        records.append(
-            _record(
-                f"{index:04d}-presence", name, PRESENCE_QUESTION, "no" if side is None else "yes"
-            )
-        )
+        presence = _presence_answer(task, side is not None)
+        records.append(_record(f"{index:04d}-presence", name, presence_question, presence))
         if side is not None:
-            records.append(_record(f"{index:04d}-side", name, SIDE_QUESTION, side))
+            records.append(_record(f"{index:04d}-side", name, place_question, side))
     n_eval_images = int(size * eval_share)
     is_eval = [int(record["id"][:4]) < n_eval_images for record in records]
     train_file, eval_file = target / "train.json", target / "eval.json"
@@ -244,6 +260,12 @@ def write_demo_dataset(
         json.dumps([r for r, e in zip(records, is_eval, strict=True) if e], indent=1)
     )
     return train_file, eval_file
+
+
+def _presence_answer(task: str, lesion: bool) -> str:
+    if task == "side":
+        return "yes" if lesion else "no"
+    return "abnormal" if lesion else "normal"
 
 
 def _record(record_id: str, image: str, question: str, answer: str) -> dict:
@@ -258,13 +280,22 @@ def _record(record_id: str, image: str, question: str, answer: str) -> dict:
     }
 
 
-WRONG = {"yes": "no", "no": "yes", "left": "right", "right": "left"}
+WRONG = {
+    "yes": "no",
+    "no": "yes",
+    "left": "right",
+    "right": "left",
+    "top": "bottom",
+    "bottom": "top",
+    "normal": "abnormal",
+    "abnormal": "normal",
+}
 """The rejected answer of each demo answer: the other closed choice."""
 
 
-def write_demo_pairs(target: Path, size: int, seed: int) -> tuple[Path, Path]:
+def write_demo_pairs(target: Path, size: int, seed: int, task: str = "side") -> tuple[Path, Path]:
     """Write the demo set as LLaVA-style pairs (same images, ids and split as the SFT demo)."""
-    files = write_demo_dataset(target, size, seed)
+    files = write_demo_dataset(target, size, seed, task=task)
     for path in files:
         records = json.loads(path.read_text())
         path.write_text(json.dumps([as_pair(record) for record in records], indent=1))
@@ -286,7 +317,9 @@ def pair_data_config(data_cfg, work_dir: Path):
     """`data.*` with `data.train=demo` turned into the demo pair files (written to `work_dir`)."""
     if data_cfg.train != DEMO:
         return data_cfg
-    train, evaluation = write_demo_pairs(work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed)
+    train, evaluation = write_demo_pairs(
+        work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed, str(data_cfg.demo_task)
+    )
     return OmegaConf.merge(data_cfg, {"train": str(train), "eval": str(evaluation)})
 
 

@@ -77,17 +77,29 @@ class FinishedRun:
             return load_merged_model(self.merged).eval()
         from peft import PeftModel
 
+        from lmmtune.model import disable_bnb_cpu_repack
+
+        base = self.load_base(unquantized_dtype)
+        model = PeftModel.from_pretrained(base, str(self.adapter), is_trainable=False)
+        disable_bnb_cpu_repack(model)
+        return model.eval()
+
+    def load_base(self, unquantized_dtype: str | None = None):
+        """The base model the adapter attaches to, quantized as trained (or unquantized in
+        `unquantized_dtype`), without the adapter."""
         from lmmtune.config import QuantConfig
-        from lmmtune.model import disable_bnb_cpu_repack, load_model
+        from lmmtune.model import load_model
 
         model_cfg, quant_cfg = self.settings.model, self.settings.quant
         if unquantized_dtype is not None:
             model_cfg = OmegaConf.merge(model_cfg, {"dtype": unquantized_dtype})
             quant_cfg = QuantConfig(mode="none")
-        base = load_model(model_cfg, quant_cfg)
-        model = PeftModel.from_pretrained(base, str(self.adapter), is_trainable=False)
-        disable_bnb_cpu_repack(model)
-        return model.eval()
+        return load_model(model_cfg, quant_cfg)
+
+    def data_settings(self) -> DictConfig:
+        """The run's data section with `data.train=demo` replaced by the demo files it wrote
+        (RUN/demo_data, absolute), so that the settings stand without the run folder beside them."""
+        return demo_files(self.settings.data, self.run_dir.resolve() if self.run_dir else None)
 
     def eval_samples(self, data: str | None = None) -> list[Sample]:
         """`data` (a file, all its records), else the run's own eval split, as training had it."""
@@ -138,6 +150,18 @@ def load_finished_run(
     run_dir = find_run_dir(cfg, adapter)
     adapter_dir = find_adapter(adapter, run_dir, cfg)
     return FinishedRun(run_settings(cfg, run_dir, adapter_dir, overrides), run_dir, adapter_dir)
+
+
+def load_given_adapter(cfg: DictConfig, given: str, setting: str = "adapters") -> FinishedRun:
+    """A run folder or an adapter folder as a command names it among several (`merge`'s
+    adapters=[...]): the run's settings when the adapter sits in one. Nothing is loaded yet."""
+    path = Path(given)
+    if not path.is_dir():
+        raise LmmtuneError(
+            f"{setting}: {given} is not a folder (a run folder or an adapter folder)"
+        )
+    adapter = given if (path / ADAPTER_CONFIG).is_file() else None
+    return load_finished_run(OmegaConf.merge(cfg, {"output_dir": given}), adapter=adapter)
 
 
 def load_merged_model(path: Path, dtype="auto"):
@@ -285,22 +309,30 @@ def _read_file(path: str, data_cfg, processor) -> tuple[list[Sample], list]:
 def _run_split(data_cfg, run_dir: Path | None, processor) -> tuple[list[Sample], list]:
     """The same eval records training evaluated on (same files, checks, split and cap)."""
     from lmmtune.data.checks import capped_eval
-    from lmmtune.demo import DEMO
 
-    if data_cfg.train == DEMO:  # data.eval, when given, replaces the demo's own eval split
-        demo = (run_dir or Path(".")) / "demo_data"
-        if not (demo / "eval.json").is_file():
-            raise LmmtuneError(f"no demo data in {demo}: pass output_dir=RUN of a demo run")
-        data_cfg = OmegaConf.merge(
-            data_cfg,
-            {
-                "train": str(demo / "train.json"),
-                "eval": data_cfg.eval or str(demo / "eval.json"),
-                "image_root": None,
-            },
-        )
+    data_cfg = demo_files(data_cfg, run_dir)
     report = _inspect(data_cfg, processor)
     return capped_eval(report, data_cfg), report.problems
+
+
+def demo_files(data_cfg: DictConfig, run_dir: Path | None) -> DictConfig:
+    """`data_cfg`, with `data.train=demo` turned into the demo files the run wrote (data.eval,
+    when given, replaces the demo's own eval split)."""
+    from lmmtune.demo import DEMO
+
+    if data_cfg.train != DEMO:
+        return data_cfg
+    demo = (run_dir or Path(".")) / "demo_data"
+    if not (demo / "eval.json").is_file():
+        raise LmmtuneError(f"no demo data in {demo}: pass output_dir=RUN of a demo run")
+    return OmegaConf.merge(
+        data_cfg,
+        {
+            "train": str(demo / "train.json"),
+            "eval": data_cfg.eval or str(demo / "eval.json"),
+            "image_root": None,
+        },
+    )
 
 
 def _inspect(data_cfg, processor):

@@ -70,6 +70,7 @@ RULES: tuple[Rule, ...] = (
     ("chat.examples", lambda v: v >= 0, "must be >= 0"),
     ("chat.queue_size", lambda v: v >= 1, "must be >= 1"),
     ("chat.max_upload_mb", lambda v: v >= 1, "must be >= 1"),
+    ("merge.density", lambda v: 0 < v <= 1, "must be within (0, 1]"),
 )
 """Numeric ranges: (key, test, what the value must be)."""
 
@@ -94,7 +95,8 @@ def config_problems(cfg: DictConfig, command: str) -> list[str]:
         problems += training_data(cfg) if command in ("train", "check") else []
         problems += trainer_names(cfg) if command in ("train", "check") else []
         problems += dpo_start(cfg.dpo) if command == "train" else []
-        problems += output_dir_problems(cfg.output_dir, writes=command == "train")
+        problems += merge_inputs(cfg) if command == "merge" else []
+        problems += output_dir_problems(cfg.output_dir, writes=command in ("train", "merge"))
     return problems
 
 
@@ -216,6 +218,34 @@ def dpo_start(dpo: DictConfig) -> Iterator[str]:
         yield "dpo.init_adapter='': empty; pass RUN/adapter of an SFT run, or dpo.from_base=true"
     elif dpo.init_adapter is not None and dpo.from_base:
         yield "dpo.from_base=true and dpo.init_adapter exclude each other: choose one"
+
+
+def merge_inputs(cfg: DictConfig) -> Iterator[str]:
+    """What `merge` combines, as far as the settings alone tell (the adapters' own files are
+    checked next, still before any model loads)."""
+    from lmmtune.config import PROJECTOR_AVERAGE
+
+    adapters, weights, projector = list(cfg.adapters), cfg.weights, cfg.merge.projector
+    if len(adapters) < 2:
+        yield (
+            f"adapters={adapters}: name at least two adapters to combine "
+            "(adapters=[RUN_A,RUN_B], run folders or adapter folders)"
+        )
+    if weights is not None and len(weights) != len(adapters):
+        yield (
+            f"weights has {len(weights)} weight(s) for {len(adapters)} adapter(s): give one "
+            "per adapter, or null (each 1/len(adapters))"
+        )
+    elif weights is not None and projector == PROJECTOR_AVERAGE and abs(sum(weights)) < 1e-12:
+        yield (
+            f"weights={list(weights)} sum to 0: merge.projector=average divides by their sum; "
+            "name one adapter (merge.projector=RUN) to take its projector"
+        )
+    if projector != PROJECTOR_AVERAGE and projector not in adapters:
+        yield (
+            f"merge.projector={projector}: not one of adapters={adapters}; give `average` or "
+            "one of them, as written there"
+        )
 
 
 def training_data(cfg: DictConfig) -> Iterator[str]:

@@ -29,6 +29,7 @@ LAYERS = {
     "eval": 6,
     "export": 7,
     "commands": 7,
+    "combine": 7,
     "chat": 7,
     "stages": 8,
     "cli": 8,

@@ -110,9 +110,8 @@ def data_sources(data_cfg: DataConfig, work_dir: Path) -> tuple[Source, Source |
             "folder, a Hub dataset id), data.train=demo or data.train=demo_captions"
         )
     eval_split = data_cfg.eval_split
-    demo = {DEMO: write_demo_dataset, DEMO_CAPTIONS: write_demo_captions}.get(data_cfg.train)
-    if demo is not None:
-        train, evaluation = demo(work_dir / "demo_data", data_cfg.demo_size, data_cfg.seed)
+    if data_cfg.train in (DEMO, DEMO_CAPTIONS):
+        train, evaluation = write_demo_data(data_cfg, work_dir / "demo_data")
         eval_path = data_cfg.eval or str(evaluation)
         return Source(str(train)), Source(eval_path, eval_split, "data.eval", "data.eval_split")
     train = Source(data_cfg.train, data_cfg.train_split)
@@ -121,6 +120,16 @@ def data_sources(data_cfg: DataConfig, work_dir: Path) -> tuple[Source, Source |
     if eval_split is not None:
         return train, Source(data_cfg.train, eval_split, "data.train", "data.eval_split")
     return train, None
+
+
+def write_demo_data(data_cfg: DataConfig, folder: Path) -> tuple[Path, Path]:
+    """The synthetic demo set data.train names (`demo`: questions of data.demo_task;
+    `demo_captions`: one caption per scan), written into `folder`: its train and eval files."""
+    if data_cfg.train == DEMO_CAPTIONS:
+        return write_demo_captions(folder, data_cfg.demo_size, data_cfg.seed)
+    return write_demo_dataset(
+        folder, data_cfg.demo_size, data_cfg.seed, task=str(data_cfg.demo_task)
+    )
 
 
 def _raw_records(source: Source, columns: DataColumns, data: DataFile) -> tuple[Iterable, Path]:

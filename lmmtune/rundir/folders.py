@@ -33,10 +33,12 @@ LABELS = {
     "eval": "an evaluation",
     "export": "an export",
     "two_stage": "a two-stage run",
+    "merge": "a merge",
 }
 RUN_KIND = "run"
 EVAL_KIND = "eval"
 EXPORT_KIND = "export"
+MERGE_KIND = "merge"  # `merge`'s output: a combined adapter with its run settings
 NESTED_KINDS = ("eval", "export", "tracking")
 """Kinds of the folders a run may hold of its own (its evaluations, exports, export records)."""
 MAX_MANIFEST_BYTES = 64 * 2**20
