@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,6 +133,18 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.register_name needs tracking on and export.log_model=true"
     if export.model is not None and export.format != "gguf":
         yield "export.model (a merged export to convert) needs export.format=gguf"
+    yield from projector_settings(cfg.model)
+
+
+def projector_settings(model: DictConfig) -> Iterator[str]:
+    """model.projector names something; a pinned sha256 is one, and of a projector."""
+    if model.projector is not None and not str(model.projector).strip():
+        yield "model.projector='': empty; pass a stage-1 run folder or a projector file, or null"
+    if model.projector_sha256 is not None:
+        if model.projector is None:
+            yield "model.projector_sha256 needs model.projector (the file it pins)"
+        if not re.fullmatch(r"[0-9a-f]{64}", str(model.projector_sha256)):
+            yield "model.projector_sha256 must be 64 lowercase hex digits (a sha256)"
 
 
 def dpo_start(dpo: DictConfig) -> Iterator[str]:

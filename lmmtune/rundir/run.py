@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BASE_RECORD = "lmmtune_base.json"
 """In an adapter folder: the resolved base directory it was trained on (`{"base_model": ...}`)."""
+PROJECTOR_FILE = "projector.safetensors"
 
 
 def base_model_file(adapter_dir: Path | str) -> Path:
@@ -70,6 +71,7 @@ class RunDir:
     tracking_record = property(lambda self: self.root / "tracking_record.jsonl")
     tracking_import = property(lambda self: self.root / "tracking_import.json")  # `import` state
     adapter = property(lambda self: self.root / "adapter")
+    projector_dir = property(lambda self: self.root / "projector")
     base_model_file = property(lambda self: base_model_file(self.adapter))
     checkpoints = property(lambda self: self.root / "checkpoints")
     best = property(lambda self: self.root / "best")  # train.keep_best
@@ -400,6 +402,7 @@ def command_inputs(cfg) -> list[tuple[str, str]]:
         "data.eval": cfg.data.eval,
         "data.image_root": cfg.data.image_root,
         "dpo.init_adapter": cfg.dpo.init_adapter,
+        "model.projector": cfg.model.projector,
         "train.resume": resume,
     }
     return [
