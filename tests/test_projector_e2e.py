@@ -19,7 +19,7 @@ from tests.conftest import run_cli
 SHORT = [
     "recipe=demo",
     "data.demo_size=48",
-    "data.max_eval_samples=16",
+    "data.max_eval_samples=8",
     "train.max_steps=3",
     "eval.after=false",
     "data.num_workers=0",

@@ -194,3 +194,24 @@ def test_a_pinned_sha256_refuses_another_file(tmp_path, source):
     given = llava_bin(tmp_path, source)
     with pytest.raises(LmmtuneError, match="its sha256 is [0-9a-f]{64}, not model.projector_sha"):
         read_aligned_projector(tiny(given, projector_sha256="0" * 64))
+
+
+def test_dpo_from_a_stage2_adapter_starts_its_base_from_the_adapters_aligned_projector(
+    tmp_path, source
+):
+    """The reference with the adapter off is the aligned base too; a link there is refused."""
+    from lmmtune.model_projector import AlignedProjector
+    from lmmtune.stages.dpo import DPORecipe
+    from tests.conftest import compose_config
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    AlignedProjector(source, tmp_path / "mm_projector.bin", "0" * 64).save_copy(adapter)
+    recipe = DPORecipe(compose_config(["recipe=demo_dpo", f"dpo.init_adapter={adapter}"]))
+    started = recipe.aligned_projector()
+    assert all(torch.equal(started.weights[k], source[k]) for k in source)
+
+    (adapter / ALIGNED_COPY).rename(tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", adapter / ALIGNED_COPY)
+    with pytest.raises(LmmtuneError, match="is a link; an adapter's projector must lie in its"):
+        recipe.aligned_projector()
