@@ -215,3 +215,39 @@ def test_dpo_from_a_stage2_adapter_starts_its_base_from_the_adapters_aligned_pro
     os.symlink(tmp_path / "elsewhere.safetensors", adapter / ALIGNED_COPY)
     with pytest.raises(LmmtuneError, match="is a link; an adapter's projector must lie in its"):
         recipe.aligned_projector()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["model.projector_sha256=" + "a" * 64], "model.projector_sha256 needs model.projector"),
+        (["model.projector=p.bin", "model.projector_sha256=abc"], "64 lowercase hex digits"),
+        (["model.projector=' '"], "model.projector='': empty"),
+    ],
+)
+def test_projector_settings_that_cannot_work_are_refused_at_composition(overrides, problem):
+    from lmmtune.validate import validate
+    from tests.conftest import compose_config
+
+    with pytest.raises(LmmtuneError, match=problem):
+        validate(compose_config(["recipe=demo", *overrides]))
+
+
+def test_a_resume_with_another_projector_file_is_refused(tmp_path, source):
+    """The run's config keeps the sha256 it read; a resume reads the file again."""
+    from lmmtune.rundir.resume import check_resume
+    from lmmtune.rundir.run import save_config
+    from lmmtune.stages.checks import check_aligned_projector
+    from tests.conftest import compose_config
+
+    given = llava_bin(tmp_path, source)
+    overrides = ["recipe=demo", f"model.projector={given}", f"output_dir={tmp_path}/run"]
+    started = compose_config(overrides)
+    check_aligned_projector(started)
+    save_config(started, tmp_path / "run")
+
+    llava_bin(tmp_path, {k: v + 1 for k, v in source.items()})  # the file changed since
+    resumed = compose_config(overrides)
+    check_aligned_projector(resumed)
+    with pytest.raises(LmmtuneError, match="model.projector_sha256: '[0-9a-f]{64}' -> '"):
+        check_resume(resumed, RunDir(tmp_path / "run").config, tmp_path / "none.json")
