@@ -42,7 +42,7 @@ LLAVA_HF_KEYS = {f"{PROJECTOR}.{name}": name for name in LLAVA_KEYS.values()}
 ALIGNED_COPY = "aligned_projector.safetensors"
 """In a stage-2 adapter folder: the projector the run started from, llava-hf keys (the base
 "before", adapter off, is measured with it)."""
-PICKLE_FILE = ".bin"
+PICKLE_SUFFIX = ".bin"
 MAX_BYTES = 2**30
 """Larger than any LLaVA projector (13B: ~32M parameters, 126 MB in fp32)."""
 
@@ -73,12 +73,12 @@ class AlignedProjector:
         return target
 
 
-def read_projector(setting: str, key: str = "model.projector") -> AlignedProjector:
+def read_projector(setting: str, where: str | None = None) -> AlignedProjector:
     """The projector `setting` names (a stage-1 run folder, a .safetensors file or LLaVA's
     mm_projector.bin), its keys mapped and its values checked; LmmtuneError in one line
-    naming `key=setting` otherwise."""
+    starting with `where` (default: `model.projector=SETTING`) otherwise."""
     path = Path(setting).expanduser()
-    where = f"{key}={setting}"
+    where = where or f"model.projector={setting}"
     if path.is_dir():
         path = run_projector_file(path, where)
     elif not path.exists():
@@ -124,7 +124,7 @@ def read_tensors(path: Path, where: str) -> dict:
             raise LmmtuneError(
                 f"{where}: not a readable safetensors file ({_first(exc)})"
             ) from None
-    if path.suffix != PICKLE_FILE:
+    if path.suffix != PICKLE_SUFFIX:
         raise LmmtuneError(
             f"{where}: {path.suffix or 'no suffix'} is refused: give a .safetensors file, "
             "LLaVA's mm_projector.bin or a stage-1 run folder (other pickles can run code)"
@@ -203,7 +203,7 @@ def adapter_copy(adapter_dir: Path) -> AlignedProjector | None:
         raise LmmtuneError(f"{path} is a link; an adapter's projector must lie in its folder")
     if not path.is_file():
         return None
-    return read_projector(str(path), key="the adapter's aligned projector")
+    return read_projector(str(path), where=f"the adapter's aligned projector {path}")
 
 
 def file_sha256(path: Path) -> str:

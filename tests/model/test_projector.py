@@ -4,6 +4,7 @@ the adapter, and anything else is refused in one line naming the file and the re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_an_aligned_projector_loads_with_outputs_equal_to_its_source(tmp_path, s
     with torch.no_grad():
         got = base_projector(model)(features)
     assert torch.equal(got, projector_output(source, features))
-    assert aligned.sha256 == __import__("hashlib").sha256(aligned.source.read_bytes()).hexdigest()
+    assert aligned.sha256 == hashlib.sha256(aligned.source.read_bytes()).hexdigest()
 
 
 def test_the_adapter_carries_the_frozen_aligned_projector_and_loads_with_plain_peft(
