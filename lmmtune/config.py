@@ -95,6 +95,13 @@ class ModelConfig:
     """Run code shipped with a checkpoint. Off unless you trust the source."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load."""
+    projector: str | None = None
+    """Start from an aligned projector (stage 2 after stage 1): a stage-1 run folder, a
+    projector .safetensors file, or LLaVA's own mm_projector.bin (tensors only). Loaded into
+    the base right after it loads; the run's adapter carries it. null: the base's projector."""
+    projector_sha256: str | None = None
+    """sha256 the model.projector file must have; null: any. A training run writes the one it
+    read into its config.yaml, so a resume with another file is refused."""
 
 
 @dataclass

@@ -70,8 +70,9 @@ class FinishedRun:
         return load_processor(self.settings.model)
 
     def load_model(self, unquantized_dtype: str | None = None):
-        """The model in eval mode: the merged model, or the base (quantized as trained) with the
-        adapter and trained projector attached by peft, so `disable_adapter()` gives the base.
+        """The model in eval mode: the merged model, or the base (quantized as trained, with the
+        aligned projector it started from, if any) with the adapter and trained projector
+        attached by peft, so `disable_adapter()` gives the base.
         `unquantized_dtype`: the base unquantized in that dtype instead, as a merge needs it."""
         if self.merged is not None:
             return load_merged_model(self.merged).eval()
@@ -94,12 +95,20 @@ class FinishedRun:
         if unquantized_dtype is not None:
             model_cfg = OmegaConf.merge(model_cfg, {"dtype": unquantized_dtype})
             quant_cfg = QuantConfig(mode="none")
-        return load_model(model_cfg, quant_cfg)
+        return load_model(model_cfg, quant_cfg, self.aligned_projector())
 
     def data_settings(self) -> DictConfig:
         """The run's data section with `data.train=demo` replaced by the demo files it wrote
         (RUN/demo_data, absolute), so that the settings stand without the run folder beside them."""
         return demo_files(self.settings.data, self.run_dir.resolve() if self.run_dir else None)
+
+    def aligned_projector(self):
+        """The projector the run's base started from (stage 2 after stage 1): the copy its
+        adapter carries, else `model.projector`; None: the base's own."""
+        from lmmtune.model import read_aligned_projector
+        from lmmtune.model_projector import adapter_copy
+
+        return adapter_copy(self.adapter) or read_aligned_projector(self.settings.model)
 
     def eval_samples(self, data: str | None = None) -> list[Sample]:
         """`data` (a file, all its records), else the run's own eval split, as training had it."""

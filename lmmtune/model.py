@@ -33,6 +33,14 @@ from lmmtune.data.prompt import UnknownTokenizer, chunk_tokenizer
 from lmmtune.demo import TINY_NAME, tiny_model_dir
 from lmmtune.errors import LmmtuneError
 from lmmtune.hub import cached_snapshot, download_hint, hub_reachable
+from lmmtune.model_projector import (
+    PROJECTOR,
+    AlignedProjector,
+    check_fits,
+    expected_shapes,
+    place_projector,
+    read_projector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,11 @@ def resolve_attention(attn_implementation: str, dtype: str) -> str:
     return "flash_attention_2" if flash else "sdpa"
 
 
-def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForConditionalGeneration:
+def load_model(
+    model_cfg: ModelConfig, quant_cfg: QuantConfig, projector: AlignedProjector | None = None
+) -> LlavaForConditionalGeneration:
+    """The base as `model_cfg` and `quant_cfg` say, with `projector` (model.projector, read
+    and checked by `read_aligned_projector`) in place of its own projector."""
     path = resolve_model_path(model_cfg)
     attention = resolve_attention(model_cfg.attn_implementation, model_cfg.dtype)
     try:
@@ -139,6 +151,10 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForCondit
             "Use model.attn_implementation=auto (FlashAttention-2 where installed, else sdpa)."
         ) from None
     disable_bnb_cpu_repack(model)
+    if projector is not None:
+        where = f"model.projector={model_cfg.projector}" if model_cfg.projector else "projector"
+        place_projector(model, projector, f"{where} ({projector.source})")
+        log.info("projector from %s (sha256 %s)", projector.source, projector.sha256[:12])
     log.info(
         "loaded %s (%s, quantization %s, attention %s)",
         path,
@@ -147,6 +163,28 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LlavaForCondit
         attention,
     )
     return model
+
+
+def read_aligned_projector(model_cfg: ModelConfig) -> AlignedProjector | None:
+    """`model.projector` read and checked against the model's config before the model loads
+    (keys, shapes, float values, `model.projector_sha256`); None when it is not set."""
+    if model_cfg.projector is None:
+        return None
+    where = f"model.projector={model_cfg.projector}"
+    aligned = read_projector(model_cfg.projector)
+    pinned = model_cfg.projector_sha256
+    if pinned is not None and pinned != aligned.sha256:
+        raise LmmtuneError(
+            f"{where}: its sha256 is {aligned.sha256}, not model.projector_sha256={pinned} "
+            "(the file changed since the run started, or another file was given)"
+        )
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(model_cfg),
+        trust_remote_code=model_cfg.trust_remote_code,
+        revision=model_cfg.revision,
+    )
+    check_fits(aligned, expected_shapes(config), where)
+    return aligned
 
 
 def load_processor(model_cfg: ModelConfig, source: str | Path | None = None):
@@ -213,7 +251,6 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-PROJECTOR = "multi_modal_projector"
 LM_HEAD = "lm_head"
 
 
@@ -223,9 +260,11 @@ def lora_target_regex(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({names})"
 
 
-def build_lora_config(peft_cfg: PeftConfig) -> LoraConfig:
+def build_lora_config(peft_cfg: PeftConfig, carry_projector: bool = False) -> LoraConfig:
+    """LoRA on the language model; the projector saved with the adapter when it trains or
+    when `carry_projector` (an aligned projector the adapter must carry), the head when it trains."""
     modules_to_save = []
-    if peft_cfg.train_projector:
+    if peft_cfg.train_projector or carry_projector:
         modules_to_save.append(PROJECTOR)
     if peft_cfg.train_lm_head:
         modules_to_save.append(LM_HEAD)
@@ -241,15 +280,24 @@ def build_lora_config(peft_cfg: PeftConfig) -> LoraConfig:
 
 
 def apply_lora(
-    model: torch.nn.Module, peft_cfg: PeftConfig, gradient_checkpointing: bool
+    model: torch.nn.Module,
+    peft_cfg: PeftConfig,
+    gradient_checkpointing: bool,
+    carry_projector: bool = False,
 ) -> PeftModel:
-    """Freeze the base, wrap the language model's linears with LoRA, unfreeze what the config trains."""
+    """Freeze the base, wrap the language model's linears with LoRA, unfreeze what the config
+    trains. `carry_projector`: the projector is saved with the adapter even when it does not
+    train (frozen then), so that the adapter carries the aligned projector it started from."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or no gradient reaches LoRA.
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, build_lora_config(peft_cfg))
+    peft_model = get_peft_model(model, build_lora_config(peft_cfg, carry_projector))
+    if not peft_cfg.train_projector:
+        for name, parameter in peft_model.named_parameters():
+            if PROJECTOR in name:
+                parameter.requires_grad_(False)
     trainable_in_fp32(peft_model)
     match_dtypes_at_trained_modules(peft_model)
     return peft_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def two_stage_problems(cfg: DictConfig, command: str) -> list[str]:
     if cfg.stage == "align":
         return ["stage=align: stage 2 of a two-stage run is instruction tuning; stage 1's "
                 "settings go in two_stage.align (recipe=*_two_stage sets them)"]  # fmt: skip
+    if cfg.model.projector is not None:
+        return [f"model.projector={cfg.model.projector}: a two-stage run's stage 2 starts from "
+                "its own stage 1's projector; set model.projector=null, or train stage 2 alone "
+                "with recipe=medical model.projector=PATH"]  # fmt: skip
     if cfg.train.resume not in (None, "auto"):
         return [f"train.resume={cfg.train.resume}: a two-stage run resumes with train.resume=auto"]
     problems = align_problems(cfg)
@@ -176,6 +181,7 @@ def cross_field(cfg: DictConfig) -> Iterator[str]:
         yield "export.model (a merged export to convert) needs export.format=gguf"
     if cfg.data.captions is not None and not cfg.two_stage.enabled:
         yield "data.captions is stage 1's data of a two-stage run: it needs two_stage.enabled=true"
+    yield from projector_settings(cfg.model)
 
 
 def stage_settings(cfg: DictConfig) -> Iterator[str]:
@@ -200,6 +206,19 @@ def stage_settings(cfg: DictConfig) -> Iterator[str]:
         )
     if cfg.data.group_by_image:
         yield "stage=align trains one caption per image: set data.group_by_image=false"
+    if cfg.model.projector is not None:
+        yield "stage=align trains the projector from the base's own: set model.projector=null"
+
+
+def projector_settings(model: DictConfig) -> Iterator[str]:
+    """model.projector names something; a pinned sha256 is one, and of a projector."""
+    if model.projector is not None and not str(model.projector).strip():
+        yield "model.projector='': empty; pass a stage-1 run folder or a projector file, or null"
+    if model.projector_sha256 is not None:
+        if model.projector is None:
+            yield "model.projector_sha256 needs model.projector (the file it pins)"
+        if not re.fullmatch(r"[0-9a-f]{64}", str(model.projector_sha256)):
+            yield "model.projector_sha256 must be 64 lowercase hex digits (a sha256)"
 
 
 def dpo_start(dpo: DictConfig) -> Iterator[str]:

@@ -22,6 +22,7 @@ LAYERS = {
     "data": 2,
     "demo": 2,  # the demo set (data) and the tiny model (model builds on it)
     "model": 3,
+    "model_projector": 3,
     "rundir": 3,
     "finished_run": 4,
     "training": 4,

@@ -47,7 +47,8 @@ def run_description(cfg, train_cfg, metrics: dict, report) -> str:
     lines = [
         f"**{cfg.name}**: {what} of `{cfg.model.path}` on {_train_data(cfg.data)}",
         "",
-        f"- **Base model**: `{cfg.model.path}`, quantization {_quant(cfg.quant)}",
+        f"- **Base model**: `{cfg.model.path}`, quantization {_quant(cfg.quant)}"
+        + _projector(cfg.model),
         f"- **Data**: {_data(cfg.data, counts)}",
     ]
     if report is not None:
@@ -62,6 +63,14 @@ def run_description(cfg, train_cfg, metrics: dict, report) -> str:
     if outcome:
         lines.append(f"- **Eval** ({counts.get('eval_samples', '?')} samples): {outcome}")
     return "\n".join(lines)
+
+
+def _projector(model_cfg) -> str:
+    """The aligned projector stage 2 started from (its file name only: no home directory)."""
+    if not model_cfg.get("projector"):
+        return ""
+    sha = model_cfg.get("projector_sha256") or ""
+    return f"; aligned projector `{Path(model_cfg.projector).name}` (sha256 {sha[:12]})"
 
 
 def _train_data(data_cfg) -> str:

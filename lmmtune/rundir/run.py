@@ -414,6 +414,7 @@ def command_inputs(cfg) -> list[tuple[str, str]]:
         "data.eval": cfg.data.eval,
         "data.image_root": cfg.data.image_root,
         "dpo.init_adapter": cfg.dpo.init_adapter,
+        "model.projector": cfg.model.projector,
         "train.resume": resume,
     }
     return [

@@ -6,6 +6,7 @@ error that was knowable before the first step. Checked here, cheapest first:
 
 - the exported chat template reproduces training's token ids (`export_processor`, which
   the run's `adapter/` and every export ship);
+- an aligned projector (`model.projector`): its file, keys, shapes and values;
 - the export settings the config names (`export.format`, `export.dtype`,
   `export.register_name`, and an `export.dir` that exists and is no export, or that
   cannot be written: a real folder is made and removed there, as root ignores modes);
@@ -30,6 +31,8 @@ from pathlib import Path
 from lmmtune.data.batches import ImageLoader, TokenizedConversation
 from lmmtune.errors import LmmtuneError, RunInterrupted
 from lmmtune.export.processor import check_prompt_ids, export_processor
+from lmmtune.model import read_aligned_projector
+from lmmtune.model_projector import AlignedProjector
 from lmmtune.rundir.folders import EXPORT_KIND, read_manifest
 from lmmtune.rundir.run import RunDir, completed_checkpoints
 
@@ -46,6 +49,18 @@ def check_exported_processor(processor):
         return export_processor(processor)
     except LmmtuneError as exc:
         raise LmmtuneError(f"refused before training: {exc}") from None
+
+
+def check_aligned_projector(cfg) -> AlignedProjector | None:
+    """model.projector read and checked against the model's config before the run folder is
+    touched (None: not set); the sha256 it has goes into the config the run saves."""
+    try:
+        aligned = read_aligned_projector(cfg.model)
+    except LmmtuneError as exc:
+        raise LmmtuneError(f"refused before training: {exc}") from None
+    if aligned is not None:
+        cfg.model.projector_sha256 = aligned.sha256
+    return aligned
 
 
 def check_export_settings(export_cfg, tracking_backend: str, run_dir: Path) -> None:

@@ -30,6 +30,7 @@ from lmmtune.demo import pair_data_config
 from lmmtune.distributed import on_main
 from lmmtune.errors import LmmtuneError
 from lmmtune.model import PROJECTOR, apply_lora, resolve_model_path, trainable_in_fp32
+from lmmtune.model_projector import adapter_copy
 from lmmtune.rundir.files import require_adapter_weights
 from lmmtune.rundir.run import base_model_file
 from lmmtune.stages.sft import SFTRecipe, training_numbers
@@ -52,6 +53,16 @@ class DPORecipe(SFTRecipe):
     def preflight(self) -> None:
         """The starting adapter is checked before the run folder is touched."""
         check_init_adapter(self.cfg.dpo, resolve_model_path(self.cfg.model))
+
+    def aligned_projector(self):
+        """model.projector, else the aligned projector the starting adapter carries (a stage-2
+        adapter): the reference with the adapter off uses it too."""
+        if self.cfg.model.projector is not None or self.cfg.dpo.from_base:
+            return super().aligned_projector()
+        try:
+            return adapter_copy(Path(self.cfg.dpo.init_adapter).expanduser())
+        except LmmtuneError as exc:
+            raise LmmtuneError(f"refused before training: dpo.init_adapter: {exc}") from None
 
     def build_dataset(self):
         """Pairs only; the demo pairs are written once."""
@@ -138,7 +149,7 @@ def start_policy(model: torch.nn.Module, cfg) -> PeftModel:
         policy = load_trainable_adapter(model, adapter_dir, checkpointing)
     else:
         peft_cfg = OmegaConf.merge(cfg.peft, {"train_projector": cfg.dpo.train_projector})
-        policy = apply_lora(model, peft_cfg, checkpointing)
+        policy = apply_lora(model, peft_cfg, checkpointing, cfg.model.projector is not None)
     if not cfg.dpo.train_projector:
         for name, parameter in policy.named_parameters():
             if PROJECTOR in name:

@@ -43,6 +43,7 @@ from lmmtune.model import (
     resolve_model_path,
     trainable_report,
 )
+from lmmtune.model_projector import AlignedProjector
 from lmmtune.rundir.files import name_base_by_hub_id, write_text_atomic
 from lmmtune.rundir.resume import check_image_digests, check_resume, save_data_digest
 from lmmtune.rundir.run import (
@@ -54,6 +55,7 @@ from lmmtune.rundir.run import (
 )
 from lmmtune.stages.checks import (
     after_training,
+    check_aligned_projector,
     check_eval_prompts,
     check_export_settings,
     check_exported_processor,
@@ -112,7 +114,7 @@ class SFTRecipe:
         self.open_run_folder()
         self.read_data()
         self.guard.phase = "loading the model"
-        base = load_model(self.cfg.model, self.cfg.quant)
+        base = load_model(self.cfg.model, self.cfg.quant, self.aligned)
         self.start_tracking()
         self.model = self.build_model(base)
         self.guard.phase = "preparing training"
@@ -157,6 +159,7 @@ class SFTRecipe:
         cfg.output_dir = job_output_dir(cfg.output_dir)
         run_dir = Path(cfg.output_dir)
         enter(removed_if_failed_start(run_dir))
+        self.aligned = self.aligned_projector()
         self.preflight()
         self.folder, self.resume_from = enter(locked_run_folder(cfg))
         resume_dir = self.resume_dir or run_dir
@@ -170,6 +173,10 @@ class SFTRecipe:
     def preflight(self) -> None:
         """Stage hook: what refuses the run before its folder is touched."""
         require_liger(self.cfg.train.loss_impl)
+
+    def aligned_projector(self) -> AlignedProjector | None:
+        """Stage hook: the projector the base starts with (model.projector), or None."""
+        return check_aligned_projector(self.cfg)
 
     def build_dataset(self):
         """Stage hook: (data settings, checked splits); the demo set is written once."""
@@ -209,6 +216,7 @@ class SFTRecipe:
             "recipe": cfg.name,
             "base_model": cfg.model.path,
             "run_dir": str(self.folder.root.resolve()),
+            **(self.aligned.tags() if self.aligned is not None else {}),
         }
 
     def log_settings(self) -> None:
@@ -243,7 +251,8 @@ class SFTRecipe:
         wrapped with LoRA (the projector trained in full or frozen, as configured)."""
         self.evaluate_before(base)
         set_seed(self.cfg.train.seed)  # LoRA's random init: the same seed gives the same run
-        return apply_lora(base, self.cfg.peft, self.cfg.train.gradient_checkpointing)
+        carry = self.aligned is not None  # the adapter carries the aligned projector
+        return apply_lora(base, self.cfg.peft, self.cfg.train.gradient_checkpointing, carry)
 
     def evaluate_before(self, model) -> None:
         """Generation metrics before training, on rank 0 while the others wait; measured
@@ -380,6 +389,8 @@ class SFTRecipe:
         with after_training("saving the adapter", folder):
             if not shards_model():
                 self.model.save_pretrained(folder.adapter)
+            if self.aligned is not None:  # what the base ("before", adapter off) starts from
+                self.aligned.save_copy(folder.adapter)
             self.exported.save_pretrained(folder.adapter)  # loads alone: padding, chat template
             base_model = {"base_model": resolve_model_path(self.cfg.model)}
             folder.base_model_file.write_text(json.dumps(base_model))

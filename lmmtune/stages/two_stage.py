@@ -124,10 +124,8 @@ class TwoStageRun:
 
 
 def instruct_config(instruct: DictConfig, align_dir: Path) -> DictConfig:
-    """Stage 2's config, starting from stage 1's projector (`model.projector`, once the
-    schema has it: until then stage 2 starts from the base model's projector)."""
-    if "projector" in instruct.model:
-        instruct.model.projector = str(align_dir.resolve())  # the one place it is set
+    """Stage 2's config, starting from stage 1's projector (`model.projector=OUT/align`)."""
+    instruct.model.projector = str(align_dir.resolve())  # the one place it is set
     return instruct
 
 
