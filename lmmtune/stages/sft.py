@@ -40,6 +40,7 @@ from lmmtune.model import (
     apply_lora,
     load_model,
     load_processor,
+    require_peft_init,
     resolve_model_path,
     trainable_report,
 )
@@ -161,6 +162,7 @@ class SFTRecipe:
     def preflight(self) -> None:
         """Stage hook: what refuses the run before its folder is touched."""
         require_liger(self.cfg.train.loss_impl)
+        require_peft_init(self.cfg.peft)
 
     def build_dataset(self):
         """Stage hook: (data settings, checked splits); the demo set is written once."""
