@@ -174,3 +174,23 @@ def test_loftq_without_a_gpu_is_refused_naming_why():
     with pytest.raises(LmmtuneError, match="peft.init=loftq needs a CUDA GPU"):
         require_peft_init(PeftConfig(init="loftq"))
     require_peft_init(PeftConfig(init="gaussian"))  # runs anywhere
+
+
+def test_the_planner_adds_dora_s_magnitudes_and_its_weight_sized_forward_temporaries():
+    import dataclasses
+
+    from benchmarks.bench.models import llava_config
+    from lmmtune.training.memory import MemorySetup, estimate_memory
+
+    shape = ModelShape.from_config(llava_config("7b"))
+    lora = MemorySetup.defaults()
+    dora = dataclasses.replace(lora, peft_method="dora")
+    plain, more = estimate_memory(shape, lora, 4, 800), estimate_memory(shape, dora, 4, 800)
+    magnitudes = shape.dora_magnitude_params(list(lora.lora_targets))
+    assert magnitudes == 32 * (5 * 4096 + 2 * 11008)  # out features: q k v o down, gate up
+    per_param = 4 + 4 + 2  # fp32 weight and gradient, paged 8-bit AdamW states
+    assert more.trainable - plain.trainable == magnitudes * per_param
+    # down_proj [in 11008, out 4096]: the fp32 identity, fp32 B @ A, three bf16 [out, in]
+    down = 4 * 11008**2 + 4 * 11008 * 4096 + 3 * 2 * 11008 * 4096
+    assert more.weights - plain.weights == down - 2 * 11008 * 4096  # minus the copy it replaces
+    assert more.activations > plain.activations  # base and LoRA outputs kept per target
