@@ -70,6 +70,8 @@ MergeCombination = choices(
 SAME_RANK_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 """Combinations peft computes on the LoRA matrices themselves: every adapter needs the same rank."""
 PROJECTOR_AVERAGE = "average"
+PeftMethod = choices("PeftMethod", "lora dora rslora")
+PeftInit = choices("PeftInit", "default gaussian loftq pissa")
 DpoLoss = choices(
     "DpoLoss",
     "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
@@ -135,6 +137,17 @@ class PeftConfig:
     """Learning rate of the projector; null means the main learning rate."""
     train_lm_head: bool = False
     """Train the output head in full (needed by random-init tiny bases, rarely by real ones)."""
+    method: PeftMethod = PeftMethod.lora
+    """lora; dora (a trained magnitude per output feature on top of LoRA's direction, peft's
+    use_dora); rslora (updates scaled by alpha / sqrt(r) instead of alpha / r, peft's use_rslora).
+    See docs/peft_methods.md."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices learn this many times faster than the A matrices (peft's
+    create_loraplus_optimizer; the paper suggests 16); null: one learning rate."""
+    init: PeftInit = PeftInit.default
+    """How LoRA starts: default (A random, B zero), gaussian (A Gaussian scaled by rank, B zero),
+    loftq (A and B absorb the 4-bit quantization error; 4-bit base on a CUDA GPU only); pissa is
+    named only to be refused (it rewrites the base weights; peft refuses it on quantized ones)."""
 
 
 @dataclass

@@ -28,7 +28,15 @@ from transformers import (
 )
 
 from lmmtune import distributed
-from lmmtune.config import Dtype, ModelConfig, PeftConfig, QuantConfig, QuantMode
+from lmmtune.config import (
+    Dtype,
+    ModelConfig,
+    PeftConfig,
+    PeftInit,
+    PeftMethod,
+    QuantConfig,
+    QuantMode,
+)
 from lmmtune.data.prompt import UnknownTokenizer, chunk_tokenizer
 from lmmtune.demo import TINY_NAME, tiny_model_dir
 from lmmtune.errors import LmmtuneError
@@ -261,8 +269,10 @@ def lora_target_regex(target_modules: list[str]) -> str:
 
 
 def build_lora_config(peft_cfg: PeftConfig, carry_projector: bool = False) -> LoraConfig:
-    """LoRA on the language model; the projector saved with the adapter when it trains or
-    when `carry_projector` (an aligned projector the adapter must carry), the head when it trains."""
+    """peft's LoraConfig for `peft.*`: `method` sets use_dora / use_rslora, `init` the starting
+    A and B (loftq starts as default and is replaced after wrapping, see `apply_lora`); the
+    projector saved with the adapter when it trains or when `carry_projector` (an aligned
+    projector the adapter must carry), the head when it trains."""
     modules_to_save = []
     if peft_cfg.train_projector or carry_projector:
         modules_to_save.append(PROJECTOR)
@@ -276,6 +286,9 @@ def build_lora_config(peft_cfg: PeftConfig, carry_projector: bool = False) -> Lo
         modules_to_save=modules_to_save or None,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=peft_cfg.method == PeftMethod.dora,
+        use_rslora=peft_cfg.method == PeftMethod.rslora,
+        init_lora_weights="gaussian" if peft_cfg.init == PeftInit.gaussian else True,
     )
 
 
@@ -298,9 +311,45 @@ def apply_lora(
         for name, parameter in peft_model.named_parameters():
             if PROJECTOR in name:
                 parameter.requires_grad_(False)
+    if peft_cfg.init == PeftInit.loftq:
+        loftq_init(peft_model, peft_cfg)
     trainable_in_fp32(peft_model)
     match_dtypes_at_trained_modules(peft_model)
     return peft_model
+
+
+def require_peft_init(peft_cfg: PeftConfig) -> None:
+    """Refuse, before anything loads, an init that cannot run on this machine: peft 0.21's
+    `replace_lora_weights_loftq` computes its SVD on CUDA (or XPU) only."""
+    if peft_cfg.init == PeftInit.loftq and not (torch.cuda.is_available() or _has_xpu()):
+        raise LmmtuneError(
+            "peft.init=loftq needs a CUDA GPU (peft's replace_lora_weights_loftq computes on "
+            "CUDA only); on a CPU use peft.init=default or gaussian"
+        )
+
+
+def _has_xpu() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def loftq_init(peft_model: PeftModel, peft_cfg: PeftConfig) -> None:
+    """LoftQ on the 4-bit base: each LoRA pair starts as the best rank-r fit of the error
+    between the full-precision weights (read from the base's safetensors) and their 4-bit copy.
+
+    peft fits B @ A to the error itself; the forward adds scaling * B @ A, so B is divided by
+    the scaling (alpha / r, or alpha / sqrt(r) under rslora) to start at the full-precision base.
+    """
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+
+    require_peft_init(peft_cfg)
+    source = peft_model.get_base_model().config._name_or_path
+    replace_lora_weights_loftq(peft_model, model_path=source if Path(source).is_dir() else None)
+    for module in peft_model.modules():
+        if isinstance(module, Linear4bit):
+            for name, scaling in module.scaling.items():
+                module.lora_B[name].weight.data /= scaling
+    log.info("peft.init=loftq: LoRA starts at the 4-bit base's quantization error")
 
 
 def trainable_in_fp32(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -52,6 +52,11 @@ RULES: tuple[Rule, ...] = (
     ("peft.dropout", lambda v: 0 <= v < 1, "must be within [0, 1)"),
     ("peft.projector_lr", lambda v: v is None or v > 0, "must be > 0 or null"),
     ("peft.target_modules", lambda v: len(v) > 0, "must name at least one module"),
+    (
+        "peft.loraplus_lr_ratio",
+        lambda v: v is None or v >= 1,
+        "must be >= 1 (B's learning rate over A's) or null",
+    ),
     ("data.eval_fraction", lambda v: 0 <= v < 1, "must be within [0, 1)"),
     ("data.max_eval_samples", lambda v: v is None or v >= 1, "must be >= 1 or null (all)"),
     ("data.max_length", lambda v: v >= 1, "must be >= 1"),
@@ -93,6 +98,7 @@ def config_problems(cfg: DictConfig, command: str) -> list[str]:
         problems += out_of_range(cfg)
         problems += cross_field(cfg)
         problems += stage_settings(cfg)
+        problems += peft_method(cfg.peft, cfg.quant.mode)
         problems += training_data(cfg) if command in ("train", "check") else []
         problems += trainer_names(cfg) if command in ("train", "check") else []
         problems += dpo_start(cfg.dpo) if command == "train" else []
@@ -219,6 +225,28 @@ def projector_settings(model: DictConfig) -> Iterator[str]:
             yield "model.projector_sha256 needs model.projector (the file it pins)"
         if not re.fullmatch(r"[0-9a-f]{64}", str(model.projector_sha256)):
             yield "model.projector_sha256 must be 64 lowercase hex digits (a sha256)"
+
+
+def peft_method(peft: DictConfig, quant_mode: str) -> Iterator[str]:
+    """peft.method and peft.init combinations that peft refuses or that cannot run here."""
+    if peft.init == "pissa":
+        why = (
+            "peft's pissa_init refuses quantized weights"
+            if quant_mode != "none"
+            else "it rewrites the base weights, so the saved adapter would not fit the base "
+            "that eval, export, predict and chat load"
+        )
+        yield f"peft.init=pissa: not offered ({why}); use default, gaussian or loftq"
+    if peft.init == "loftq" and quant_mode != "4bit":
+        yield (
+            f"peft.init=loftq with quant.mode={quant_mode}: LoftQ fits LoRA to the error of a "
+            "4-bit base (peft's replace_lora_weights_loftq); use quant.mode=4bit"
+        )
+    if peft.init == "loftq" and peft.method == "dora":
+        yield (
+            "peft.init=loftq with peft.method=dora: DoRA's magnitudes are measured before "
+            "LoftQ replaces A and B, so the start would not be the base; choose one"
+        )
 
 
 def dpo_start(dpo: DictConfig) -> Iterator[str]:

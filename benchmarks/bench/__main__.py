@@ -4,6 +4,7 @@
     python -m benchmarks.bench --scale 7b                   # GPU: LLaVA-1.5-7B shapes
     python -m benchmarks.bench --scale 13b --gpu-memory-gb 22 --configs all
     python -m benchmarks.bench --grouping                   # per-image grouping (CPU)
+    python -m benchmarks.bench --methods                    # PEFT methods on the demo
 
 On a GPU every configuration runs in its own process, so that one's cached or
 paged memory cannot inflate the next one's peak. The report is rewritten after
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench import grouping
+from benchmarks.bench.methods import METHODS, compare_methods, methods_markdown
 from benchmarks.bench.models import llava_config, random_checkpoint
 from benchmarks.bench.recipes import ABLATION_KEYS, DEFAULT_KEYS, RECIPES
 from benchmarks.bench.report import environment, markdown, mfu, peak_tflops, ratios
@@ -81,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=gpu,
         help="one process per configuration (default on a GPU)",
     )
+    add_method_arguments(parser)
     args = parser.parse_args(argv)
     defaults = SCALE_DEFAULTS[args.scale]
     for name, default in zip(
@@ -94,6 +97,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(RECIPES)}")
     args.keys = keys
     return args
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--methods`: train the demo with each PEFT method instead (benchmarks/bench/methods.py)."""
+    parser.add_argument(
+        "--methods",
+        nargs="?",
+        const=",".join(METHODS),
+        help=f"PEFT methods on the demo, comma-separated from {', '.join(METHODS)} (default all)",
+    )
+    parser.add_argument("--demo-size", type=int, default=320, help="--methods: data.demo_size")
+    parser.add_argument("--epochs", type=int, default=8, help="--methods: train.epochs")
+
+
+def method_report(args: argparse.Namespace) -> dict:
+    """`--methods`: the PEFT methods on the demo, written as JSON and a markdown table."""
+    names = args.methods.split(",")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    report = compare_methods(names, args.demo_size, args.epochs)
+    out = args.out or default_out("methods")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = methods_markdown(report)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"results: {out} and {out.with_suffix('.md')}")
+    return report
 
 
 def compute_dtype() -> str:
@@ -164,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         return grouping.main(grouping.parse_args(argv))
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.methods:
+        return method_report(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cap_gpu_memory(args.gpu_memory_gb)
     checkpoint = random_checkpoint(args.scale, torch_dtype(compute_dtype()), args.cache_dir)

@@ -51,7 +51,8 @@ class DPORecipe(SFTRecipe):
     """A DPO step puts the chosen and the rejected conversation of each pair through the model."""
 
     def preflight(self) -> None:
-        """The starting adapter is checked before the run folder is touched."""
+        """SFT's checks, and the starting adapter, before the run folder is touched."""
+        super().preflight()
         check_init_adapter(self.cfg.dpo, resolve_model_path(self.cfg.model))
 
     def aligned_projector(self):
@@ -117,6 +118,7 @@ class DPORecipe(SFTRecipe):
         return build_dpo_trainer(
             self.model, splits.train, splits.eval, collator, args, self.processor,
             cfg.peft.projector_lr, self.lengths, self.callbacks(), cfg.dpo.reference, frozen,
+            cfg.peft.loraplus_lr_ratio,
         )  # fmt: skip
 
     def best_adapter_keeper(self) -> None:
@@ -329,6 +331,7 @@ def build_dpo_trainer(
     callbacks: list,
     reference: str,
     frozen: tuple[str, ...] = (),
+    loraplus_lr_ratio: float | None = None,
 ) -> LlavaDPOTrainer:
     return LlavaDPOTrainer(
         reference=reference,
@@ -342,6 +345,7 @@ def build_dpo_trainer(
         processing_class=processor,
         callbacks=callbacks,
         projector_lr=projector_lr,
+        loraplus_lr_ratio=loraplus_lr_ratio,
         lengths=lengths,
     )
 

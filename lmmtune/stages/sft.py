@@ -40,6 +40,7 @@ from lmmtune.model import (
     apply_lora,
     load_model,
     load_processor,
+    require_peft_init,
     resolve_model_path,
     trainable_report,
 )
@@ -173,6 +174,7 @@ class SFTRecipe:
     def preflight(self) -> None:
         """Stage hook: what refuses the run before its folder is touched."""
         require_liger(self.cfg.train.loss_impl)
+        require_peft_init(self.cfg.peft)
 
     def aligned_projector(self) -> AlignedProjector | None:
         """Stage hook: the projector the base starts with (model.projector), or None."""

@@ -91,6 +91,21 @@ class ModelShape:
         shapes = self.linear_shapes()
         return self.layers * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
+    def dora_magnitude_params(self, targets: list[str]) -> int:
+        """DoRA's trained magnitudes: one per output feature of each targeted linear."""
+        shapes = self.linear_shapes()
+        return self.layers * sum(shapes[t][1] for t in targets if t in shapes)
+
+    def dora_forward_bytes(self, targets: list[str], act_bytes: int) -> int:
+        """The largest weight-sized temporaries of one DoRA linear's forward (peft 0.21's
+        `DoraLinearLayer`): an fp32 identity [in, in] pushed through A and B into an fp32
+        B @ A [in, out], its copy in the compute dtype, the dequantized weight, and
+        weight + scaling * B @ A, whose row norms are taken (all freed before the next
+        linear; the norm is detached, so none is kept for the backward)."""
+        shapes = self.linear_shapes()
+        sizes = [shapes[t] for t in targets if t in shapes]
+        return max((4 * i * i + 4 * i * o + 3 * act_bytes * i * o for i, o in sizes), default=0)
+
     def projector_params(self) -> int:
         return self.vision_hidden * self.hidden + self.hidden * self.hidden + 2 * self.hidden
 
@@ -112,6 +127,8 @@ class MemorySetup:
     lora_r: int
     lora_targets: tuple[str, ...]
     lora_dropout: float
+    peft_method: str
+    """lora, dora or rslora (`peft.method`): DoRA adds magnitudes and forward temporaries."""
     train_projector: bool
     train_lm_head: bool
     optim: str
@@ -144,6 +161,7 @@ class MemorySetup:
             lora_r=peft_cfg.r,
             lora_targets=tuple(peft_cfg.target_modules),
             lora_dropout=peft_cfg.dropout,
+            peft_method=str(getattr(peft_cfg, "method", "lora")),
             train_projector=align or peft_cfg.train_projector,
             train_lm_head=not align and peft_cfg.train_lm_head,
             optim=train_cfg.optim,
@@ -208,12 +226,17 @@ def _weight_bytes(shape: ModelShape, setup: MemorySetup) -> float:
     projector = shape.projector_params() * (4 if setup.train_projector else setup.weight_bytes)
     # bitsandbytes dequantizes one weight at a time for its matmul (forward and backward).
     dequantized = max(i * o for i, o in shape.linear_shapes().values()) * 2 if bits else 0
+    if setup.peft_method == "dora":  # DoRA's weight norm: its temporaries replace that copy
+        targets = list(setup.lora_targets)
+        dequantized = max(dequantized, shape.dora_forward_bytes(targets, setup.act_bytes))
     return linear + embed_and_head + frozen + projector + dequantized
 
 
 def _trainable_bytes(shape: ModelShape, setup: MemorySetup) -> float:
     """fp32 weights (apply_lora upcasts them), fp32 gradients and optimizer states."""
     params = shape.lora_params(setup.lora_r, list(setup.lora_targets)) if setup.lora else 0
+    if setup.lora and setup.peft_method == "dora":
+        params += shape.dora_magnitude_params(list(setup.lora_targets))
     if setup.train_lm_head:
         params += shape.vocab * shape.hidden
     per_param = 4 + optimizer_state_bytes(setup.optim)  # gradient + states
@@ -226,7 +249,9 @@ def layer_activation_bytes(shape: ModelShape, setup: MemorySetup) -> float:
 
     Attention: norm input, q/k/v/o inputs and outputs, rotated q/k, SDPA output (about
     12 hidden-sized tensors); MLP: gate, up, SiLU and product (4 intermediate-sized);
-    RMSNorm's fp32 intermediates; LoRA dropout keeps a masked copy of each input.
+    RMSNorm's fp32 intermediates; LoRA dropout keeps a masked copy of each input; DoRA
+    keeps each targeted linear's base output and scaled LoRA output (the magnitude's
+    gradient needs both): two output-sized tensors per target.
     """
     h, i, a = shape.hidden, shape.intermediate, setup.act_bytes
     saved = (12 * h + 4 * i) * a + 4 * h * 4
@@ -234,6 +259,9 @@ def layer_activation_bytes(shape: ModelShape, setup: MemorySetup) -> float:
         inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h}
         inputs |= {"gate_proj": h, "up_proj": h, "down_proj": i}
         saved += sum(inputs[t] for t in setup.lora_targets if t in inputs) * (a + 1)
+    if setup.peft_method == "dora":
+        outputs = {name: out for name, (_, out) in shape.linear_shapes().items()}
+        saved += sum(2 * outputs[t] for t in setup.lora_targets if t in outputs) * a
     return saved
 
 

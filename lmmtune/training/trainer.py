@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -36,6 +37,9 @@ from lmmtune.model import PROJECTOR
 from lmmtune.rundir.run import AtomicCheckpointMixin, RunDir
 from lmmtune.training.callbacks import progress_bars, use_step_lines
 from lmmtune.training.loss import chunked_causal_lm_loss
+
+LORA = "lora_"
+"""What the names of peft's LoRA weights hold (lora_A, lora_B, lora_magnitude_vector)."""
 
 
 @dataclass
@@ -133,9 +137,15 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` with a separate learning rate for the projector and precomputed sample lengths."""
 
     def __init__(
-        self, *args, projector_lr: float | None = None, lengths: list[int] | None = None, **kwargs
+        self,
+        *args,
+        projector_lr: float | None = None,
+        lengths: list[int] | None = None,
+        loraplus_lr_ratio: float | None = None,
+        **kwargs,
     ):
         self.projector_lr = projector_lr
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.lengths = lengths
         super().__init__(*args, **kwargs)
 
@@ -171,24 +181,21 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     def create_optimizer(self, model=None):
+        """AdamW (or `train.optim`) over the LoRA weights, with the projector in a group of its
+        own learning rate; under LoRA+ (`peft.loraplus_lr_ratio`) the LoRA weights are
+        grouped by peft's `create_loraplus_optimizer` (B and DoRA's magnitudes faster)."""
         if self.optimizer is not None:
             return self.optimizer
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
             self.args, self.model
         )
-        projector, rest = [], []
-        for name, parameter in self.model.named_parameters():
-            if parameter.requires_grad:
-                (projector if PROJECTOR in name else rest).append(parameter)
-        groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
-        if projector:
-            groups.append(
-                {
-                    "params": projector,
-                    "weight_decay": self.args.weight_decay,
-                    "lr": self.projector_lr or self.args.learning_rate,
-                }
-            )
+        groups = trainable_groups(
+            self.model,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.projector_lr,
+            self.loraplus_lr_ratio,
+        )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -210,6 +217,50 @@ class LlavaTrainer(AtomicCheckpointMixin, Trainer):
         if getattr(self.train_dataset, "reorders_per_epoch", False):
             return EpochTagged(sampler)
         return sampler
+
+
+def trainable_groups(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    projector_lr: float | None,
+    loraplus_lr_ratio: float | None,
+) -> list[dict]:
+    """The optimizer's parameter groups, in an order fixed by the model (a resume rebuilds
+    the same groups before loading their state): the LoRA weights (one group, or LoRA+'s
+    groups), the other trained weights (the output head), and the projector."""
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    projector = [p for name, p in trained.items() if PROJECTOR in name]
+    if loraplus_lr_ratio is None:
+        rest = [p for name, p in trained.items() if PROJECTOR not in name]
+        groups = [{"params": rest, "weight_decay": weight_decay}]
+    else:
+        lora = {id(p) for name, p in trained.items() if LORA in name}
+        other = [p for name, p in trained.items() if id(p) not in lora and PROJECTOR not in name]
+        groups = [
+            {**group, "params": [p for p in group["params"] if id(p) in lora]}
+            for group in loraplus_groups(model, lr, weight_decay, loraplus_lr_ratio)
+        ]
+        groups.append({"params": other, "weight_decay": weight_decay, "lr": lr})
+    if projector:
+        groups.append({"params": projector, "weight_decay": weight_decay, "lr": projector_lr or lr})
+    return [group for group in groups if group["params"]]
+
+
+def loraplus_groups(model: torch.nn.Module, lr: float, weight_decay: float, ratio: float):
+    """The parameter groups peft's `create_loraplus_optimizer` builds (A at `lr`; B and 1-D
+    weights such as DoRA's magnitudes at `lr * ratio`), read off a stand-in optimizer class;
+    the caller keeps only the LoRA weights of them (peft would put the projector's bias at
+    the B rate and the projector at no rate of its own)."""
+
+    class GroupsOnly:
+        def __init__(self, groups, **kwargs):
+            self.param_groups = groups
+
+    grouped = create_loraplus_optimizer(
+        model, GroupsOnly, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=weight_decay
+    )
+    return grouped.param_groups
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -298,6 +349,7 @@ def build_trainer(
         data_collator=collator,
         callbacks=callbacks,
         projector_lr=peft_cfg.projector_lr,
+        loraplus_lr_ratio=peft_cfg.loraplus_lr_ratio,
         lengths=lengths,
     )
     use_step_lines(trainer)
