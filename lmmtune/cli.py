@@ -109,6 +109,7 @@ def main() -> None:
         print(command_help(command))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    library_bars_off_terminal()  # before Hydra's callbacks import transformers: read at import
 
     import hydra
 

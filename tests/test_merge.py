@@ -102,6 +102,7 @@ def test_linear_and_ties_combine_each_matrix_and_average_the_projector(runs, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # not in CI: trains two runs, several merges
 def test_merge_output_loads_with_peft_is_tracked_and_taken_by_predict(runs, tmp_path):
     """cat under plain peft: exactly the weighted sum of the updates; dare_ties: the same
     again with the same seed; MLflow keeps the inputs; predict takes the output as a run;
@@ -201,6 +202,7 @@ def test_incompatible_adapters_are_refused_one_line_each_before_loading(runs, tm
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # not in CI: two demo trainings and six evaluations
 def test_two_demo_domains_trained_merged_with_ties_and_evaluated_on_both(tmp_path):
     """The bench's table, briefly trained: each adapter learns its own domain and not the
     other's (the domains differ); the ties merge of the two is evaluated on both

@@ -41,7 +41,8 @@ def cli_ok(args: list[str], cwd) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow  # five CLI processes on the tiny demo: run by CI's slow step
+@pytest.mark.slow  # five CLI processes on the tiny demo
+@pytest.mark.heavy  # not in CI
 def test_a_dora_run_trains_evaluates_exports_with_parity_and_predicts(tmp_path):
     from lmmtune.demo import tiny_model_dir
 
@@ -79,7 +80,8 @@ def test_a_dora_run_trains_evaluates_exports_with_parity_and_predicts(tmp_path):
     assert merged.stdout.strip() and merged.stdout == adapter.stdout  # the export answers alike
 
 
-@pytest.mark.slow  # three CLI processes, one killed: run by CI's slow step
+@pytest.mark.slow  # three CLI processes, one killed
+@pytest.mark.heavy  # not in CI
 def test_a_loraplus_dora_run_resumed_after_kill_9_matches_an_uninterrupted_one(tmp_path):
     args = [*FAST, "peft.method=dora", "peft.loraplus_lr_ratio=4", "train.max_steps=16"]
     cli_ok([*args, "output_dir=straight"], tmp_path)

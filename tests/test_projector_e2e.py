@@ -85,6 +85,7 @@ def before_answers(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # not in CI: five CLI processes
 def test_stage2_from_an_aligned_projector_evaluates_trains_and_exports_with_it(tmp_path):
     refused_on_the_command_line(tmp_path)
     source, weights = write_llava_projector(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -224,8 +225,12 @@ def test_the_mlflow_dataset_names_the_hub_id_and_split(tmp_path):
 def test_offline_a_preset_stops_with_the_download_hint(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from lmmtune.cli import COMMANDS, run_command
+    from lmmtune.cli import BAR_SWITCHES, COMMANDS, run_command
 
+    # run_command sets up the CLI's logging on this test's stderr: undo it afterwards
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
+    for switch in BAR_SWITCHES:
+        monkeypatch.delenv(switch, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_config(["recipe=medical", "data=vqa_rad", "model.path=tiny"])
