@@ -139,6 +139,21 @@ def inspect_data(
     report.problems += special_token_text(everything, processor.tokenizer)
     report.problems += check_rejected_lengths(everything, processor, data_cfg.max_length)[0]
     report.warnings += duplicate_ids(everything)
+    split_valid(report, train, evaluation, eval_source, data_cfg)
+    length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
+    report.train_lengths = [length_of[s.source] for s in report.train]
+    if not pairs_only and not plain:  # pairs and captions train one per record
+        group_training_set(report, processor, data_cfg)
+    report.warnings += train_eval_overlap(report.train, report.eval)
+    report.problems.sort(key=in_file_order)
+    report.warnings.sort(key=in_file_order)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def split_valid(report: DataReport, train, evaluation, eval_source, data_cfg: DataConfig) -> None:
+    """The valid records into report.train and report.eval: the eval data's, or a share of
+    train split off by image (data.eval_fraction)."""
     invalid = {p.source for p in report.problems}
     train = [s for s in train if s.source not in invalid]
     if evaluation is None:
@@ -154,15 +169,6 @@ def inspect_data(
         report.eval = [s for s in evaluation if s.source not in invalid]
         split = eval_source.split
         report.eval_from = f"data.eval_split={split}" if split else "the data.eval file"
-    length_of = dict(zip((s.source for s in everything), report.token_lengths, strict=True))
-    report.train_lengths = [length_of[s.source] for s in report.train]
-    if not pairs_only and not plain:  # pairs and captions train one per record
-        group_training_set(report, processor, data_cfg)
-    report.warnings += train_eval_overlap(report.train, report.eval)
-    report.problems.sort(key=in_file_order)
-    report.warnings.sort(key=in_file_order)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def group_training_set(report: DataReport, processor, data_cfg: DataConfig) -> None:
