@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from benchmarks.bench.eval_sharing import measure_eval_sharing
-from benchmarks.bench.models import CLIP_L_336, PAD_TOKEN_ID, VOCAB
+from benchmarks.bench.models import CLIP_L_336, llava_layout
 from benchmarks.bench.report import environment
 from benchmarks.bench.run import StepTimer
 from benchmarks.bench.vqa_set import write_vqa_set
@@ -78,26 +78,11 @@ class GroupingSettings:
 
 def bench_config(vision_layers: int) -> LlavaConfig:
     """LLaVA 1.5's image geometry (576 tokens of CLIP-L/336) on a 128-wide Llama."""
-    width = TEXT["hidden_size"]
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": vision_layers}),
-        text_config=LlamaConfig(
-            **TEXT,
-            num_key_value_heads=TEXT["num_attention_heads"],
-            vocab_size=VOCAB,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=1,
-            eos_token_id=2,
-            initializer_range=width**-0.5,  # signals keep their scale at this width
-        ),
-        image_token_index=32000,
-        vision_feature_layer=-1,  # the last of the reduced tower's layers: none runs for nothing
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=576,
-        pad_token_id=PAD_TOKEN_ID,
+    return llava_layout(
+        TEXT,
+        {**CLIP_L_336, "num_hidden_layers": vision_layers},
+        feature_layer=-1,  # the last of the reduced tower's layers: none runs for nothing
+        initializer_range=TEXT["hidden_size"] ** -0.5,  # signals keep their scale at this width
     )
 
 

@@ -92,9 +92,14 @@ SHARD_BYTES = 2 * 2**30
 def llava_config(scale: str) -> LlavaConfig:
     """The config of llava-hf/llava-1.5-{7b,13b}-hf, or a narrow model with the same layout."""
     spec = SCALES[scale]
-    text = spec["text"]
+    return llava_layout(spec["text"], spec["vision"])
+
+
+def llava_layout(text: dict, vision: dict, feature_layer: int = -2, **text_extra) -> LlavaConfig:
+    """LLaVA 1.5's layout (Vicuna's vocabulary and special ids, the 576-token projector) with
+    the given language-model and vision-tower sizes; `text_extra`: more LlamaConfig keys."""
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**spec["vision"]),
+        vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(
             **text,
             num_key_value_heads=text["num_attention_heads"],
@@ -104,9 +109,10 @@ def llava_config(scale: str) -> LlavaConfig:
             pad_token_id=PAD_TOKEN_ID,
             bos_token_id=1,
             eos_token_id=2,
+            **text_extra,
         ),
         image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
+        vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         image_seq_length=576,
